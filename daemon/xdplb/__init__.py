@@ -1,0 +1,1 @@
+"""xdplb: XDP L4 load balancer control plane."""

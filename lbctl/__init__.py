@@ -1,0 +1,1 @@
+"""lbctl: command-line client for lbd."""

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Installs everything xdplb needs on a Debian 12 host, idempotently:
+# apt packages, kernel-header links for bcc, bpffs, and a venv that can
+# import Debian's bcc module. A second run installs nothing.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${XDPLB_VENV:-$REPO/.venv}"
+APT_PACKAGES=(
+  python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev
+  iproute2 iputils-ping ethtool tcpdump
+)
+
+log() { printf 'setup: %s\n' "$*"; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (loads BPF programs, creates namespaces)" >&2
+    exit 1
+  fi
+}
+
+install_apt_packages() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+      || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# bcc compiles against the running kernel's headers. When the running kernel
+# has no headers package, point it at the newest installed Debian headers:
+# XDP/tc programs only use the stable UAPI, so that is sufficient.
+link_kernel_headers() {
+  local moddir="/lib/modules/$(uname -r)"
+  [ -e "$moddir/build/include" ] && return 0
+  local build common
+  build=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  if [ -z "$build" ] || [ -z "$common" ]; then
+    echo "setup: no kernel headers under /usr/src (linux-headers-amd64 failed?)" >&2
+    exit 1
+  fi
+  log "linking kernel headers: $build"
+  mkdir -p "$moddir"
+  ln -sfn "$build" "$moddir/build"
+  ln -sfn "$common" "$moddir/source"
+}
+
+mount_bpffs() {
+  mountpoint -q /sys/fs/bpf && return 0
+  log "mounting bpffs on /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+}
+
+# Debian's bcc module lives in /usr/bin/python3's dist-packages, so the venv
+# must be built from that interpreter with system site-packages visible.
+make_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv $VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  fi
+  local stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+  [ -e "$stamp" ] && return 0
+  log "installing python dependencies into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e "$REPO[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+}
+
+main() {
+  need_root
+  install_apt_packages
+  link_kernel_headers
+  mount_bpffs
+  make_venv
+  "$VENV/bin/python" -c 'import bcc' \
+    || { echo "setup: the venv cannot import bcc" >&2; exit 1; }
+}
+
+main "$@"
