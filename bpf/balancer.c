@@ -1,0 +1,296 @@
+/* xdplb balancer: Maglev-hash L4 forwarding with DSR encapsulation.
+ *
+ * Only this file touches maps: bcc rewrites map calls in the main file, and
+ * keeping every lookup here makes the per-packet map traffic easy to audit.
+ * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
+ *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES, CONN_ENTRIES,
+ * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
+ * daemon restarts.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "xdplb_structs.h"
+#include "parse.h"
+#include "hash.h"
+#include "encap.h"
+#include "icmp.h"
+
+#ifdef XDPLB_PIN_DIR
+#define XDPLB_MAP(type, key, leaf, name, size, flags) \
+	BPF_TABLE_PINNED(type, key, leaf, name, size, XDPLB_PIN_DIR "/" #name, flags)
+#else
+#define XDPLB_MAP(type, key, leaf, name, size, flags) \
+	BPF_F_TABLE(type, key, leaf, name, size, flags)
+#endif
+
+XDPLB_MAP("hash", struct addr16, struct vip_addr_meta, vip_addrs, MAX_VIPS, 0);
+XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
+XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
+XDPLB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
+/* Per-CPU LRU lists: no lock shared between CPUs on insert. */
+XDPLB_MAP("lru_hash", struct flow_key, struct flow_state, conns, CONN_ENTRIES,
+	  BPF_F_NO_COMMON_LRU);
+XDPLB_MAP("array", __u32, struct lb_config, config, 1, 0);
+XDPLB_MAP("percpu_array", __u32, struct traffic_counters, vip_stats, MAX_VIPS, 0);
+XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BACKENDS, 0);
+XDPLB_MAP("percpu_array", __u32, struct global_counters, global_stats, 1, 0);
+XDPLB_MAP("percpu_array", __u32, struct flood_state, flood, 1, 0);
+
+static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
+{
+	struct traffic_counters *c = vip_stats.lookup(&vip_id);
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline void count_backend(__u32 idx, __u32 bytes)
+{
+	struct traffic_counters *c = backend_stats.lookup(&idx);
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline struct vip_meta *find_vip(const struct addr16 *addr, __u16 port,
+						 __u8 proto, __u32 addr_flags)
+{
+	struct vip_key key = {.addr = *addr, .port = port, .proto = proto};
+	struct vip_meta *vip = vips.lookup(&key);
+	if (vip)
+		return vip;
+	__u32 portless = proto == IPPROTO_TCP ? VIP_ADDR_F_PORTLESS_TCP
+			 : proto == IPPROTO_UDP ? VIP_ADDR_F_PORTLESS_UDP : 0;
+	if (!(addr_flags & portless))
+		return NULL;
+	key.port = 0;
+	return vips.lookup(&key);
+}
+
+static __always_inline __u32 hash_for_vip(const struct vip_meta *vip, const struct packet *flow)
+{
+	if (vip->flags & VIP_F_HASH_SRC_ONLY)
+		return source_hash(&flow->src, flow->ipv6);
+	return flow_hash(&flow->src, &flow->dst, flow->sport, flow->dport, flow->proto,
+			 flow->ipv6);
+}
+
+/* The backend index the VIP's Maglev ring holds for this hash; 0 = none. */
+static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
+{
+	__u32 slot = vip->ring_offset + ring_slot(hash, vip->ring_size);
+	__u32 *backend = ring.lookup(&slot);
+	return backend ? *backend : 0;
+}
+
+/* Above the configured rate of new flows per CPU, new flows still follow the
+ * ring but are not recorded, so a SYN flood or a scan cannot evict the
+ * established flows from the connection table. */
+static __always_inline int may_record_flow(const struct lb_config *cfg, __u64 now)
+{
+	if (!cfg->max_new_flows_per_cpu)
+		return 1;
+	__u32 zero = 0;
+	struct flood_state *fs = flood.lookup(&zero);
+	if (!fs)
+		return 1;
+	if (now - fs->window_start_ns >= NSEC_PER_SEC) {
+		fs->window_start_ns = now;
+		fs->new_flows = 0;
+	}
+	return ++fs->new_flows <= cfg->max_new_flows_per_cpu;
+}
+
+static __always_inline int is_usable(const struct backend *be)
+{
+	return be && (be->flags & BACKEND_F_AVAILABLE);
+}
+
+/* Chooses the flow's backend: the connection table for a known flow whose
+ * backend is still available, the ring otherwise (and then records it). */
+static __always_inline __u32 choose_backend(const struct vip_meta *vip, const struct packet *pkt,
+					    __u32 hash, const struct lb_config *cfg,
+					    struct global_counters *gc)
+{
+	struct flow_key key = {
+		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int syn = pkt->proto == IPPROTO_TCP &&
+		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+
+	if (!syn) {
+		struct flow_state *st = conns.lookup(&key);
+		if (st) {
+			__u32 idx = st->backend;
+			if (is_usable(backends.lookup(&idx))) {
+				gc->conn_hit++;
+				if (st->last_seen_ns != now)
+					st->last_seen_ns = now;
+				return idx;
+			}
+			gc->conn_rechosen++;
+			idx = ring_pick(vip, hash);
+			st->backend = idx;
+			st->last_seen_ns = now;
+			return idx;
+		}
+		gc->conn_miss++;
+	}
+
+	__u32 idx = ring_pick(vip, hash);
+	if (!idx)
+		return 0;
+	gc->new_flows++;
+	if (may_record_flow(cfg, now)) {
+		struct flow_state st = {.backend = idx, .last_seen_ns = now};
+		conns.update(&key, &st);
+	} else {
+		gc->new_flows_unrecorded++;
+	}
+	return idx;
+}
+
+/* Encapsulates the whole packet to backend `idx`. Too-big packets are
+ * answered or dropped, and every outcome is counted. */
+static __always_inline int send_to_backend(struct xdp_md *ctx, const struct packet *pkt,
+					   __u32 idx, __u32 hash, int gue,
+					   const struct lb_config *cfg, struct global_counters *gc,
+					   int icmp_error, __u32 frame_len)
+{
+	struct backend *be = backends.lookup(&idx);
+	if (!idx || !be) {
+		gc->drop_no_backend++;
+		return XDP_DROP;
+	}
+	__u32 overhead = encap_overhead(be->flags & BACKEND_F_IPV6, gue);
+	if (pkt->l3_len + overhead > cfg->mtu) {
+		/* IPv4 without DF would need fragmenting, which XDP cannot do. ICMP
+		 * errors are never answered with another ICMP error. */
+		if ((!pkt->ipv6 && !pkt->df) || icmp_error ||
+		    send_too_big(ctx, pkt, cfg->mtu - overhead)) {
+			gc->drop_too_big++;
+			return XDP_DROP;
+		}
+		gc->tx_icmp_too_big++;
+		return XDP_TX;
+	}
+	if (encapsulate(ctx, pkt, be, cfg, hash, gue)) {
+		gc->drop_encap_failed++;
+		return XDP_DROP;
+	}
+	if (icmp_error)
+		gc->tx_icmp_error_forwarded++;
+	else
+		gc->tx_forwarded++;
+	count_backend(idx, frame_len);
+	return XDP_TX;
+}
+
+/* An ICMP error about a VIP flow goes to the backend that owns the flow, found
+ * the way the flow's own packets find it; nothing is recorded for it. */
+static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct packet *pkt,
+					      const struct lb_config *cfg,
+					      struct global_counters *gc, __u32 frame_len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct packet flow = {};
+	if (parse_icmp_error(data, data_end, pkt, &flow)) {
+		gc->pass_not_vip++;
+		return XDP_PASS;
+	}
+	struct vip_addr_meta *am = vip_addrs.lookup(&flow.dst);
+	struct vip_meta *vip = am ? find_vip(&flow.dst, flow.dport, flow.proto, am->flags) : NULL;
+	if (!vip) {
+		gc->pass_not_vip++;
+		return XDP_PASS;
+	}
+	count_vip(vip->vip_id, frame_len);
+	__u32 hash = hash_for_vip(vip, &flow);
+	struct flow_key key = {
+		.src = flow.src, .sport = flow.sport, .dport = flow.dport, .vip_id = vip->vip_id,
+	};
+	struct flow_state *st = conns.lookup(&key);
+	__u32 idx = st ? st->backend : 0;
+	if (!is_usable(backends.lookup(&idx)))
+		idx = ring_pick(vip, hash);
+	return send_to_backend(ctx, pkt, idx, hash, vip->flags & VIP_F_GUE, cfg, gc,
+			       1, frame_len);
+}
+
+static __always_inline int handle_icmp(struct xdp_md *ctx, const struct packet *pkt,
+				       const struct lb_config *cfg, struct global_counters *gc,
+				       __u32 frame_len)
+{
+	if (is_echo_request(pkt)) {
+		if (icmp_echo_reply((void *)(long)ctx->data, (void *)(long)ctx->data_end, pkt)) {
+			gc->drop_malformed++;
+			return XDP_DROP;
+		}
+		gc->tx_icmp_echo_reply++;
+		return XDP_TX;
+	}
+	if (is_icmp_error(pkt))
+		return forward_icmp_error(ctx, pkt, cfg, gc, frame_len);
+	gc->pass_not_vip++;
+	return XDP_PASS;
+}
+
+static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
+				   const struct vip_meta *vip, const struct lb_config *cfg,
+				   struct global_counters *gc, __u32 frame_len)
+{
+	count_vip(vip->vip_id, frame_len);
+	__u32 hash = hash_for_vip(vip, pkt);
+	__u32 idx = choose_backend(vip, pkt, hash, cfg, gc);
+	return send_to_backend(ctx, pkt, idx, hash, vip->flags & VIP_F_GUE, cfg, gc,
+			       0, frame_len);
+}
+
+int xdplb_balancer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_len = data_end - data;
+	__u32 zero = 0;
+	struct global_counters *gc = global_stats.lookup(&zero);
+	if (!gc)
+		return XDP_PASS;
+
+	struct packet pkt = {};
+	int parsed = parse_packet(data, data_end, &pkt);
+	if (parsed == PARSE_NOT_IP) {
+		gc->pass_unparsed++;
+		return XDP_PASS;
+	}
+	struct vip_addr_meta *am = vip_addrs.lookup(&pkt.dst);
+	if (!am) {
+		gc->pass_not_vip++;
+		return XDP_PASS;
+	}
+	if (pkt.fragment) {
+		gc->drop_fragment++;
+		return XDP_DROP;
+	}
+	if (parsed == PARSE_BAD_L4) {
+		gc->drop_malformed++;
+		return XDP_DROP;
+	}
+	struct lb_config *cfg = config.lookup(&zero);
+	if (!cfg || !(cfg->flags & CONFIG_F_READY)) {
+		gc->pass_unconfigured++;
+		return XDP_PASS;
+	}
+	if (pkt.proto == (pkt.ipv6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
+		return handle_icmp(ctx, &pkt, cfg, gc, frame_len);
+
+	struct vip_meta *vip = find_vip(&pkt.dst, pkt.dport, pkt.proto, am->flags);
+	if (!vip) {
+		gc->pass_not_vip++;
+		return XDP_PASS;
+	}
+	return forward(ctx, &pkt, vip, cfg, gc, frame_len);
+}

@@ -1,0 +1,130 @@
+/* Layouts shared by the BPF programs and the control plane.
+ *
+ * Mirrored field for field by daemon/xdplb/structs.py; tests/test_structs.py
+ * compares both sides against the layouts bcc derives from this file, so a
+ * change here without the matching change there fails the tests.
+ *
+ * Byte order: addresses and ports are kept in network byte order, exactly as
+ * they appear in packets, so the fast path never converts them.
+ */
+#ifndef XDPLB_STRUCTS_H
+#define XDPLB_STRUCTS_H
+
+/* An IPv4 or IPv6 address in one 16-byte shape. IPv4 is stored in its
+ * IPv4-mapped IPv6 form (::ffff:a.b.c.d) so that one key type serves both
+ * families and an IPv4 address can never alias an IPv6 one. */
+struct addr16 {
+	__u32 w[4];
+};
+
+/* Key of the `vips` map: one service. port 0 = every port (a port-less VIP). */
+struct vip_key {
+	struct addr16 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+#define VIP_F_HASH_SRC_ONLY (1U << 0) /* client affinity: ring keyed by source address */
+#define VIP_F_GUE (1U << 1)           /* encapsulate in UDP (GUE variant 1) */
+
+/* Value of the `vips` map. The ring lives at ring[ring_offset .. +ring_size):
+ * one map update swaps all three, so a resize or move is atomic for packets. */
+struct vip_meta {
+	__u32 vip_id; /* index into vip_stats; part of the flow key */
+	__u32 ring_offset;
+	__u32 ring_size;
+	__u32 flags;
+};
+
+/* Value of the `vip_addrs` map (key: struct addr16). Every address that has
+ * a VIP is listed here, so a packet for any other address costs one lookup. */
+#define VIP_ADDR_F_PORTLESS_TCP (1U << 0)
+#define VIP_ADDR_F_PORTLESS_UDP (1U << 1)
+struct vip_addr_meta {
+	__u32 flags;
+};
+
+/* Value of the `backends` array; index 0 is reserved for "no backend". */
+#define BACKEND_F_IPV6 (1U << 0)
+#define BACKEND_F_AVAILABLE (1U << 1) /* cleared by the control plane when down */
+struct backend {
+	struct addr16 addr; /* IPv4 backends: mapped form, like every address */
+	__u32 flags;
+};
+
+/* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's
+ * address, port and protocol are implied by vip_id; dport is kept because a
+ * port-less VIP sees many destination ports. */
+struct flow_key {
+	struct addr16 src;
+	__u16 sport;
+	__u16 dport;
+	__u32 vip_id;
+};
+
+struct flow_state {
+	__u32 backend;
+	__u32 pad;
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC_COARSE; drain progress reads it */
+};
+
+/* Per-CPU packets and bytes of one VIP or one backend. */
+struct traffic_counters {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Per-CPU global counters. The first group are outcomes: every packet the
+ * balancer sees increments exactly one of them, so their sum is the number
+ * of packets seen. The second group counts events along the way. */
+struct global_counters {
+	/* outcomes */
+	__u64 pass_not_vip;            /* not for a VIP service: handed to the kernel */
+	__u64 pass_unparsed;           /* not IP, or an IP header we cannot read */
+	__u64 pass_unconfigured;       /* VIP packet before the next hop is configured */
+	__u64 tx_forwarded;            /* encapsulated to a backend */
+	__u64 tx_icmp_echo_reply;      /* ping of a VIP answered here */
+	__u64 tx_icmp_error_forwarded; /* ICMP error about a VIP flow sent to its backend */
+	__u64 tx_icmp_too_big;         /* too big after encapsulation: told the client */
+	__u64 drop_fragment;           /* IP fragment addressed to a VIP */
+	__u64 drop_malformed;          /* VIP packet whose L4 header is truncated or lies */
+	__u64 drop_no_backend;         /* VIP has no backend to send to */
+	__u64 drop_too_big;            /* too big, and no ICMP may be sent (IPv4 without DF) */
+	__u64 drop_encap_failed;       /* the kernel refused to grow or shrink the frame */
+	/* events */
+	__u64 conn_hit;
+	__u64 conn_miss;
+	__u64 conn_rechosen;          /* recorded backend unavailable: flow re-chosen */
+	__u64 new_flows;              /* flows that took the ring */
+	__u64 new_flows_unrecorded;   /* new-flow rate above the limit: not recorded */
+};
+
+/* Value of the single-entry `config` array. */
+#define CONFIG_F_READY (1U << 0) /* nexthop_mac set; until then VIP traffic is passed */
+struct lb_config {
+	__u8 nexthop_mac[6];
+	__u16 mtu;                  /* largest outer IP packet that may leave, in bytes */
+	__u16 gue_port;             /* network order */
+	__u16 pad;
+	__u32 flags;
+	__u32 encap_src4;           /* outer IPv4 source: base | (flow hash & hostmask) */
+	__u32 encap_src4_hostmask;  /* network order */
+	struct addr16 encap_src6;   /* outer IPv6 source: w[3] takes hash bits */
+	__u32 encap_src6_hostmask;  /* network order, applied to w[3] */
+	__u32 max_new_flows_per_cpu; /* per second; 0 = no limit */
+};
+
+/* Per-CPU state of the new-flow rate limiter. */
+struct flood_state {
+	__u64 window_start_ns;
+	__u64 new_flows;
+};
+
+/* Per-CPU counters of the backend-side decapsulator. */
+struct decap_counters {
+	__u64 decapsulated;
+	__u64 passed;
+};
+
+#endif

@@ -1,0 +1,477 @@
+"""The datapath: the only module that knows bcc.
+
+It compiles and loads the XDP programs in bpf/, attaches and detaches them,
+pins their maps under a per-instance bpffs directory so a restarted daemon
+reuses them, reads and writes the maps with the layouts of structs.py, sums
+per-CPU counters, and runs programs on test frames with BPF_PROG_TEST_RUN.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import importlib.resources
+import os
+import platform
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from xdplb import structs
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "xdplb"
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+VERDICTS = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX"}
+
+_BPF_PROG_TEST_RUN = 10
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+
+
+class DatapathError(Exception):
+    """A datapath operation failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Capacities compiled into the maps. Changing one needs new maps."""
+
+    max_vips: int = 512
+    max_backends: int = 4096
+    ring_entries: int = 64 * 65537  # shared by every VIP's ring
+    conn_entries: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("max_vips", 1),
+            ("max_backends", 2),  # index 0 is reserved
+            ("ring_entries", 3),
+            ("conn_entries", 16),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < minimum:
+                raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources are: shipped inside the package as xdplb.bpf."""
+    return Path(str(importlib.resources.files("xdplb.bpf")))
+
+
+def _bcc() -> Any:
+    try:
+        import bcc  # noqa: PLC0415 - imported late so unprivileged tools can import us
+    except ImportError as exc:
+        raise DatapathError(
+            "cannot import bcc: run `make setup` (Debian's python3-bpfcc in a "
+            "venv made with --system-site-packages)"
+        ) from exc
+    return bcc
+
+
+def ensure_bpffs() -> None:
+    if not os.path.ismount(BPFFS):
+        raise DatapathError(f"bpffs is not mounted on {BPFFS}: mount -t bpf bpf {BPFFS}")
+
+
+def _cflags(defines: dict[str, str]) -> list[str]:
+    flags = [f"-I{bpf_source_dir()}", "-Wno-unused-function", "-Wno-macro-redefined"]
+    return flags + [f"-D{k}={v}" for k, v in defines.items()]
+
+
+def _compile(source: str, defines: dict[str, str]) -> Any:
+    bcc = _bcc()
+    path = bpf_source_dir() / source
+    try:
+        return bcc.BPF(src_file=str(path).encode(), cflags=_cflags(defines))
+    except Exception as exc:
+        raise DatapathError(f"compiling {path} failed: {exc}") from exc
+
+
+def _load_xdp(bpf: Any, function: str) -> Any:
+    try:
+        return bpf.load_func(function.encode(), _bcc().BPF.XDP)
+    except Exception as exc:
+        raise DatapathError(f"loading XDP program {function} failed: {exc}") from exc
+
+
+K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
+V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint16)
+
+
+def _raise_errno(what: str) -> None:
+    err = ct.get_errno()
+    raise DatapathError(f"{what}: {os.strerror(err)} (errno {err})")
+
+
+class BpfMap(Generic[K, V]):
+    """A map accessed through its fd with the key and value types of structs.py."""
+
+    def __init__(self, name: str, fd: int, key_type: type[K], value_type: type[V]):
+        self.name, self.fd = name, fd
+        self.key_type, self.value_type = key_type, value_type
+
+    def get(self, key: K) -> V | None:
+        value = self.value_type()
+        if _lib().bpf_lookup_elem(self.fd, ct.byref(key), ct.byref(value)) != 0:
+            if ct.get_errno() == errno.ENOENT:
+                return None
+            _raise_errno(f"lookup in {self.name}")
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if _lib().bpf_update_elem(self.fd, ct.byref(key), ct.byref(value), 0) != 0:
+            _raise_errno(f"update of {self.name}")
+
+    def delete(self, key: K) -> bool:
+        if _lib().bpf_delete_elem(self.fd, ct.byref(key)) == 0:
+            return True
+        if ct.get_errno() == errno.ENOENT:
+            return False
+        _raise_errno(f"delete from {self.name}")
+        return False
+
+    def keys(self) -> Iterator[K]:
+        key, next_key = self.key_type(), self.key_type()
+        first = True
+        while True:
+            prev = None if first else ct.byref(key)
+            if _lib().bpf_get_next_key(self.fd, prev, ct.byref(next_key)) != 0:
+                return
+            first = False
+            ct.memmove(ct.byref(key), ct.byref(next_key), ct.sizeof(key))
+            yield self.key_type.from_buffer_copy(key)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:  # deleted since the key was listed
+                yield key, value
+
+    def put_batch(self, keys: ct.Array, values: ct.Array) -> None:
+        """One syscall for many updates (hash and array maps)."""
+        count = ct.c_uint32(len(keys))
+        if count.value == 0:
+            return
+        if _lib().bpf_update_batch(self.fd, ct.byref(keys), ct.byref(values),
+                                   ct.byref(count)) != 0:
+            _raise_errno(f"batch update of {self.name} ({len(keys)} entries)")
+
+
+class PerCpuArray(Generic[V]):
+    """A per-CPU array whose values are summed field by field on read."""
+
+    def __init__(self, name: str, fd: int, value_type: type[V]):
+        self.name, self.fd, self.value_type = name, fd, value_type
+        self.ncpus = len(_bcc().utils.get_possible_cpus())
+        # The kernel copies each CPU's value rounded up to 8 bytes.
+        self._stride = (ct.sizeof(value_type) + 7) // 8 * 8
+
+    def read(self, index: int) -> dict[str, int]:
+        buf = (ct.c_char * (self._stride * self.ncpus))()
+        key = ct.c_uint32(index)
+        if _lib().bpf_lookup_elem(self.fd, ct.byref(key), buf) != 0:
+            _raise_errno(f"lookup of {self.name}[{index}]")
+        totals = dict.fromkeys((f for f, _ in self.value_type._fields_), 0)
+        for cpu in range(self.ncpus):
+            value = self.value_type.from_buffer_copy(buf, cpu * self._stride)
+            for field in totals:
+                totals[field] += getattr(value, field)
+        return totals
+
+    def clear(self, index: int) -> None:
+        buf = (ct.c_char * (self._stride * self.ncpus))()
+        key = ct.c_uint32(index)
+        if _lib().bpf_update_elem(self.fd, ct.byref(key), buf, 0) != 0:
+            _raise_errno(f"reset of {self.name}[{index}]")
+
+
+def _lib() -> Any:
+    return _bcc().libbcc.lib
+
+
+@dataclass(frozen=True)
+class TestRunResult:
+    verdict: int
+    data: bytes
+    duration_ns: int  # the kernel's average per run, an integer
+
+
+class _TestRunAttr(ct.Structure):
+    """The BPF_PROG_TEST_RUN member of union bpf_attr."""
+
+    _fields_ = (
+        ("prog_fd", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("data_in", ct.c_uint64),
+        ("data_out", ct.c_uint64),
+        ("repeat", ct.c_uint32),
+        ("duration", ct.c_uint32),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_uint64),
+        ("ctx_out", ct.c_uint64),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    )
+
+
+class XdpMd(ct.Structure):
+    _fields_ = (
+        ("data", ct.c_uint32),
+        ("data_end", ct.c_uint32),
+        ("data_meta", ct.c_uint32),
+        ("ingress_ifindex", ct.c_uint32),
+        ("rx_queue_index", ct.c_uint32),
+        ("egress_ifindex", ct.c_uint32),
+    )
+
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def prog_test_run(
+    prog_fd: int,
+    frame: bytes,
+    repeat: int = 1,
+    *,
+    ingress_ifindex: int = 0,
+    flags: int = 0,
+    batch_size: int = 0,
+) -> TestRunResult:
+    """Runs an XDP program on `frame` in the kernel (BPF_PROG_TEST_RUN)."""
+    syscall_nr = _BPF_SYSCALL.get(platform.machine())
+    if syscall_nr is None:
+        raise DatapathError(f"BPF_PROG_TEST_RUN: unsupported machine {platform.machine()}")
+    data_in = ct.create_string_buffer(frame, len(frame))
+    data_out = ct.create_string_buffer(len(frame) + 512)  # room for encapsulation
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(frame),
+        data_size_out=len(data_out),
+        data_in=ct.addressof(data_in),
+        data_out=ct.addressof(data_out),
+        repeat=repeat,
+        flags=flags,
+        batch_size=batch_size,
+    )
+    ctx = None
+    if ingress_ifindex or flags:
+        ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress_ifindex)
+        attr.ctx_in, attr.ctx_size_in = ct.addressof(ctx), ct.sizeof(ctx)
+    if _libc.syscall(syscall_nr, _BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
+        _raise_errno("BPF_PROG_TEST_RUN")
+    return TestRunResult(attr.retval, data_out.raw[: attr.data_size_out], attr.duration)
+
+
+# --- attaching ------------------------------------------------------------
+
+
+def _ipr(netns: str | None) -> Any:
+    from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
+
+    return NetNS(netns) if netns else IPRoute()
+
+
+def _ifindex(ipr: Any, ifname: str, netns: str | None) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        where = f" in netns {netns}" if netns else ""
+        raise DatapathError(f"no interface {ifname!r}{where}")
+    return found[0]
+
+
+def attach_xdp(prog_fd: int, ifname: str, *, netns: str | None = None,
+               generic: bool = False) -> int:
+    """Attaches (or atomically replaces) the XDP program on an interface.
+
+    Native mode unless generic is asked for: generic XDP runs after the
+    kernel has built an skb and costs several times more per packet.
+    """
+    flags = XDP_FLAGS_SKB_MODE if generic else XDP_FLAGS_DRV_MODE
+    with _ipr(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        try:
+            ipr.link("set", index=index,
+                     xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
+        except Exception as exc:
+            mode = "generic" if generic else "native"
+            raise DatapathError(f"attaching XDP ({mode}) to {ifname}: {exc}") from exc
+        return index
+
+
+def detach_xdp(ifname: str, *, netns: str | None = None, generic: bool = False) -> None:
+    flags = XDP_FLAGS_SKB_MODE if generic else XDP_FLAGS_DRV_MODE
+    with _ipr(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        try:
+            ipr.link("set", index=index,
+                     xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+        except Exception as exc:
+            raise DatapathError(f"detaching XDP from {ifname}: {exc}") from exc
+
+
+def attached_prog_id(ifname: str, *, netns: str | None = None) -> int:
+    """The id of the XDP program on an interface, 0 when none."""
+    with _ipr(netns) as ipr:
+        link = ipr.get_links(_ifindex(ipr, ifname, netns))[0]
+        xdp = link.get_attr("IFLA_XDP")
+        return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp else 0
+
+
+# --- the programs -----------------------------------------------------------
+
+
+class Balancer:
+    """The balancer program and its maps.
+
+    With a pin_dir the maps are pinned there, and a Balancer built later with
+    the same pin_dir and sizes reuses them: VIPs, rings and established flows
+    survive a daemon restart or a program upgrade.
+    """
+
+    def __init__(self, sizes: MapSizes | None = None, pin_dir: Path | None = None):
+        self.sizes = sizes or MapSizes()
+        self.pin_dir = pin_dir
+        defines = {
+            "MAX_VIPS": str(self.sizes.max_vips),
+            "MAX_BACKENDS": str(self.sizes.max_backends),
+            "RING_ENTRIES": str(self.sizes.ring_entries),
+            "CONN_ENTRIES": str(self.sizes.conn_entries),
+        }
+        if pin_dir is not None:
+            ensure_bpffs()
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            defines["XDPLB_PIN_DIR"] = f'"{pin_dir}"'
+        self._bpf = _compile("balancer.c", defines)
+        self.prog_fd: int = _load_xdp(self._bpf, "xdplb_balancer").fd
+        s = structs
+        self.vip_addrs = self._map("vip_addrs", s.Addr16, s.VipAddrMeta)
+        self.vips = self._map("vips", s.VipKey, s.VipMeta)
+        self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
+        self.backends = self._map("backends", ct.c_uint32, s.Backend)
+        self.conns = self._map("conns", s.FlowKey, s.FlowState)
+        self.config = self._map("config", ct.c_uint32, s.LbConfig)
+        self.vip_stats = PerCpuArray("vip_stats", self._fd("vip_stats"), s.TrafficCounters)
+        self.backend_stats = PerCpuArray(
+            "backend_stats", self._fd("backend_stats"), s.TrafficCounters)
+        self.global_stats = PerCpuArray(
+            "global_stats", self._fd("global_stats"), s.GlobalCounters)
+
+    def _fd(self, name: str) -> int:
+        return self._bpf.get_table(name.encode()).map_fd
+
+    def _map(self, name: str, key: type, value: type) -> BpfMap:
+        return BpfMap(name, self._fd(name), key, value)
+
+    def bcc_table(self, name: str) -> Any:
+        """bcc's view of a map (its derived key and value layouts), for tests."""
+        return self._bpf.get_table(name.encode())
+
+    def write_config(self, config: structs.LbConfig) -> None:
+        self.config.put(ct.c_uint32(0), config)
+
+    def write_ring(self, slots: Iterable[int], backends: Iterable[int]) -> int:
+        """Writes ring slots in one batch; returns how many were written."""
+        slot_list, backend_list = list(slots), list(backends)
+        if len(slot_list) != len(backend_list):
+            raise DatapathError("write_ring: slots and backends differ in length")
+        if slot_list and max(slot_list) >= self.sizes.ring_entries:
+            raise DatapathError(
+                f"ring slot {max(slot_list)} beyond ring_entries={self.sizes.ring_entries}")
+        keys = (ct.c_uint32 * len(slot_list))(*slot_list)
+        values = (ct.c_uint32 * len(backend_list))(*backend_list)
+        self.ring.put_batch(keys, values)
+        return len(slot_list)
+
+    def read_ring(self, offset: int, size: int) -> list[int]:
+        return [self.ring.get(ct.c_uint32(offset + i)).value for i in range(size)]
+
+    def counters(self) -> dict[str, int]:
+        return self.global_stats.read(0)
+
+    def test_run(self, frame: bytes, repeat: int = 1) -> TestRunResult:
+        return prog_test_run(self.prog_fd, frame, repeat)
+
+    def attach(self, ifname: str, *, netns: str | None = None, generic: bool = False) -> int:
+        return attach_xdp(self.prog_fd, ifname, netns=netns, generic=generic)
+
+    def close(self) -> None:
+        """Releases this process's handles; pinned maps and attachments stay."""
+        self._bpf.cleanup()
+
+    def unpin(self) -> None:
+        """Removes the pinned maps: the next Balancer starts empty."""
+        if self.pin_dir is not None and self.pin_dir.exists():
+            shutil.rmtree(self.pin_dir)
+
+
+class Decapsulator:
+    """The backend-side program that strips the balancer's encapsulation."""
+
+    def __init__(self, gue_port: int = 6080, max_addrs: int = 64):
+        self._bpf = _compile("decap.c", {"MAX_DECAP_ADDRS": str(max_addrs)})
+        self.prog_fd: int = _load_xdp(self._bpf, "xdplb_decap").fd
+        self.addrs = BpfMap("decap_addrs", self._bpf.get_table(b"decap_addrs").map_fd,
+                            structs.Addr16, ct.c_uint32)
+        self._gue_port = BpfMap("decap_gue_port", self._bpf.get_table(b"decap_gue_port").map_fd,
+                                ct.c_uint32, ct.c_uint16)
+        self._gue_port.put(ct.c_uint32(0), ct.c_uint16(structs.port_be(gue_port)))
+        self.stats = PerCpuArray("decap_stats", self._bpf.get_table(b"decap_stats").map_fd,
+                                 structs.DecapCounters)
+
+    def accept(self, address: str) -> None:
+        """Decapsulates tunnel packets addressed to `address`."""
+        self.addrs.put(structs.Addr16.of(address), ct.c_uint32(1))
+
+    def counters(self) -> dict[str, int]:
+        return self.stats.read(0)
+
+    def test_run(self, frame: bytes) -> TestRunResult:
+        return prog_test_run(self.prog_fd, frame)
+
+    def attach(self, ifname: str, *, netns: str | None = None, generic: bool = False) -> int:
+        return attach_xdp(self.prog_fd, ifname, netns=netns, generic=generic)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+
+class BenchHarness:
+    """Restores a frame before each repeat and tail-calls the program under test."""
+
+    RESTORE_LEN = 64
+
+    def __init__(self) -> None:
+        self._bpf = _compile("bench_harness.c", {})
+        self.harness_fd: int = _load_xdp(self._bpf, "bench_harness").fd
+        self.mac_swap_fd: int = _load_xdp(self._bpf, "bench_mac_swap").fd
+        self._target = self._bpf.get_table(b"bench_target")
+        self._frame = self._bpf.get_table(b"bench_frame")
+
+    def prepare(self, frame: bytes, target_fd: int) -> None:
+        if len(frame) < self.RESTORE_LEN:
+            raise DatapathError(f"bench frames must be >= {self.RESTORE_LEN} bytes")
+        saved = self._frame[ct.c_int(0)]
+        saved.len = len(frame)
+        ct.memmove(saved.bytes, frame, self.RESTORE_LEN)
+        self._frame[ct.c_int(0)] = saved
+        self._target[ct.c_int(0)] = ct.c_int(target_fd)
+
+    def run(self, frame: bytes, repeat: int) -> TestRunResult:
+        return prog_test_run(self.harness_fd, frame, repeat)
+
+    def close(self) -> None:
+        self._bpf.cleanup()

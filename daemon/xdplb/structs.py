@@ -1,0 +1,213 @@
+"""Python mirror of bpf/xdplb_structs.h, plus the flow hash of bpf/hash.h.
+
+The two sides are declared once each, next to each other; tests/test_structs.py
+checks every layout here against the one bcc derives from the C header, and
+checks flow_hash against the BPF program's choices.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import struct
+from typing import ClassVar
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+
+VIP_F_HASH_SRC_ONLY = 1 << 0
+VIP_F_GUE = 1 << 1
+VIP_ADDR_F_PORTLESS_TCP = 1 << 0
+VIP_ADDR_F_PORTLESS_UDP = 1 << 1
+BACKEND_F_IPV6 = 1 << 0
+BACKEND_F_AVAILABLE = 1 << 1
+CONFIG_F_READY = 1 << 0
+
+NO_BACKEND = 0  # backend index 0 means "none": an unfilled ring slot drops
+
+# Sizes of the outer headers each encapsulation adds (bpf/encap.h).
+IPV4_HEADER_LEN = 20
+IPV6_HEADER_LEN = 40
+UDP_HEADER_LEN = 8
+
+
+class Addr16(ct.Structure):
+    """struct addr16: IPv4 in its IPv4-mapped IPv6 form, network byte order."""
+
+    _fields_: ClassVar = [("w", ct.c_uint32 * 4)]
+
+    @classmethod
+    def of(cls, address: str | IPAddress) -> Addr16:
+        ip = ipaddress.ip_address(address)
+        if ip.version == 4:
+            ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+        return cls.from_buffer_copy(ip.packed)
+
+    def address(self) -> IPAddress:
+        ip = ipaddress.IPv6Address(bytes(self))
+        return ip.ipv4_mapped or ip
+
+
+class VipKey(ct.Structure):
+    _fields_: ClassVar = [
+        ("addr", Addr16),
+        ("port", ct.c_uint16),  # network order
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class VipMeta(ct.Structure):
+    _fields_: ClassVar = [
+        ("vip_id", ct.c_uint32),
+        ("ring_offset", ct.c_uint32),
+        ("ring_size", ct.c_uint32),
+        ("flags", ct.c_uint32),
+    ]
+
+
+class VipAddrMeta(ct.Structure):
+    _fields_: ClassVar = [("flags", ct.c_uint32)]
+
+
+class Backend(ct.Structure):
+    _fields_: ClassVar = [("addr", Addr16), ("flags", ct.c_uint32)]
+
+
+class FlowKey(ct.Structure):
+    _fields_: ClassVar = [
+        ("src", Addr16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("vip_id", ct.c_uint32),
+    ]
+
+
+class FlowState(ct.Structure):
+    _fields_: ClassVar = [
+        ("backend", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("last_seen_ns", ct.c_uint64),
+    ]
+
+
+class TrafficCounters(ct.Structure):
+    _fields_: ClassVar = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+OUTCOME_COUNTERS = (
+    "pass_not_vip",
+    "pass_unparsed",
+    "pass_unconfigured",
+    "tx_forwarded",
+    "tx_icmp_echo_reply",
+    "tx_icmp_error_forwarded",
+    "tx_icmp_too_big",
+    "drop_fragment",
+    "drop_malformed",
+    "drop_no_backend",
+    "drop_too_big",
+    "drop_encap_failed",
+)
+EVENT_COUNTERS = (
+    "conn_hit",
+    "conn_miss",
+    "conn_rechosen",
+    "new_flows",
+    "new_flows_unrecorded",
+)
+
+
+class GlobalCounters(ct.Structure):
+    """Outcomes first (each packet counts in exactly one), then events."""
+
+    _fields_: ClassVar = [(name, ct.c_uint64) for name in OUTCOME_COUNTERS + EVENT_COUNTERS]
+
+
+class LbConfig(ct.Structure):
+    _fields_: ClassVar = [
+        ("nexthop_mac", ct.c_uint8 * 6),
+        ("mtu", ct.c_uint16),
+        ("gue_port", ct.c_uint16),  # network order
+        ("pad", ct.c_uint16),
+        ("flags", ct.c_uint32),
+        ("encap_src4", ct.c_uint32),  # network order (as read from memory)
+        ("encap_src4_hostmask", ct.c_uint32),
+        ("encap_src6", Addr16),
+        ("encap_src6_hostmask", ct.c_uint32),
+        ("max_new_flows_per_cpu", ct.c_uint32),
+    ]
+
+
+class FloodState(ct.Structure):
+    _fields_: ClassVar = [("window_start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
+
+
+class DecapCounters(ct.Structure):
+    _fields_: ClassVar = [("decapsulated", ct.c_uint64), ("passed", ct.c_uint64)]
+
+
+def port_be(port: int) -> int:
+    """A port as the BPF side stores it: network order read as a native u16."""
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def be_u32(packed: bytes) -> int:
+    """Four network-order bytes as the BPF side reads them (a native u32)."""
+    return struct.unpack("=I", packed)[0]
+
+
+# --- the flow hash: a line-for-line port of bpf/hash.h -----------------------
+
+FLOW_HASH_SEED = 0x7864706C
+_M32 = 0xFFFFFFFF
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def _mix(h: int, k: int) -> int:
+    k = (k * 0xCC9E2D51) & _M32
+    k = _rotl32(k, 15)
+    k = (k * 0x1B873593) & _M32
+    h ^= k
+    h = _rotl32(h, 13)
+    return (h * 5 + 0xE6546B64) & _M32
+
+
+def _final(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _hash_addr(h: int, ip: IPAddress) -> int:
+    words = struct.unpack("<4I", bytes(Addr16.of(ip)))
+    for w in words if ip.version == 6 else words[3:]:
+        h = _mix(h, w)
+    return h
+
+
+def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
+    """The hash the balancer computes for a client-to-VIP 5-tuple."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    h = _hash_addr(_hash_addr(FLOW_HASH_SEED, s), d)
+    h = _mix(h, port_be(sport) | (port_be(dport) << 16))
+    return _final(_mix(h, proto))
+
+
+def source_hash(src: str) -> int:
+    """The hash of a client-affinity VIP: the source address alone."""
+    return _final(_hash_addr(FLOW_HASH_SEED, ipaddress.ip_address(src)))
+
+
+def ring_slot(hash_value: int, ring_size: int) -> int:
+    """The ring position a hash selects (bpf/hash.h ring_slot)."""
+    return (hash_value * ring_size) >> 32
