@@ -7,7 +7,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XDPLB_VENV:-$REPO/.venv}"
 APT_PACKAGES=(
-  python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev
+  python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev gcc
   iproute2 iputils-ping ethtool tcpdump
 )
 

@@ -8,6 +8,7 @@ per-CPU counters, and runs programs on test frames with BPF_PROG_TEST_RUN.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import importlib.resources
@@ -68,7 +69,7 @@ def bpf_source_dir() -> Path:
 
 def _bcc() -> Any:
     try:
-        import bcc  # noqa: PLC0415 - imported late so unprivileged tools can import us
+        import bcc
     except ImportError as exc:
         raise DatapathError(
             "cannot import bcc: run `make setup` (Debian's python3-bpfcc in a "
@@ -280,7 +281,7 @@ def prog_test_run(
 
 
 def _ipr(netns: str | None) -> Any:
-    from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
+    from pyroute2 import IPRoute, NetNS
 
     return NetNS(netns) if netns else IPRoute()
 
@@ -416,6 +417,8 @@ class Balancer:
         """Removes the pinned maps: the next Balancer starts empty."""
         if self.pin_dir is not None and self.pin_dir.exists():
             shutil.rmtree(self.pin_dir)
+            with contextlib.suppress(OSError):  # the shared root, once no instance is left
+                self.pin_dir.parent.rmdir()
 
 
 class Decapsulator:
@@ -447,6 +450,18 @@ class Decapsulator:
 
     def close(self) -> None:
         self._bpf.cleanup()
+
+
+_pass_program: Any = None
+
+
+def attach_pass(ifname: str, *, netns: str | None = None) -> None:
+    """Attaches a program that passes everything: it gives a veth NAPI so that
+    frames XDP_TX'd by its peer are received (see bpf/pass.c)."""
+    global _pass_program
+    if _pass_program is None:
+        _pass_program = _compile("pass.c", {})
+    attach_xdp(_load_xdp(_pass_program, "xdplb_pass").fd, ifname, netns=netns)
 
 
 class BenchHarness:
