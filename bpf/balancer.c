@@ -23,6 +23,7 @@
 	BPF_F_TABLE(type, key, leaf, name, size, flags)
 #endif
 
+XDPLB_MAP("array", __u32, __u64, addr_filter, ADDR_FILTER_WORDS, 0);
 XDPLB_MAP("hash", struct addr16, struct vip_addr_meta, vip_addrs, MAX_VIPS, 0);
 XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
 XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
@@ -54,16 +55,27 @@ static __always_inline void count_backend(__u32 idx, __u32 bytes)
 	}
 }
 
+static __always_inline int may_be_vip_addr(const struct packet *pkt)
+{
+	__u32 h = addr_filter_hash(&pkt->dst, pkt->ipv6);
+	__u32 word = (h >> 6) & (ADDR_FILTER_WORDS - 1);
+	__u64 *bits = addr_filter.lookup(&word);
+	return bits && (*bits & (1ULL << (h & 63)));
+}
+
+/* The exact (address, port, protocol) VIP, else the port-less one. The
+ * exact hit, the common case, costs a single hash lookup. */
 static __always_inline struct vip_meta *find_vip(const struct addr16 *addr, __u16 port,
-						 __u8 proto, __u32 addr_flags)
+						 __u8 proto)
 {
 	struct vip_key key = {.addr = *addr, .port = port, .proto = proto};
 	struct vip_meta *vip = vips.lookup(&key);
 	if (vip)
 		return vip;
+	struct vip_addr_meta *am = vip_addrs.lookup(&key.addr);
 	__u32 portless = proto == IPPROTO_TCP ? VIP_ADDR_F_PORTLESS_TCP
 			 : proto == IPPROTO_UDP ? VIP_ADDR_F_PORTLESS_UDP : 0;
-	if (!(addr_flags & portless))
+	if (!am || !(am->flags & portless))
 		return NULL;
 	key.port = 0;
 	return vips.lookup(&key);
@@ -88,10 +100,11 @@ static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
 /* Above the configured rate of new flows per CPU, new flows still follow the
  * ring but are not recorded, so a SYN flood or a scan cannot evict the
  * established flows from the connection table. */
-static __always_inline int may_record_flow(const struct lb_config *cfg, __u64 now)
+static __always_inline int may_record_flow(const struct lb_config *cfg)
 {
 	if (!cfg->max_new_flows_per_cpu)
 		return 1;
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 zero = 0;
 	struct flood_state *fs = flood.lookup(&zero);
 	if (!fs)
@@ -117,7 +130,6 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 	struct flow_key key = {
 		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
 	};
-	__u64 now = bpf_ktime_get_coarse_ns();
 	int syn = pkt->proto == IPPROTO_TCP &&
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
@@ -127,14 +139,14 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 			__u32 idx = st->backend;
 			if (is_usable(backends.lookup(&idx))) {
 				gc->conn_hit++;
-				if (st->last_seen_ns != now)
-					st->last_seen_ns = now;
+				if (st->last_seen_s != cfg->now_s) /* a store only once a second */
+					st->last_seen_s = cfg->now_s;
 				return idx;
 			}
 			gc->conn_rechosen++;
 			idx = ring_pick(vip, hash);
 			st->backend = idx;
-			st->last_seen_ns = now;
+			st->last_seen_s = cfg->now_s;
 			return idx;
 		}
 		gc->conn_miss++;
@@ -144,8 +156,8 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 	if (!idx)
 		return 0;
 	gc->new_flows++;
-	if (may_record_flow(cfg, now)) {
-		struct flow_state st = {.backend = idx, .last_seen_ns = now};
+	if (may_record_flow(cfg)) {
+		struct flow_state st = {.backend = idx, .last_seen_s = cfg->now_s};
 		conns.update(&key, &st);
 	} else {
 		gc->new_flows_unrecorded++;
@@ -202,8 +214,7 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
-	struct vip_addr_meta *am = vip_addrs.lookup(&flow.dst);
-	struct vip_meta *vip = am ? find_vip(&flow.dst, flow.dport, flow.proto, am->flags) : NULL;
+	struct vip_meta *vip = find_vip(&flow.dst, flow.dport, flow.proto);
 	if (!vip) {
 		gc->pass_not_vip++;
 		return XDP_PASS;
@@ -266,8 +277,23 @@ int xdplb_balancer(struct xdp_md *ctx)
 		gc->pass_unparsed++;
 		return XDP_PASS;
 	}
-	struct vip_addr_meta *am = vip_addrs.lookup(&pkt.dst);
-	if (!am) {
+	if (!may_be_vip_addr(&pkt)) {
+		gc->pass_not_vip++;
+		return XDP_PASS;
+	}
+	struct lb_config *cfg = config.lookup(&zero);
+	if (!cfg || !(cfg->flags & CONFIG_F_READY)) {
+		gc->pass_unconfigured++;
+		return XDP_PASS;
+	}
+	if (parsed == PARSE_OK && !pkt.fragment) {
+		struct vip_meta *vip = find_vip(&pkt.dst, pkt.dport, pkt.proto);
+		if (vip)
+			return forward(ctx, &pkt, vip, cfg, gc, frame_len);
+	}
+	/* Not a service: the address filter may have matched by chance, so only
+	 * a listed VIP address makes what follows ours to answer or drop. */
+	if (!vip_addrs.lookup(&pkt.dst)) {
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
@@ -279,18 +305,8 @@ int xdplb_balancer(struct xdp_md *ctx)
 		gc->drop_malformed++;
 		return XDP_DROP;
 	}
-	struct lb_config *cfg = config.lookup(&zero);
-	if (!cfg || !(cfg->flags & CONFIG_F_READY)) {
-		gc->pass_unconfigured++;
-		return XDP_PASS;
-	}
 	if (pkt.proto == (pkt.ipv6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
 		return handle_icmp(ctx, &pkt, cfg, gc, frame_len);
-
-	struct vip_meta *vip = find_vip(&pkt.dst, pkt.dport, pkt.proto, am->flags);
-	if (!vip) {
-		gc->pass_not_vip++;
-		return XDP_PASS;
-	}
-	return forward(ctx, &pkt, vip, cfg, gc, frame_len);
+	gc->pass_not_vip++;
+	return XDP_PASS;
 }

@@ -10,6 +10,7 @@
 #include "xdplb_structs.h"
 
 #define FLOW_HASH_SEED 0x7864706cU /* "xdpl" */
+#define ADDR_FILTER_SEED 0x61646472U /* "addr" */
 
 static __always_inline __u32 rotl32(__u32 x, int r)
 {
@@ -61,6 +62,11 @@ static __always_inline __u32 flow_hash(const struct addr16 *src, const struct ad
 static __always_inline __u32 source_hash(const struct addr16 *src, int ipv6)
 {
 	return hash_final(hash_addr(FLOW_HASH_SEED, src, ipv6));
+}
+
+static __always_inline __u32 addr_filter_hash(const struct addr16 *a, int ipv6)
+{
+	return hash_final(hash_addr(ADDR_FILTER_SEED, a, ipv6));
 }
 
 /* Lemire's multiply-shift maps a 32-bit hash onto [0, size) without a

@@ -37,8 +37,8 @@ struct vip_meta {
 	__u32 flags;
 };
 
-/* Value of the `vip_addrs` map (key: struct addr16). Every address that has
- * a VIP is listed here, so a packet for any other address costs one lookup. */
+/* Value of the `vip_addrs` map (key: struct addr16): every address that has
+ * a VIP, with what the exact (address, port, protocol) lookup cannot tell. */
 #define VIP_ADDR_F_PORTLESS_TCP (1U << 0)
 #define VIP_ADDR_F_PORTLESS_UDP (1U << 1)
 struct vip_addr_meta {
@@ -65,9 +65,14 @@ struct flow_key {
 
 struct flow_state {
 	__u32 backend;
-	__u32 pad;
-	__u64 last_seen_ns; /* CLOCK_MONOTONIC_COARSE; drain progress reads it */
+	__u32 last_seen_s; /* lb_config.now_s when the flow last sent a packet */
 };
+
+/* The VIP address filter: a bitmap over a hash of the destination address,
+ * ADDR_FILTER_WORDS u64 words in an array (whose lookup the verifier
+ * inlines). A clear bit proves the address has no VIP, so the host's own
+ * traffic costs one bit test; a set bit sends the packet to the VIP maps. */
+#define ADDR_FILTER_WORDS 1024
 
 /* Per-CPU packets and bytes of one VIP or one backend. */
 struct traffic_counters {
@@ -113,6 +118,7 @@ struct lb_config {
 	struct addr16 encap_src6;   /* outer IPv6 source: w[3] takes hash bits */
 	__u32 encap_src6_hostmask;  /* network order, applied to w[3] */
 	__u32 max_new_flows_per_cpu; /* per second; 0 = no limit */
+	__u32 now_s;                 /* a seconds clock the control plane advances */
 };
 
 /* Per-CPU state of the new-flow rate limiter. */

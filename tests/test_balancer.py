@@ -332,3 +332,27 @@ def test_backend_table_rejects_index_beyond_capacity(bal):
         bal.backends.put(ct.c_uint32(bal.sizes.max_backends), s.Backend())
     with pytest.raises(DatapathError, match="beyond ring_entries"):
         bal.write_ring([bal.sizes.ring_entries], [1])
+
+
+def test_address_filter_false_positive_is_passed_not_dropped(bal, prog, v4):
+    """A non-VIP address whose filter bit happens to be set must still be
+    treated as the host's own traffic, fragments and all."""
+    other = "10.100.2.2"
+    bal.write_addr_filter([VIP4, other])
+    frames = [tcp4(dst=other, dport=80), eth() / IP(src=CLIENT4, dst=other, flags="MF") / TCP()]
+    for frame in frames:
+        out = bal.test_run(bytes(frame))
+        assert (out.verdict, out.data) == (XDP_PASS, bytes(frame))
+    assert nonzero(bal.counters()) == {"pass_not_vip": 2}
+
+
+def test_flow_records_the_control_plane_clock(bal, prog, v4):
+    cfg = make_config()
+    cfg.now_s = 1000
+    bal.write_config(cfg)
+    bal.test_run(bytes(tcp4(flags="S")))
+    cfg.now_s = 1007
+    bal.write_config(cfg)
+    bal.test_run(bytes(tcp4(flags="A")))
+    [(_, state)] = list(bal.conns.items())
+    assert state.last_seen_s == 1007

@@ -11,6 +11,7 @@ import pytest
 from xdplb import structs as s
 
 MAPS = {
+    "addr_filter": (ct.c_uint32, ct.c_uint64),
     "vip_addrs": (s.Addr16, s.VipAddrMeta),
     "vips": (s.VipKey, s.VipMeta),
     "backends": (ct.c_uint32, s.Backend),

@@ -359,6 +359,7 @@ class Balancer:
         self._bpf = _compile("balancer.c", defines)
         self.prog_fd: int = _load_xdp(self._bpf, "xdplb_balancer").fd
         s = structs
+        self.addr_filter = self._map("addr_filter", ct.c_uint32, ct.c_uint64)
         self.vip_addrs = self._map("vip_addrs", s.Addr16, s.VipAddrMeta)
         self.vips = self._map("vips", s.VipKey, s.VipMeta)
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
@@ -383,6 +384,19 @@ class Balancer:
 
     def write_config(self, config: structs.LbConfig) -> None:
         self.config.put(ct.c_uint32(0), config)
+
+    def write_addr_filter(self, addresses: Iterable[str]) -> int:
+        """Makes the address filter pass exactly these addresses' bits; writes
+        only the words that change and returns how many that was."""
+        words = [0] * structs.ADDR_FILTER_WORDS
+        for address in addresses:
+            word, bit = structs.addr_filter_slot(address)
+            words[word] |= 1 << bit
+        changed = [i for i, bits in enumerate(words)
+                   if self.addr_filter.get(ct.c_uint32(i)).value != bits]
+        for i in changed:
+            self.addr_filter.put(ct.c_uint32(i), ct.c_uint64(words[i]))
+        return len(changed)
 
     def write_ring(self, slots: Iterable[int], backends: Iterable[int]) -> int:
         """Writes ring slots in one batch; returns how many were written."""

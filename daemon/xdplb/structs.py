@@ -88,11 +88,7 @@ class FlowKey(ct.Structure):
 
 
 class FlowState(ct.Structure):
-    _fields_: ClassVar = [
-        ("backend", ct.c_uint32),
-        ("pad", ct.c_uint32),
-        ("last_seen_ns", ct.c_uint64),
-    ]
+    _fields_: ClassVar = [("backend", ct.c_uint32), ("last_seen_s", ct.c_uint32)]
 
 
 class TrafficCounters(ct.Structure):
@@ -140,6 +136,7 @@ class LbConfig(ct.Structure):
         ("encap_src6", Addr16),
         ("encap_src6_hostmask", ct.c_uint32),
         ("max_new_flows_per_cpu", ct.c_uint32),
+        ("now_s", ct.c_uint32),
     ]
 
 
@@ -164,6 +161,8 @@ def be_u32(packed: bytes) -> int:
 # --- the flow hash: a line-for-line port of bpf/hash.h -----------------------
 
 FLOW_HASH_SEED = 0x7864706C
+ADDR_FILTER_SEED = 0x61646472
+ADDR_FILTER_WORDS = 1024
 _M32 = 0xFFFFFFFF
 
 
@@ -206,6 +205,12 @@ def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
 def source_hash(src: str) -> int:
     """The hash of a client-affinity VIP: the source address alone."""
     return _final(_hash_addr(FLOW_HASH_SEED, ipaddress.ip_address(src)))
+
+
+def addr_filter_slot(address: str) -> tuple[int, int]:
+    """(word, bit) of an address in the VIP address filter (bpf/balancer.c)."""
+    h = _final(_hash_addr(ADDR_FILTER_SEED, ipaddress.ip_address(address)))
+    return (h >> 6) & (ADDR_FILTER_WORDS - 1), h & 63
 
 
 def ring_slot(hash_value: int, ring_size: int) -> int:
