@@ -8,7 +8,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XDPLB_VENV:-$REPO/.venv}"
 APT_PACKAGES=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev gcc
-  iproute2 iputils-ping ethtool tcpdump
+  iproute2 iputils-ping ethtool tcpdump curl
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -69,8 +69,13 @@ make_venv() {
   local stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
   [ -e "$stamp" ] && return 0
   log "installing python dependencies into $VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$REPO[dev]"
+  local pip_log="$VENV/pip-install.log"
+  if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e "$REPO[dev]"; } \
+      >"$pip_log" 2>&1; then
+    tail -n 30 "$pip_log" >&2
+    echo "setup: pip install failed (full log: $pip_log)" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 }

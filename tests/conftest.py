@@ -102,7 +102,7 @@ class Programmer:
         old = self.bal.vip_addrs.get(s.Addr16.of(addr))
         merged = (old.flags if old else 0) | addr_flags
         self.bal.vip_addrs.put(s.Addr16.of(addr), s.VipAddrMeta(merged))
-        self.bal.write_addr_filter(str(k.address()) for k in self.bal.vip_addrs.keys())
+        self.bal.write_addr_filter(str(k.address()) for k, _ in self.bal.vip_addrs.items())
         key = s.VipKey(addr=s.Addr16.of(addr), port=s.port_be(port), proto=proto)
         self.bal.vips.put(key, s.VipMeta(vip_id=vip.vip_id, ring_offset=vip.ring_offset,
                                          ring_size=len(ring), flags=flags))

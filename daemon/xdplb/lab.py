@@ -461,6 +461,14 @@ class Lab:
         self.procs.append(proc)
         return proc
 
+    def keep(self) -> None:
+        """Leave everything running after this process exits (a demo lab to explore).
+
+        The marker stays, so `remove_stale(prefix)` reaps the lab once its creator is gone.
+        """
+        self._closed = True
+        atexit.unregister(self.close)
+
     def close(self) -> None:
         """Kill processes, delete namespaces, drop the marker. Idempotent and best-effort."""
         if self._closed or os.getpid() != self._owner:

@@ -1,0 +1,32 @@
+# xdplb: every target installs what it needs first (scripts/setup.sh is
+# idempotent: a second run installs nothing). Run as root.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: setup test lint bench demo demo-down clean
+
+setup:
+	@bash scripts/setup.sh
+
+# pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+test: setup
+	@$(PYTEST) -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+
+bench: setup
+	@$(PY) benchmarks/bench_datapath.py --json bench-results/datapath.json
+	@$(PY) benchmarks/bench_maglev.py --json bench-results/maglev.json
+
+demo: setup
+	@$(PY) -m xdplb.demo up
+
+demo-down: setup
+	@$(PY) -m xdplb.demo down
+
+clean: demo-down
+	rm -rf $(VENV) bench-results
