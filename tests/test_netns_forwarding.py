@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes as ct
 import select
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -138,21 +137,10 @@ def test_scapy_flows_arrive_encapsulated_at_the_predicted_backend(lab):
 
 @pytest.fixture(scope="module")
 def servers(lab):
-    from xdplb.datapath import Decapsulator
-    from xdplb.lab import wait_port
+    from xdplb.lab import start_http_backends
 
     topo, *_ = lab
-    decaps = []
-    for i, host in enumerate(topo.backends):
-        decap = Decapsulator()
-        decap.accept(topo.backend_v4[i])
-        decap.accept(topo.backend_v6[i])
-        decap.attach("eth0", netns=host.name)
-        decaps.append(decap)
-        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
-                    "--port", "80"])
-    for host in topo.backends:
-        wait_port(host, 80, ip="::1")
+    decaps = start_http_backends(topo)
     yield decaps
     for decap in decaps:
         decap.close()

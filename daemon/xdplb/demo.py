@@ -14,7 +14,6 @@ import contextlib
 import ctypes as ct
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from collections import Counter
 from xdplb import lab as labmod
 from xdplb import maglev
 from xdplb import structs as s
-from xdplb.datapath import PIN_ROOT, Balancer, Decapsulator, MapSizes
+from xdplb.datapath import PIN_ROOT, Balancer, MapSizes
 
 PREFIX = "xdemo"
 PIN_DIR = PIN_ROOT / "demo"
@@ -112,27 +111,12 @@ def counters_line(bal: Balancer) -> str:
     return ", ".join(f"{k}={v}" for k, v in bal.counters().items() if v)
 
 
-def start_backends(topo: labmod.LbLab) -> list[Decapsulator]:
-    decaps = []
-    for i, host in enumerate(topo.backends):
-        decap = Decapsulator()
-        decap.accept(topo.backend_v4[i])
-        decap.accept(topo.backend_v6[i])
-        decap.attach("eth0", netns=host.name)
-        decaps.append(decap)
-        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for host in topo.backends:
-        labmod.wait_port(host, 80, ip="::1")
-    return decaps
-
-
 def up() -> None:
     down(quiet=True)  # running twice works: the previous lab goes first
     lab = labmod.Lab(prefix=PREFIX)
     topo = labmod.build_lb_lab(lab, n_backends=3)
     say(f"lab {lab.runid}: client, router, lb and 3 backends in network namespaces")
-    decaps = start_backends(topo)
+    decaps = labmod.start_http_backends(topo)
     bal = Balancer(SIZES, pin_dir=PIN_DIR)
     configure(bal, topo)
     v4 = DemoVip(bal, 1, topo.vip_v4, {a: i + 1 for i, a in enumerate(topo.backend_v4)})

@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -698,3 +699,26 @@ def build_lb_lab(lab: Lab, n_backends: int = 3) -> LbLab:
         _configure_backend(backend, b_if)
     set_offloads(client, "eth0", tx=False)
     return lbl
+
+
+def start_http_backends(lbl: LbLab, port: int = 80) -> list[Any]:
+    """Give every backend the decapsulator (accepting its IPv4 and IPv6
+    address) and an HTTP server answering `backend{i}`; wait until they serve.
+
+    Returns the Decapsulator handles; the programs stay attached until the
+    namespaces go, the servers until the lab closes.
+    """
+    from xdplb.datapath import Decapsulator
+
+    decaps = []
+    for i, host in enumerate(lbl.backends):
+        decap = Decapsulator()
+        decap.accept(backend_v4(i))
+        decap.accept(backend_v6(i))
+        decap.attach("eth0", netns=host.name)
+        decaps.append(decap)
+        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+                    "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for host in lbl.backends:
+        wait_port(host, port, ip="::1")
+    return decaps
