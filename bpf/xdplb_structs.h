@@ -51,6 +51,11 @@ struct vip_addr_meta {
 struct backend {
 	struct addr16 addr; /* IPv4 backends: mapped form, like every address */
 	__u32 flags;
+	/* The VIP this entry serves (a backend of two VIPs has two entries, with
+	 * health of their own). Unused by the datapath: it makes the maps
+	 * self-describing, so a restarted control plane rebuilds its index
+	 * table from them. */
+	__u32 vip_id;
 };
 
 /* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's

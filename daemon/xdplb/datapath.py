@@ -157,6 +157,28 @@ class BpfMap(Generic[K, V]):
             if value is not None:  # deleted since the key was listed
                 yield key, value
 
+    def read_array(self, count: int, chunk: int = 65536) -> ct.Array:
+        """Values 0..count-1 of an array map, a chunk of entries per syscall."""
+        values = (self.value_type * count)()
+        keys = (ct.c_uint32 * min(chunk, count))()
+        size = ct.sizeof(self.value_type)
+        cursor, done = ct.c_uint32(0), 0
+        while done < count:
+            n = ct.c_uint32(min(chunk, count - done))
+            batch = (self.value_type * n.value).from_address(ct.addressof(values) + done * size)
+            first = done == 0
+            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
+                                         ct.byref(cursor), ct.byref(keys), ct.byref(batch),
+                                         ct.byref(n))
+            if rc != 0 and ct.get_errno() != errno.ENOENT:
+                _raise_errno(f"batch lookup in {self.name}")
+            done += n.value
+            if rc != 0 or n.value == 0:
+                break
+        if done != count:
+            raise DatapathError(f"batch lookup in {self.name}: read {done} of {count}")
+        return values
+
     def put_batch(self, keys: ct.Array, values: ct.Array) -> None:
         """One syscall for many updates (hash and array maps)."""
         count = ct.c_uint32(len(keys))

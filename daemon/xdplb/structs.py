@@ -75,7 +75,7 @@ class VipAddrMeta(ct.Structure):
 
 
 class Backend(ct.Structure):
-    _fields_: ClassVar = [("addr", Addr16), ("flags", ct.c_uint32)]
+    _fields_: ClassVar = [("addr", Addr16), ("flags", ct.c_uint32), ("vip_id", ct.c_uint32)]
 
 
 class FlowKey(ct.Structure):

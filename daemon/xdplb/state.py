@@ -1,0 +1,623 @@
+"""The desired state: what the operator asked for, validated, in one model.
+
+VIPs (address, port or all ports, protocol, hash mode, encapsulation, ring
+size, default health check, panic threshold), their backends (address,
+weight, drained, health check) and the limits the maps impose. Every input
+(API, `lbctl apply`, the state file) changes it through `apply_changes`,
+which works on a copy, validates the result whole and returns it, or raises
+StateError naming what and why with the state untouched.
+
+Everything here is plain data: frozen dataclasses, canonical address
+strings, and a dict form (`to_dict`/`from_dict`) that is both the state file
+and the `lbctl apply` file format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from xdplb import maglev
+
+FORMAT_VERSION = 1
+PROTOCOLS = ("tcp", "udp")
+HASH_MODES = ("5tuple", "source")
+ENCAPSULATIONS = ("ipip", "gue")
+CHECK_KINDS = ("none", "tcp", "http", "https", "grpc")
+CHECK_TARGETS = ("backend", "vip")
+WHEN_NONE_HEALTHY = ("drop", "all")
+MAX_WEIGHT = 10_000
+DEFAULT_WEIGHT = 100
+
+
+class StateError(ValueError):
+    """A change was refused; the message says what and why."""
+
+
+def _fail(where: str, message: str) -> StateError:
+    return StateError(f"{where}: {message}" if where else message)
+
+
+# --- addresses and VIP keys ---------------------------------------------------
+
+
+def canonical_address(text: object, where: str = "address") -> str:
+    """The canonical text of a unicast IP address usable as a VIP or backend."""
+    if not isinstance(text, str):
+        raise _fail(where, f"must be an IP address string, got {text!r}")
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise _fail(where, f"{text!r} is not an IPv4 or IPv6 address") from None
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+        kind = ("unspecified" if ip.is_unspecified else
+                "multicast" if ip.is_multicast else "loopback")
+        raise _fail(where, f"{ip} is a {kind} address")
+    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise _fail(where, f"{ip} is the broadcast address")
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        raise _fail(where, f"{ip} is IPv4-mapped: write the IPv4 address {ip.ipv4_mapped}")
+    return str(ip)
+
+
+def is_ipv6(address: str) -> bool:
+    return ":" in address
+
+
+_VIP_RE = re.compile(
+    r"^(?:\[(?P<v6>[^\]]+)\]|(?P<bare>[^/\[\]]+?))(?::(?P<port>[^:/\]]*))?/(?P<proto>[^/]*)$")
+
+
+@dataclass(frozen=True, order=True)
+class VipKey:
+    """What a VIP answers: address, port (0 = every port) and protocol."""
+
+    address: str
+    port: int
+    protocol: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", canonical_address(self.address, "VIP address"))
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not (
+                0 <= self.port <= 65535):
+            raise _fail("VIP port", f"must be an integer 1..65535 (0: every port), "
+                                    f"got {self.port!r}")
+        if self.protocol not in PROTOCOLS:
+            raise _fail("VIP protocol", f"{self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+
+    @classmethod
+    def parse(cls, text: str) -> VipKey:
+        """`10.0.0.10:80/tcp`, `[2001:db8::10]:443/udp`, or port-less `10.0.0.10/tcp`."""
+        match = _VIP_RE.match(text.strip()) if isinstance(text, str) else None
+        if not match:
+            raise StateError(f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL, e.g. "
+                             "10.0.0.10:80/tcp, [2001:db8::10]:443/udp or 10.0.0.10/tcp")
+        address = match["v6"] or match["bare"]
+        port_text = match["port"]
+        if match["bare"] and port_text is not None and ":" in (match["bare"] or ""):
+            raise StateError(f"VIP {text!r}: put an IPv6 address in brackets: [ADDR]:PORT/PROTO")
+        if match["bare"] and match["bare"].count(":") > 1:
+            address, port_text = match["bare"], None  # a bare IPv6 address, port-less
+        port = 0
+        if port_text is not None:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise StateError(f"VIP {text!r}: port {port_text!r} is not in 1..65535 "
+                                 "(leave it out for every port)")
+            port = int(port_text)
+        return cls(address, port, match["proto"].lower())
+
+    @property
+    def ipv6(self) -> bool:
+        return is_ipv6(self.address)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.ipv6 and self.port else self.address
+        return f"{host}:{self.port}/{self.protocol}" if self.port else f"{host}/{self.protocol}"
+
+
+# --- health checks ------------------------------------------------------------
+
+
+def _int_in(where: str, value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _fail(where, f"must be an integer {low}..{high}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How to tell whether a backend serves: HAProxy's rise/fall semantics."""
+
+    kind: str = "tcp"
+    port: int = 0  # 0: the VIP's port
+    path: str = "/"
+    host: str = ""  # HTTP Host header; empty: the backend address
+    expect_status: tuple[int, ...] = (200,)
+    body: str = ""  # a substring the HTTP body must contain; empty: any body
+    grpc_service: str = ""
+    interval_ms: int = 2000
+    timeout_ms: int = 1000
+    rise: int = 2
+    fall: int = 3
+    target: str = "backend"  # probe the backend's own address, or the VIP through the tunnel
+
+    def validate(self, where: str) -> None:
+        if self.kind not in CHECK_KINDS:
+            raise _fail(f"{where}.kind", f"{self.kind!r} is not one of {', '.join(CHECK_KINDS)}")
+        _int_in(f"{where}.port", self.port, 0, 65535)
+        _int_in(f"{where}.interval_ms", self.interval_ms, 100, 3_600_000)
+        _int_in(f"{where}.timeout_ms", self.timeout_ms, 10, 3_600_000)
+        if self.timeout_ms > self.interval_ms:
+            raise _fail(f"{where}.timeout_ms", f"{self.timeout_ms} exceeds interval_ms "
+                                               f"{self.interval_ms}")
+        _int_in(f"{where}.rise", self.rise, 1, 100)
+        _int_in(f"{where}.fall", self.fall, 1, 100)
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise _fail(f"{where}.path", f"must start with '/', got {self.path!r}")
+        if not self.expect_status or not isinstance(self.expect_status, tuple):
+            raise _fail(f"{where}.expect_status", "must list at least one status code")
+        for code in self.expect_status:
+            _int_in(f"{where}.expect_status", code, 100, 599)
+        for name in ("host", "body", "grpc_service"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(f"{where}.{name}", "must be a string")
+        if self.target not in CHECK_TARGETS:
+            raise _fail(f"{where}.target",
+                        f"{self.target!r} is not one of {', '.join(CHECK_TARGETS)}")
+
+
+NO_CHECK = HealthCheck(kind="none")
+
+
+# --- backends and VIPs ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend of one VIP. Weight 0 or drained: no new flows, while
+    established flows keep it through the connection table."""
+
+    address: str
+    weight: int = DEFAULT_WEIGHT
+    drained: bool = False
+    check: HealthCheck | None = None  # None: the VIP's default check
+
+    def validate(self, where: str) -> None:
+        canonical_address(self.address, f"{where}.address")
+        _int_in(f"{where}.weight", self.weight, 0, MAX_WEIGHT)
+        if not isinstance(self.drained, bool):
+            raise _fail(f"{where}.drained", f"must be true or false, got {self.drained!r}")
+        if self.check is not None:
+            self.check.validate(f"{where}.check")
+
+    @property
+    def ring_weight(self) -> int:
+        """The weight the ring is built with: 0 when drained."""
+        return 0 if self.drained else self.weight
+
+
+@dataclass(frozen=True)
+class VipSpec:
+    key: VipKey
+    hash: str = "5tuple"
+    encap: str = "ipip"
+    ring_size: int = maglev.DEFAULT_SIZE
+    check: HealthCheck = field(default_factory=HealthCheck)
+    panic_threshold: float = 0.0  # 0: off
+    when_none_healthy: str = "drop"
+    backends: Mapping[str, BackendSpec] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.hash not in HASH_MODES:
+            raise _fail(f"{where}.hash", f"{self.hash!r} is not one of {', '.join(HASH_MODES)}")
+        if self.encap not in ENCAPSULATIONS:
+            raise _fail(f"{where}.encap",
+                        f"{self.encap!r} is not one of {', '.join(ENCAPSULATIONS)}")
+        if not isinstance(self.ring_size, int) or isinstance(self.ring_size, bool) or not (
+                3 <= self.ring_size <= maglev.MAX_SIZE and maglev.is_prime(self.ring_size)):
+            raise _fail(f"{where}.ring_size", f"{self.ring_size!r} is not a prime in "
+                                              f"3..{maglev.MAX_SIZE} (e.g. 65537, 655373)")
+        self.check.validate(f"{where}.check")
+        if not isinstance(self.panic_threshold, int | float) or isinstance(
+                self.panic_threshold, bool) or not 0.0 <= self.panic_threshold <= 1.0:
+            raise _fail(f"{where}.panic_threshold",
+                        f"must be a fraction 0..1 (0: off), got {self.panic_threshold!r}")
+        if self.when_none_healthy not in WHEN_NONE_HEALTHY:
+            raise _fail(f"{where}.when_none_healthy", f"{self.when_none_healthy!r} is not one "
+                                                      f"of {', '.join(WHEN_NONE_HEALTHY)}")
+        for address, backend in self.backends.items():
+            bwhere = f"{where} backend {address}"
+            backend.validate(bwhere)
+            if address != backend.address:
+                raise _fail(bwhere, f"listed under {address} but has address {backend.address}")
+            if self.key.ipv6 and not is_ipv6(address):
+                raise _fail(bwhere, "an IPv6 VIP needs IPv6 backends (IPv6 cannot be "
+                                    "encapsulated in IPv4)")
+            check = self.check_for(backend)
+            if check.kind != "none" and check.port == 0 and self.key.port == 0:
+                raise _fail(f"{bwhere}.check.port", "a port-less VIP's checks need a port")
+        if len(self.backends) >= self.ring_size:
+            raise _fail(f"{where}.backends", f"{len(self.backends)} backends do not fit a ring "
+                                             f"of {self.ring_size}: use a larger ring_size")
+
+    def check_for(self, backend: BackendSpec) -> HealthCheck:
+        return backend.check or self.check
+
+    def ring_weights(self) -> dict[str, int]:
+        return {address: b.ring_weight for address, b in self.backends.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the maps hold (datapath.MapSizes): index 0 of each is reserved."""
+
+    max_vips: int = 511
+    max_backends: int = 4095  # backend entries, one per (VIP, backend)
+    ring_entries: int = 64 * 65537
+
+    @classmethod
+    def of_map_sizes(cls, sizes: Any) -> Limits:
+        return cls(max_vips=sizes.max_vips - 1, max_backends=sizes.max_backends - 1,
+                   ring_entries=sizes.ring_entries)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    vips: Mapping[VipKey, VipSpec] = field(default_factory=dict)
+
+    def validate(self, limits: Limits) -> None:
+        for key, vip in self.vips.items():
+            if key != vip.key:
+                raise _fail(f"VIP {key}", f"listed under {key} but is {vip.key}")
+            vip.validate(f"VIP {key}")
+        if len(self.vips) > limits.max_vips:
+            raise StateError(f"{len(self.vips)} VIPs exceed the limit of {limits.max_vips} "
+                             "(map size max_vips)")
+        members = sum(len(v.backends) for v in self.vips.values())
+        if members > limits.max_backends:
+            raise StateError(f"{members} backends (counted per VIP) exceed the limit of "
+                             f"{limits.max_backends} (map size max_backends)")
+        ring_total = sum(v.ring_size for v in self.vips.values())
+        if ring_total > limits.ring_entries:
+            raise StateError(f"rings need {ring_total} entries in total, more than the "
+                             f"{limits.ring_entries} of map size ring_entries")
+
+    def vip(self, key: VipKey) -> VipSpec:
+        try:
+            return self.vips[key]
+        except KeyError:
+            raise StateError(f"VIP {key}: no such VIP") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION,
+                "vips": [vip_to_dict(self.vips[k]) for k in sorted(self.vips)]}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "state") -> DesiredState:
+        obj = _Obj(data, where)
+        version = obj.take("version", int, FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise _fail(f"{where}.version", f"format {version} is not supported "
+                                            f"(this lbd reads {FORMAT_VERSION})")
+        vips: dict[VipKey, VipSpec] = {}
+        for i, item in enumerate(obj.take("vips", list, [])):
+            vip = vip_from_dict(item, f"{where}.vips[{i}]")
+            if vip.key in vips:
+                raise _fail(f"{where}.vips[{i}]", f"VIP {vip.key} is listed twice")
+            vips[vip.key] = vip
+        obj.done()
+        return cls(vips)
+
+
+# --- the dict form ---------------------------------------------------------------
+
+
+class _Obj:
+    """Reads one table of the dict form strictly: types checked, unknown keys refused."""
+
+    def __init__(self, data: object, where: str):
+        if not isinstance(data, dict):
+            raise _fail(where, f"must be a table/object, got {type(data).__name__}")
+        self.data, self.where, self.seen = data, where, set()
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise _fail(f"{self.where}.{name}", f"must be {names}, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise _fail(self.where, f"unknown key {unknown[0]!r}")
+
+
+_CHECK_DEFAULTS = HealthCheck()
+
+
+def check_to_dict(check: HealthCheck) -> dict[str, Any]:
+    out = dataclasses.asdict(check)
+    out["expect_status"] = list(check.expect_status)
+    return out
+
+
+def check_from_dict(data: object, where: str, base: HealthCheck = _CHECK_DEFAULTS) -> HealthCheck:
+    obj = _Obj(data, where)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(HealthCheck):
+        current = getattr(base, f.name)
+        if f.name == "expect_status":
+            codes = obj.take(f.name, list, list(current))
+            values[f.name] = tuple(codes)
+        else:
+            values[f.name] = obj.take(f.name, type(current), current)
+    obj.done()
+    check = HealthCheck(**values)
+    check.validate(where)
+    return check
+
+
+def backend_to_dict(backend: BackendSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": backend.address, "weight": backend.weight,
+                           "drained": backend.drained}
+    if backend.check is not None:
+        out["check"] = check_to_dict(backend.check)
+    return out
+
+
+def backend_from_dict(data: object, where: str, vip_check: HealthCheck) -> BackendSpec:
+    obj = _Obj(data, where)
+    address = canonical_address(obj.take("address", str, None), f"{where}.address")
+    weight = obj.take("weight", int, DEFAULT_WEIGHT)
+    drained = obj.take("drained", bool, False)
+    check_data = obj.take("check", dict, None)
+    obj.done()
+    check = None if check_data is None else check_from_dict(check_data, f"{where}.check",
+                                                           vip_check)
+    backend = BackendSpec(address, weight, drained, check)
+    backend.validate(where)
+    return backend
+
+
+def vip_to_dict(vip: VipSpec) -> dict[str, Any]:
+    return {
+        "vip": str(vip.key), "hash": vip.hash, "encap": vip.encap, "ring_size": vip.ring_size,
+        "check": check_to_dict(vip.check), "panic_threshold": vip.panic_threshold,
+        "when_none_healthy": vip.when_none_healthy,
+        "backends": [backend_to_dict(vip.backends[a]) for a in sorted(
+            vip.backends, key=ipaddress.ip_address)],
+    }
+
+
+def vip_from_dict(data: object, where: str) -> VipSpec:
+    obj = _Obj(data, where)
+    text = obj.take("vip", str, None)
+    if text is None:
+        raise _fail(f"{where}.vip", "missing (e.g. vip = \"10.0.0.10:80/tcp\")")
+    try:
+        key = VipKey.parse(text)
+    except StateError as exc:
+        raise _fail(f"{where}.vip", str(exc)) from None
+    where = f"{where} ({key})"
+    check_data = obj.take("check", dict, None)
+    check = _CHECK_DEFAULTS if check_data is None else check_from_dict(check_data,
+                                                                      f"{where}.check")
+    if check_data is None and key.port == 0:
+        check = NO_CHECK  # nothing to connect to by default
+    backends: dict[str, BackendSpec] = {}
+    for i, item in enumerate(obj.take("backends", list, [])):
+        backend = backend_from_dict(item, f"{where}.backends[{i}]", check)
+        if backend.address in backends:
+            raise _fail(f"{where}.backends[{i}]", f"backend {backend.address} is listed twice")
+        backends[backend.address] = backend
+    vip = VipSpec(
+        key=key,
+        hash=obj.take("hash", str, "5tuple"),
+        encap=obj.take("encap", str, "ipip"),
+        ring_size=obj.take("ring_size", int, maglev.DEFAULT_SIZE),
+        check=check,
+        panic_threshold=float(obj.take("panic_threshold", (int, float), 0.0)),
+        when_none_healthy=obj.take("when_none_healthy", str, "drop"),
+        backends=backends,
+    )
+    obj.done()
+    vip.validate(where)
+    return vip
+
+
+def default_vip(key: VipKey, **options: Any) -> VipSpec:
+    """A new VIP with defaults; a port-less VIP has no default check port."""
+    if "check" not in options and key.port == 0:
+        options["check"] = NO_CHECK
+    return VipSpec(key=key, **options)
+
+
+# --- changes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One requested change. `apply` works on the dict copy that apply_changes owns."""
+
+    kind: ClassVar[str] = ""
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def _existing(vips: Mapping[VipKey, VipSpec], key: VipKey) -> VipSpec:
+    if key not in vips:
+        raise StateError(f"VIP {key}: no such VIP")
+    return vips[key]
+
+
+def _existing_backend(vip: VipSpec, address: str) -> BackendSpec:
+    address = canonical_address(address, "backend address")
+    if address not in vip.backends:
+        raise StateError(f"VIP {vip.key}: no backend {address}")
+    return vip.backends[address]
+
+
+@dataclass(frozen=True)
+class AddVip(Change):
+    vip: VipSpec
+    kind: ClassVar[str] = "vip-add"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        if self.vip.key in vips:
+            raise StateError(f"VIP {self.vip.key}: already exists")
+        vips[self.vip.key] = self.vip
+
+    def describe(self) -> str:
+        return (f"add VIP {self.vip.key} (hash {self.vip.hash}, encap {self.vip.encap}, "
+                f"ring {self.vip.ring_size}, {len(self.vip.backends)} backends)")
+
+
+@dataclass(frozen=True)
+class RemoveVip(Change):
+    key: VipKey
+    kind: ClassVar[str] = "vip-del"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        _existing(vips, self.key)
+        del vips[self.key]
+
+    def describe(self) -> str:
+        return f"remove VIP {self.key}"
+
+
+VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy")
+BACKEND_SETTABLE = ("weight", "drained", "check")
+
+
+def _check_fields(settings: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    for name in settings:
+        if name not in allowed:
+            raise StateError(f"{what}: {name!r} cannot be set (settable: {', '.join(allowed)})")
+
+
+@dataclass(frozen=True)
+class SetVip(Change):
+    key: VipKey
+    settings: Mapping[str, Any]
+    kind: ClassVar[str] = "vip-set"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        _check_fields(self.settings, VIP_SETTABLE, f"VIP {self.key}")
+        vips[self.key] = dataclasses.replace(_existing(vips, self.key), **self.settings)
+
+    def describe(self) -> str:
+        return f"set VIP {self.key} " + _describe_settings(self.settings)
+
+
+@dataclass(frozen=True)
+class AddBackend(Change):
+    key: VipKey
+    backend: BackendSpec
+    kind: ClassVar[str] = "backend-add"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        address = canonical_address(self.backend.address, "backend address")
+        if address in vip.backends:
+            raise StateError(f"VIP {self.key}: backend {address} already exists")
+        backend = dataclasses.replace(self.backend, address=address)
+        vips[self.key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
+
+    def describe(self) -> str:
+        state = " drained" if self.backend.drained else ""
+        return f"add backend {self.backend.address} weight {self.backend.weight}{state} " \
+               f"to VIP {self.key}"
+
+
+@dataclass(frozen=True)
+class RemoveBackend(Change):
+    key: VipKey
+    address: str
+    kind: ClassVar[str] = "backend-del"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        backend = _existing_backend(vip, self.address)
+        rest = {a: b for a, b in vip.backends.items() if a != backend.address}
+        vips[self.key] = dataclasses.replace(vip, backends=rest)
+
+    def describe(self) -> str:
+        return f"remove backend {self.address} from VIP {self.key}"
+
+
+@dataclass(frozen=True)
+class SetBackend(Change):
+    key: VipKey
+    address: str
+    settings: Mapping[str, Any]
+    kind: ClassVar[str] = "backend-set"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        backend = _existing_backend(vip, self.address)
+        _check_fields(self.settings, BACKEND_SETTABLE, f"backend {backend.address}")
+        updated = dataclasses.replace(backend, **self.settings)
+        vips[self.key] = dataclasses.replace(
+            vip, backends={**vip.backends, backend.address: updated})
+
+    def describe(self) -> str:
+        return f"set backend {self.address} of VIP {self.key} " + _describe_settings(
+            self.settings)
+
+
+def _describe_settings(settings: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={'(check)' if k == 'check' else v}" for k, v in settings.items())
+
+
+def apply_changes(state: DesiredState, changes: Iterable[Change],
+                  limits: Limits) -> DesiredState:
+    """The one way desired state changes: all of `changes` or none of them."""
+    vips = dict(state.vips)
+    for change in changes:
+        change.apply(vips)
+    new = DesiredState(vips)
+    new.validate(limits)
+    return new
+
+
+def diff(old: DesiredState, new: DesiredState) -> list[Change]:
+    """The changes that turn `old` into `new` (what `lbctl apply` does)."""
+    changes: list[Change] = []
+    for key in sorted(set(old.vips) - set(new.vips)):
+        changes.append(RemoveVip(key))
+    for key in sorted(set(new.vips) - set(old.vips)):
+        changes.append(AddVip(new.vips[key]))
+    for key in sorted(set(old.vips) & set(new.vips)):
+        changes.extend(_vip_diff(old.vips[key], new.vips[key]))
+    return changes
+
+
+def _vip_diff(old: VipSpec, new: VipSpec) -> list[Change]:
+    changes: list[Change] = []
+    settings = {name: getattr(new, name) for name in VIP_SETTABLE
+                if getattr(old, name) != getattr(new, name)}
+    if settings:
+        changes.append(SetVip(new.key, settings))
+    for address in sorted(set(old.backends) - set(new.backends), key=ipaddress.ip_address):
+        changes.append(RemoveBackend(new.key, address))
+    for address in sorted(set(new.backends) - set(old.backends), key=ipaddress.ip_address):
+        changes.append(AddBackend(new.key, new.backends[address]))
+    for address in sorted(set(old.backends) & set(new.backends), key=ipaddress.ip_address):
+        before, after = old.backends[address], new.backends[address]
+        changed = {name: getattr(after, name) for name in BACKEND_SETTABLE
+                   if getattr(before, name) != getattr(after, name)}
+        if changed:
+            changes.append(SetBackend(new.key, address, changed))
+    return changes
