@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down clean
+.PHONY: setup test lint bench demo demo-down clean proto
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,12 @@ lint: setup
 bench: setup
 	@$(PY) benchmarks/bench_datapath.py --json bench-results/datapath.json
 	@$(PY) benchmarks/bench_maglev.py --json bench-results/maglev.json
+
+# Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
+# tests/test_api_proto.py checks they match the proto).
+proto: setup
+	@$(PY) -m grpc_tools.protoc -I daemon --python_out=daemon --pyi_out=daemon \
+		--grpc_python_out=daemon daemon/xdplb/v1/lb.proto
 
 demo: setup
 	@$(PY) -m xdplb.demo up

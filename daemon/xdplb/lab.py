@@ -228,8 +228,15 @@ class Host:
     def __repr__(self) -> str:
         return f"Host({self.name!r})"
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        """The command line that runs `argv` inside this namespace."""
+    def argv(self, argv: Sequence[str], *, share_mounts: bool = False) -> list[str]:
+        """The command line that runs `argv` inside this namespace.
+
+        `ip netns exec` gives the command a mount namespace with a fresh /sys, so a bpffs
+        it mounts is its own; share_mounts enters the network namespace alone, so lbd
+        pins its maps in the host's bpffs and a restarted lbd finds them.
+        """
+        if share_mounts:
+            return ["nsenter", f"--net=/run/netns/{self.name}", "--", *map(str, argv)]
         return ["ip", "netns", "exec", self.name, *map(str, argv)]
 
     def run(
@@ -458,7 +465,9 @@ class Lab:
         if self._closed:
             raise LabError("lab is closed")
         kw.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(host.argv(argv), start_new_session=True, **kw)
+        share_mounts = kw.pop("share_mounts", False)
+        proc = subprocess.Popen(host.argv(argv, share_mounts=share_mounts),
+                                start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 

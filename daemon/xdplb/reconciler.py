@@ -484,6 +484,23 @@ class Reconciler:
     def member_index(self, key: VipKey, address: str) -> int:
         return self.members[(key, address)]
 
+    def vip_id(self, key: VipKey) -> int:
+        realised = self.vips.get(key)
+        return realised.vip_id if realised else 0
+
+    def ring_positions(self, key: VipKey) -> dict[str, int]:
+        """Positions each backend holds in the VIP's ring as written."""
+        realised = self.vips.get(key)
+        if realised is None or realised.offset < 0:
+            return {}
+        region = self.ring[realised.offset:realised.offset + realised.size]
+        counts = np.bincount(region, minlength=self.bal.sizes.max_backends)
+        return {address: int(counts[index]) for (vip, address), index in self.members.items()
+                if vip == key}
+
+    def ring_entries_used(self) -> int:
+        return sum(r.size for r in self.vips.values() if r.offset >= 0)
+
 
 def read_view(balancer: Any) -> dict[str, Any]:
     """What the maps say, in terms free of indexes and offsets: two map sets

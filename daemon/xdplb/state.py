@@ -38,6 +38,18 @@ class StateError(ValueError):
     """A change was refused; the message says what and why."""
 
 
+class NotFound(StateError):
+    """The change names a VIP or backend that does not exist."""
+
+
+class AlreadyExists(StateError):
+    """The change adds a VIP or backend that exists already."""
+
+
+class LimitExceeded(StateError):
+    """The result would not fit the maps."""
+
+
 def _fail(where: str, message: str) -> StateError:
     return StateError(f"{where}: {message}" if where else message)
 
@@ -68,8 +80,24 @@ def is_ipv6(address: str) -> bool:
     return ":" in address
 
 
-_VIP_RE = re.compile(
-    r"^(?:\[(?P<v6>[^\]]+)\]|(?P<bare>[^/\[\]]+?))(?::(?P<port>[^:/\]]*))?/(?P<proto>[^/]*)$")
+def ip_sort_key(address: str) -> tuple[int, int]:
+    """Orders addresses IPv4 first, then numerically (ipaddress refuses mixed comparisons)."""
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
+
+
+def _ipv6_with_port(host: str) -> bool:
+    """Whether `host` only reads as an address once a trailing :PORT is cut off."""
+    try:
+        ipaddress.IPv6Address(host)
+        return False
+    except ValueError:
+        pass
+    try:
+        ipaddress.IPv6Address(host.rpartition(":")[0])
+        return True
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, order=True)
@@ -92,23 +120,33 @@ class VipKey:
     @classmethod
     def parse(cls, text: str) -> VipKey:
         """`10.0.0.10:80/tcp`, `[2001:db8::10]:443/udp`, or port-less `10.0.0.10/tcp`."""
-        match = _VIP_RE.match(text.strip()) if isinstance(text, str) else None
-        if not match:
-            raise StateError(f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL, e.g. "
-                             "10.0.0.10:80/tcp, [2001:db8::10]:443/udp or 10.0.0.10/tcp")
-        address = match["v6"] or match["bare"]
-        port_text = match["port"]
-        if match["bare"] and port_text is not None and ":" in (match["bare"] or ""):
-            raise StateError(f"VIP {text!r}: put an IPv6 address in brackets: [ADDR]:PORT/PROTO")
-        if match["bare"] and match["bare"].count(":") > 1:
-            address, port_text = match["bare"], None  # a bare IPv6 address, port-less
+        usage = (f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL, e.g. 10.0.0.10:80/tcp, "
+                 "[2001:db8::10]:443/udp or 10.0.0.10/tcp")
+        if not isinstance(text, str):
+            raise StateError(f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL as a string")
+        host, slash, protocol = text.strip().rpartition("/")
+        if not slash or not host:
+            raise StateError(usage)
+        port_text: str | None = None
+        if host.startswith("["):
+            address, bracket, rest = host[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise StateError(usage)
+            port_text = rest[1:] if rest else None
+        elif host.count(":") == 1:
+            address, _, port_text = host.partition(":")
+        else:
+            address = host  # IPv4 alone, or a bare IPv6 address: port-less
+            if host.count(":") > 1 and _ipv6_with_port(host):
+                raise StateError(f"VIP {text!r}: put an IPv6 address in brackets: "
+                                 "[ADDR]:PORT/PROTO")
         port = 0
         if port_text is not None:
-            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
                 raise StateError(f"VIP {text!r}: port {port_text!r} is not in 1..65535 "
                                  "(leave it out for every port)")
             port = int(port_text)
-        return cls(address, port, match["proto"].lower())
+        return cls(address, port, protocol.lower())
 
     @property
     def ipv6(self) -> bool:
@@ -222,6 +260,8 @@ class VipSpec:
             raise _fail(f"{where}.ring_size", f"{self.ring_size!r} is not a prime in "
                                               f"3..{maglev.MAX_SIZE} (e.g. 65537, 655373)")
         self.check.validate(f"{where}.check")
+        if self.check.kind != "none" and self.check.port == 0 and self.key.port == 0:
+            raise _fail(f"{where}.check.port", "a port-less VIP's check needs a port")
         if not isinstance(self.panic_threshold, int | float) or isinstance(
                 self.panic_threshold, bool) or not 0.0 <= self.panic_threshold <= 1.0:
             raise _fail(f"{where}.panic_threshold",
@@ -232,6 +272,8 @@ class VipSpec:
         for address, backend in self.backends.items():
             bwhere = f"{where} backend {address}"
             backend.validate(bwhere)
+            if address != canonical_address(address, bwhere):
+                raise _fail(bwhere, f"write it as {canonical_address(address)}")
             if address != backend.address:
                 raise _fail(bwhere, f"listed under {address} but has address {backend.address}")
             if self.key.ipv6 and not is_ipv6(address):
@@ -275,22 +317,22 @@ class DesiredState:
                 raise _fail(f"VIP {key}", f"listed under {key} but is {vip.key}")
             vip.validate(f"VIP {key}")
         if len(self.vips) > limits.max_vips:
-            raise StateError(f"{len(self.vips)} VIPs exceed the limit of {limits.max_vips} "
+            raise LimitExceeded(f"{len(self.vips)} VIPs exceed the limit of {limits.max_vips} "
                              "(map size max_vips)")
         members = sum(len(v.backends) for v in self.vips.values())
         if members > limits.max_backends:
-            raise StateError(f"{members} backends (counted per VIP) exceed the limit of "
+            raise LimitExceeded(f"{members} backends (counted per VIP) exceed the limit of "
                              f"{limits.max_backends} (map size max_backends)")
         ring_total = sum(v.ring_size for v in self.vips.values())
         if ring_total > limits.ring_entries:
-            raise StateError(f"rings need {ring_total} entries in total, more than the "
+            raise LimitExceeded(f"rings need {ring_total} entries in total, more than the "
                              f"{limits.ring_entries} of map size ring_entries")
 
     def vip(self, key: VipKey) -> VipSpec:
         try:
             return self.vips[key]
         except KeyError:
-            raise StateError(f"VIP {key}: no such VIP") from None
+            raise NotFound(f"VIP {key}: no such VIP") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION,
@@ -298,7 +340,7 @@ class DesiredState:
 
     @classmethod
     def from_dict(cls, data: object, where: str = "state") -> DesiredState:
-        obj = _Obj(data, where)
+        obj = StrictTable(data, where)
         version = obj.take("version", int, FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise _fail(f"{where}.version", f"format {version} is not supported "
@@ -316,7 +358,7 @@ class DesiredState:
 # --- the dict form ---------------------------------------------------------------
 
 
-class _Obj:
+class StrictTable:
     """Reads one table of the dict form strictly: types checked, unknown keys refused."""
 
     def __init__(self, data: object, where: str):
@@ -350,7 +392,7 @@ def check_to_dict(check: HealthCheck) -> dict[str, Any]:
 
 
 def check_from_dict(data: object, where: str, base: HealthCheck = _CHECK_DEFAULTS) -> HealthCheck:
-    obj = _Obj(data, where)
+    obj = StrictTable(data, where)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(HealthCheck):
         current = getattr(base, f.name)
@@ -374,7 +416,7 @@ def backend_to_dict(backend: BackendSpec) -> dict[str, Any]:
 
 
 def backend_from_dict(data: object, where: str, vip_check: HealthCheck) -> BackendSpec:
-    obj = _Obj(data, where)
+    obj = StrictTable(data, where)
     address = canonical_address(obj.take("address", str, None), f"{where}.address")
     weight = obj.take("weight", int, DEFAULT_WEIGHT)
     drained = obj.take("drained", bool, False)
@@ -393,12 +435,12 @@ def vip_to_dict(vip: VipSpec) -> dict[str, Any]:
         "check": check_to_dict(vip.check), "panic_threshold": vip.panic_threshold,
         "when_none_healthy": vip.when_none_healthy,
         "backends": [backend_to_dict(vip.backends[a]) for a in sorted(
-            vip.backends, key=ipaddress.ip_address)],
+            vip.backends, key=ip_sort_key)],
     }
 
 
 def vip_from_dict(data: object, where: str) -> VipSpec:
-    obj = _Obj(data, where)
+    obj = StrictTable(data, where)
     text = obj.take("vip", str, None)
     if text is None:
         raise _fail(f"{where}.vip", "missing (e.g. vip = \"10.0.0.10:80/tcp\")")
@@ -458,14 +500,14 @@ class Change:
 
 def _existing(vips: Mapping[VipKey, VipSpec], key: VipKey) -> VipSpec:
     if key not in vips:
-        raise StateError(f"VIP {key}: no such VIP")
+        raise NotFound(f"VIP {key}: no such VIP")
     return vips[key]
 
 
 def _existing_backend(vip: VipSpec, address: str) -> BackendSpec:
     address = canonical_address(address, "backend address")
     if address not in vip.backends:
-        raise StateError(f"VIP {vip.key}: no backend {address}")
+        raise NotFound(f"VIP {vip.key}: no backend {address}")
     return vip.backends[address]
 
 
@@ -476,7 +518,7 @@ class AddVip(Change):
 
     def apply(self, vips: dict[VipKey, VipSpec]) -> None:
         if self.vip.key in vips:
-            raise StateError(f"VIP {self.vip.key}: already exists")
+            raise AlreadyExists(f"VIP {self.vip.key}: already exists")
         vips[self.vip.key] = self.vip
 
     def describe(self) -> str:
@@ -531,7 +573,7 @@ class AddBackend(Change):
         vip = _existing(vips, self.key)
         address = canonical_address(self.backend.address, "backend address")
         if address in vip.backends:
-            raise StateError(f"VIP {self.key}: backend {address} already exists")
+            raise AlreadyExists(f"VIP {self.key}: backend {address} already exists")
         backend = dataclasses.replace(self.backend, address=address)
         vips[self.key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
 
@@ -610,11 +652,11 @@ def _vip_diff(old: VipSpec, new: VipSpec) -> list[Change]:
                 if getattr(old, name) != getattr(new, name)}
     if settings:
         changes.append(SetVip(new.key, settings))
-    for address in sorted(set(old.backends) - set(new.backends), key=ipaddress.ip_address):
+    for address in sorted(set(old.backends) - set(new.backends), key=ip_sort_key):
         changes.append(RemoveBackend(new.key, address))
-    for address in sorted(set(new.backends) - set(old.backends), key=ipaddress.ip_address):
+    for address in sorted(set(new.backends) - set(old.backends), key=ip_sort_key):
         changes.append(AddBackend(new.key, new.backends[address]))
-    for address in sorted(set(old.backends) & set(new.backends), key=ipaddress.ip_address):
+    for address in sorted(set(old.backends) & set(new.backends), key=ip_sort_key):
         before, after = old.backends[address], new.backends[address]
         changed = {name: getattr(after, name) for name in BACKEND_SETTABLE
                    if getattr(before, name) != getattr(after, name)}

@@ -1,0 +1,329 @@
+"""The gRPC API (xdplb.v1, see v1/lb.proto) over the controller.
+
+Requests are turned into the state module's dict form and validated there,
+so the API, `lbctl apply` and the state file share one set of rules and
+messages. Refusals map to gRPC codes: INVALID_ARGUMENT, NOT_FOUND,
+ALREADY_EXISTS, RESOURCE_EXHAUSTED (limits), FAILED_PRECONDITION (the maps
+could not be made to match), INTERNAL (the state file could not be written:
+nothing changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from xdplb import state as st
+from xdplb.config import DaemonConfig
+from xdplb.controller import VERSION, ChangeResult, Controller
+from xdplb.datapath import DatapathError
+from xdplb.reconciler import ReconcileError, ReconcileReport
+from xdplb.store import StoreError
+from xdplb.v1 import lb_pb2 as pb
+from xdplb.v1 import lb_pb2_grpc as pb_grpc
+
+log = logging.getLogger("xdplb.api")
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (st.NotFound, grpc.StatusCode.NOT_FOUND),
+    (st.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (st.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (st.StateError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ReconcileError, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreError, grpc.StatusCode.INTERNAL),
+    (DatapathError, grpc.StatusCode.INTERNAL),
+]
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    data.pop("status", None)
+    for backend in data.get("backends", []):
+        backend.pop("status", None)
+    return data
+
+
+def _vip_key(text: str) -> st.VipKey:
+    return st.VipKey.parse(text)
+
+
+def _address(text: str) -> str:
+    return st.canonical_address(text, "backend address")
+
+
+def _merged_check(message: pb.HealthCheck, base: st.HealthCheck, where: str) -> st.HealthCheck:
+    return st.check_from_dict(_to_dict(message), where, base)
+
+
+def report_message(report: ReconcileReport | None) -> pb.ReconcileSummary | None:
+    if report is None:
+        return None
+    return pb.ReconcileSummary(map_writes=report.total_writes,
+                               ring_positions=report.ring_positions,
+                               duration_ms=report.duration_s * 1000)
+
+
+def _change_response(result: ChangeResult) -> pb.ChangeResponse:
+    return pb.ChangeResponse(changes=result.changes, reconcile=report_message(result.report))
+
+
+class LoadBalancerService(pb_grpc.LoadBalancerServicer):
+    def __init__(self, controller: Controller):
+        self.ctl = controller
+
+    async def _run(self, context: grpc.aio.ServicerContext, method: str,
+                   action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except Exception as exc:
+            for kind, code in _CODES:
+                if isinstance(exc, kind):
+                    log.info("%s refused: %s", method, exc)
+                    await context.abort(code, str(exc))
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {exc}")
+
+    # -- reading --
+
+    def vip_message(self, vip: st.VipSpec) -> pb.Vip:
+        message = json_format.ParseDict(st.vip_to_dict(vip), pb.Vip())
+        plan = self.ctl.plan(vip.key)
+        counters = self.ctl.vip_counters(vip.key)
+        message.status.CopyFrom(pb.VipStatus(
+            mode=plan.mode if plan else "pending", vip_id=self.ctl.reconciler.vip_id(vip.key),
+            healthy_backends=plan.healthy if plan else 0,
+            serving_backends=plan.serving if plan else 0,
+            packets=counters["packets"], bytes=counters["bytes"]))
+        positions = self.ctl.reconciler.ring_positions(vip.key)
+        for backend in message.backends:
+            self._fill_backend_status(vip, backend, plan, positions)
+        return message
+
+    def _fill_backend_status(self, vip: st.VipSpec, backend: pb.Backend, plan: Any,
+                             positions: dict[str, int]) -> None:
+        address = backend.address
+        counters = self.ctl.backend_counters(vip.key, address)
+        backend.status.CopyFrom(pb.BackendStatus(
+            healthy=self.ctl.runtime.healthy.get((vip.key, address), True),
+            available=bool(plan and plan.available.get(address)),
+            index=self.ctl.reconciler.members.get((vip.key, address), 0),
+            ring_positions=positions.get(address, 0),
+            effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
+            packets=counters["packets"], bytes=counters["bytes"]))
+
+    async def ListVips(self, request, context):
+        return await self._run(context, "ListVips", lambda: pb.ListVipsResponse(
+            vips=[self.vip_message(self.ctl.state.vips[k]) for k in sorted(self.ctl.state.vips)]))
+
+    async def GetVip(self, request, context):
+        return await self._run(context, "GetVip", lambda: self.vip_message(
+            self.ctl.state.vip(_vip_key(request.vip))))
+
+    async def GetState(self, request, context):
+        return pb.StateDocument(document=json.dumps(self.ctl.state.to_dict(), indent=2))
+
+    async def GetStats(self, request, context):
+        return await self._run(context, "GetStats", lambda: self._stats(request.vip))
+
+    def _stats(self, vip_text: str) -> pb.StatsResponse:
+        keys = [_vip_key(vip_text)] if vip_text else sorted(self.ctl.state.vips)
+        response = pb.StatsResponse()
+        for key in keys:
+            vip = self.ctl.state.vip(key)
+            counters = self.ctl.vip_counters(key)
+            response.traffic.add(vip=str(key), **counters)
+            for address in sorted(vip.backends, key=st.ip_sort_key):
+                response.traffic.add(vip=str(key), backend=address,
+                                     **self.ctl.backend_counters(key, address))
+        global_counters = getattr(response, "global")  # a Python keyword as a field name
+        for name, value in self.ctl.global_counters().items():
+            global_counters.add(name=name, value=value)
+        return response
+
+    async def GetStatus(self, request, context):
+        # pyroute2's synchronous API runs its own event loop: keep it off this one.
+        interfaces = await asyncio.to_thread(self.ctl.interfaces)
+        return await self._run(context, "GetStatus", lambda: self._status(interfaces))
+
+    def _status(self, interfaces: list[tuple[str, int]]) -> pb.StatusResponse:
+        ctl, cfg = self.ctl, self.ctl.config
+        nh = ctl.nexthop
+        response = pb.StatusResponse(
+            version=VERSION, uptime_s=time.time() - ctl.started,
+            interfaces=[pb.Interface(name=n, prog_id=p, mode=cfg.xdp_mode)
+                        for n, p in interfaces],
+            nexthop_mac=nh.mac if nh else "",
+            nexthop_source=("config" if cfg.nexthop.mac else
+                            f"route via {nh.interface} to {nh.gateway}" if nh else ""),
+            state_file=str(ctl.store.path), pin_dir=str(cfg.pin_dir),
+            vips=len(ctl.state.vips),
+            backends=sum(len(v.backends) for v in ctl.state.vips.values()),
+            max_vips=ctl.limits.max_vips, max_backends=ctl.limits.max_backends,
+            ring_entries_used=ctl.reconciler.ring_entries_used(),
+            ring_entries=cfg.maps.ring_entries,
+            vip_status=[self.vip_message(ctl.state.vips[k]) for k in sorted(ctl.state.vips)])
+        summary = report_message(ctl.last_report)
+        if summary is not None:
+            response.last_reconcile.CopyFrom(summary)
+        return response
+
+    # -- changes --
+
+    async def _change(self, context: grpc.aio.ServicerContext, method: str,
+                      build: Callable[[], list[st.Change]]) -> pb.ChangeResponse:
+        return await self._run(context, method, lambda: _change_response(
+            self.ctl.change(build())))
+
+    async def AddVip(self, request, context):
+        return await self._change(context, "AddVip", lambda: [
+            st.AddVip(st.vip_from_dict(_to_dict(request.vip), "vip"))])
+
+    async def DeleteVip(self, request, context):
+        return await self._change(context, "DeleteVip", lambda: [
+            st.RemoveVip(_vip_key(request.vip))])
+
+    async def SetVip(self, request, context):
+        return await self._change(context, "SetVip", lambda: [self._set_vip(request)])
+
+    def _set_vip(self, request: pb.SetVipRequest) -> st.Change:
+        key = _vip_key(request.vip)
+        vip = self.ctl.state.vip(key)
+        settings: dict[str, Any] = {name: getattr(request, name) for name in (
+            "hash", "encap", "ring_size", "panic_threshold", "when_none_healthy")
+            if request.HasField(name)}
+        if request.HasField("check"):
+            settings["check"] = _merged_check(request.check, vip.check, "check")
+        return st.SetVip(key, settings)
+
+    async def AddBackend(self, request, context):
+        return await self._change(context, "AddBackend", lambda: [self._add_backend(request)])
+
+    def _add_backend(self, request: pb.AddBackendRequest) -> st.Change:
+        key = _vip_key(request.vip)
+        vip = self.ctl.state.vip(key)
+        backend = st.backend_from_dict(_to_dict(request.backend), "backend", vip.check)
+        return st.AddBackend(key, backend)
+
+    async def DeleteBackend(self, request, context):
+        return await self._change(context, "DeleteBackend", lambda: [
+            st.RemoveBackend(_vip_key(request.vip), _address(request.address))])
+
+    async def SetBackend(self, request, context):
+        return await self._change(context, "SetBackend", lambda: [self._set_backend(request)])
+
+    def _set_backend(self, request: pb.SetBackendRequest) -> st.Change:
+        key, address = _vip_key(request.vip), _address(request.address)
+        vip = self.ctl.state.vip(key)
+        if address not in vip.backends:
+            raise st.NotFound(f"VIP {key}: no backend {address}")
+        settings: dict[str, Any] = {name: getattr(request, name) for name in (
+            "weight", "drained") if request.HasField(name)}
+        if request.HasField("check") and request.clear_check:
+            raise st.StateError("check and clear_check: give one or the other")
+        if request.HasField("check"):
+            base = vip.check_for(vip.backends[address])
+            settings["check"] = _merged_check(request.check, base, "check")
+        elif request.clear_check:
+            settings["check"] = None
+        return st.SetBackend(key, address, settings)
+
+    async def Apply(self, request, context):
+        return await self._run(context, "Apply", lambda: _change_response(
+            self.ctl.apply_document(request.document, request.dry_run)))
+
+    # -- the watch stream --
+
+    async def Watch(self, request, context) -> AsyncIterator[pb.Event]:
+        queue = self.ctl.watch()
+        try:
+            while True:
+                event = await queue.get()
+                yield pb.Event(time=event.time, kind=event.kind, message=event.message,
+                               vip=event.vip, backend=event.backend)
+                if event.kind == "overflow":
+                    return
+        finally:
+            self.ctl.unwatch(queue)
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+class ApiError(RuntimeError):
+    """The API cannot be served; the message says where and why."""
+
+
+def _claim_socket(path: Path) -> None:
+    """Removes a stale socket file; refuses when a live lbd answers on it."""
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        return
+    if not path.is_socket():
+        raise ApiError(f"api.socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise ApiError(f"api.socket {path}: another lbd is serving on it")
+
+
+def _tls_credentials(config: DaemonConfig) -> grpc.ServerCredentials:
+    api = config.api
+    key, cert = Path(api.tls_key).read_bytes(), Path(api.tls_cert).read_bytes()
+    ca = Path(api.client_ca).read_bytes() if api.client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+async def serve(controller: Controller) -> grpc.aio.Server:
+    """Starts the API on the unix socket (0600) and, if configured, on TCP."""
+    config = controller.config
+    server = grpc.aio.server()
+    pb_grpc.add_LoadBalancerServicer_to_server(LoadBalancerService(controller), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (pb.DESCRIPTOR.services_by_name["LoadBalancer"].full_name,
+                health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    socket_path = config.api.socket
+    _claim_socket(socket_path)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+    finally:
+        os.umask(old_umask)
+    if config.api.listen:
+        if config.api.insecure:
+            bound = server.add_insecure_port(config.api.listen)
+        else:
+            bound = server.add_secure_port(config.api.listen, _tls_credentials(config))
+        if not bound:
+            raise ApiError(f"api.listen {config.api.listen}: cannot listen there")
+    await server.start()
+    os.chmod(socket_path, 0o600)
+    for service in ("", services[0]):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server
+
+
+async def stop(server: grpc.aio.Server, socket_path: Path) -> None:
+    await server.stop(grace=2)
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()

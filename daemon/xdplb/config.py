@@ -1,0 +1,231 @@
+"""lbd's configuration: a TOML file, then command-line overrides.
+
+Everything has a default except the interfaces, so `lbd --interface eth0`
+runs. A bad file is refused at start with the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xdplb.datapath import PIN_ROOT, MapSizes
+from xdplb.reconciler import DatapathSettings
+from xdplb.state import StateError, StrictTable
+
+DEFAULT_SOCKET = Path("/run/xdplb/lbd.sock")
+DEFAULT_STATE_DIR = Path("/var/lib/xdplb")
+XDP_MODES = ("native", "generic")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """The configuration is refused; the message names the file, key and reason."""
+
+
+@dataclass(frozen=True)
+class NexthopConfig:
+    mac: str = ""  # empty: resolved from the routing and neighbour tables
+    via: str = ""  # the gateway to resolve; empty: the default route's
+    refresh_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    socket: Path = DEFAULT_SOCKET
+    listen: str = ""  # HOST:PORT for a TCP listener (TLS unless insecure on loopback)
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""  # given: clients must present a certificate it signed
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    interfaces: tuple[str, ...] = ()
+    xdp_mode: str = "native"
+    name: str = "default"  # instance name: its maps are pinned under PIN_ROOT/name
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_format: str = "text"
+    detach_on_exit: bool = False
+    metrics_listen: str = "127.0.0.1:9640"  # empty: no metrics endpoint
+    nexthop: NexthopConfig = field(default_factory=NexthopConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    maps: MapSizes = field(default_factory=MapSizes)
+    # The datapath settings other than the next hop, which lbd resolves.
+    mtu: int = 1500
+    gue_port: int = 6080
+    encap_source_v4: str = "172.16.0.0/16"
+    encap_source_v6: str = "fd00:ec::/112"
+    max_new_flows_per_cpu: int = 0
+
+    @property
+    def pin_dir(self) -> Path:
+        return PIN_ROOT / self.name
+
+    def datapath_settings(self, nexthop_mac: str) -> DatapathSettings:
+        return DatapathSettings(
+            nexthop_mac=nexthop_mac, mtu=self.mtu, gue_port=self.gue_port,
+            encap_source_v4=self.encap_source_v4, encap_source_v6=self.encap_source_v6,
+            max_new_flows_per_cpu=self.max_new_flows_per_cpu)
+
+    def validate(self) -> None:
+        if not self.interfaces:
+            raise ConfigError("interfaces: at least one is needed (--interface IFNAME)")
+        if self.xdp_mode not in XDP_MODES:
+            raise ConfigError(f"xdp_mode: {self.xdp_mode!r} is not one of native, generic")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"name: {self.name!r} must be a plain file name")
+        if self.nexthop.mac:
+            _check_mac(self.nexthop.mac)
+        if self.nexthop.via:
+            _check_ip(self.nexthop.via, "nexthop.via")
+        if not 0.5 <= self.nexthop.refresh_s <= 3600:
+            raise ConfigError("nexthop.refresh_s: must be 0.5..3600 seconds")
+        if self.metrics_listen:
+            split_host_port(self.metrics_listen, "metrics.listen")
+        self._validate_api()
+        try:
+            self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
+        except ValueError as exc:
+            raise ConfigError(f"datapath: {exc}") from None
+
+    def _validate_api(self) -> None:
+        api = self.api
+        if not api.socket.is_absolute():
+            raise ConfigError(f"api.socket: {api.socket} must be an absolute path")
+        if not api.listen:
+            return
+        host, _ = split_host_port(api.listen, "api.listen")
+        has_tls = bool(api.tls_cert or api.tls_key)
+        if has_tls and not (api.tls_cert and api.tls_key):
+            raise ConfigError("api.tls_cert and api.tls_key: give both or neither")
+        if api.client_ca and not has_tls:
+            raise ConfigError("api.client_ca: mutual TLS needs api.tls_cert and api.tls_key")
+        if has_tls and api.insecure:
+            raise ConfigError("api.insecure: contradicts api.tls_cert; choose one")
+        if not has_tls and not api.insecure:
+            raise ConfigError(f"api.listen {api.listen}: a TCP listener needs TLS "
+                              "(api.tls_cert, api.tls_key), or --insecure on loopback")
+        if api.insecure and not _is_loopback(host):
+            raise ConfigError(f"api.listen {api.listen}: plaintext is refused on a "
+                              "non-loopback address; use TLS")
+        for key in ("tls_cert", "tls_key", "client_ca"):
+            path = getattr(api, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"api.{key}: {path} is not a readable file")
+
+
+def _check_mac(mac: str) -> None:
+    digits = mac.replace(":", "")
+    if len(digits) != 12 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise ConfigError(f"nexthop.mac: {mac!r} is not a MAC address")
+
+
+def _check_ip(text: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not an IP address") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (IPv6: [ADDR]:PORT)")
+    return host, int(port)
+
+
+def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
+    top = StrictTable(data, "")
+    values: dict[str, Any] = {}
+    for name, kind in (("xdp_mode", str), ("name", str), ("log_format", str),
+                       ("detach_on_exit", bool), ("mtu", int), ("gue_port", int),
+                       ("encap_source_v4", str), ("encap_source_v6", str),
+                       ("max_new_flows_per_cpu", int)):
+        values[name] = top.take(name, kind, getattr(defaults, name))
+    interfaces = top.take("interfaces", list, list(defaults.interfaces))
+    if not all(isinstance(i, str) and i for i in interfaces):
+        raise ConfigError("interfaces: must be a list of interface names")
+    values["interfaces"] = tuple(interfaces)
+    values["state_dir"] = Path(top.take("state_dir", str, str(defaults.state_dir)))
+    values["nexthop"] = _section(top, "nexthop", defaults.nexthop,
+                                 {"mac": str, "via": str, "refresh_s": (int, float)})
+    api = _section(top, "api", defaults.api, {
+        "socket": str, "listen": str, "tls_cert": str, "tls_key": str, "client_ca": str,
+        "insecure": bool})
+    values["api"] = replace(api, socket=Path(api.socket))
+    metrics = StrictTable(top.take("metrics", dict, {}), "metrics")
+    values["metrics_listen"] = metrics.take("listen", str, defaults.metrics_listen)
+    metrics.done()
+    values["maps"] = _maps(top, defaults.maps)
+    top.done()
+    return replace(defaults, **values)
+
+
+def _section(top: StrictTable, name: str, default: Any, kinds: dict[str, Any]) -> Any:
+    table = StrictTable(top.take(name, dict, {}), name)
+    values = {key: table.take(key, kind, getattr(default, key)) for key, kind in kinds.items()}
+    table.done()
+    if "socket" in values:
+        values["socket"] = str(values["socket"])
+    return replace(default, **values)
+
+
+def _maps(top: StrictTable, default: MapSizes) -> MapSizes:
+    table = StrictTable(top.take("maps", dict, {}), "maps")
+    values = {key: table.take(key, int, getattr(default, key))
+              for key in ("max_vips", "max_backends", "ring_entries", "conn_entries")}
+    table.done()
+    try:
+        return MapSizes(**values)
+    except Exception as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
+    """The file (if any), then the command line's overrides, validated."""
+    config = DaemonConfig()
+    where = f"config {path}" if path else "command line"
+    try:
+        if path is not None:
+            try:
+                data = tomllib.loads(path.read_text())
+            except OSError as exc:
+                raise ConfigError(f"cannot read it: {exc}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"not valid TOML: {exc}") from None
+            config = _read_tables(data, config)
+        config = _apply_overrides(config, overrides)
+        config.validate()
+    except (ConfigError, StateError) as exc:
+        raise ConfigError(f"{where}: {str(exc).lstrip('.')}") from None
+    return config
+
+
+def _apply_overrides(config: DaemonConfig, overrides: dict[str, Any]) -> DaemonConfig:
+    api_keys = {"socket", "listen", "tls_cert", "tls_key", "client_ca", "insecure"}
+    top = {k: v for k, v in overrides.items() if k not in api_keys and v not in (None, ())}
+    api = {k: v for k, v in overrides.items() if k in api_keys and v not in (None, False)}
+    if "socket" in api:
+        api["socket"] = Path(api["socket"])
+    if "interfaces" in top:
+        top["interfaces"] = tuple(top["interfaces"])
+    if "state_dir" in top:
+        top["state_dir"] = Path(top["state_dir"])
+    return replace(config, api=replace(config.api, **api), **top)

@@ -1,0 +1,202 @@
+"""lbd's core, free of any transport: desired state in, maps out.
+
+One flow: a request becomes state changes; `apply_changes` validates them;
+the new state is persisted atomically; only then does it become current and
+the reconciler realise it; watchers hear of every step. The gRPC API,
+health checks and load feedback all go through `change` or `set_runtime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from xdplb import datapath, nexthop
+from xdplb.config import DaemonConfig
+from xdplb.reconciler import Reconciler, ReconcileReport, Runtime, VipPlan
+from xdplb.state import (
+    Change,
+    DesiredState,
+    Limits,
+    StateError,
+    VipKey,
+    apply_changes,
+    diff,
+)
+from xdplb.store import StateStore
+
+log = logging.getLogger("xdplb.lbd")
+VERSION = "0.1.0"
+WATCH_QUEUE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # start | change | reconcile | health | nexthop | stop
+    message: str
+    vip: str = ""
+    backend: str = ""
+    time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    changes: list[str]
+    report: ReconcileReport | None  # None: a dry run, or nothing to change
+
+
+class Controller:
+    def __init__(self, config: DaemonConfig, *, balancer: Any = None):
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.limits = Limits.of_map_sizes(config.maps)
+        self.state = self.store.load()  # refuses to start on a bad file, before any map
+        self.started = time.time()
+        self.balancer = balancer or datapath.Balancer(config.maps, pin_dir=config.pin_dir)
+        self.reconciler = Reconciler(self.balancer)
+        self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
+        self.nexthop: nexthop.Nexthop | None = None
+        self.last_report: ReconcileReport | None = None
+        self._watchers: set[asyncio.Queue[Event]] = set()
+
+    # -- life cycle --
+
+    def start(self) -> None:
+        """Resolves the next hop, realises the loaded state, then attaches:
+        the program replaces a running one atomically, on the same pinned maps."""
+        self.nexthop = self._resolve_nexthop()
+        self._reconcile("start")
+        generic = self.config.xdp_mode == "generic"
+        for ifname in self.config.interfaces:
+            self.balancer.attach(ifname, generic=generic)
+        self.publish("start", f"lbd {VERSION} forwarding on {', '.join(self.config.interfaces)}"
+                              f" ({self.config.xdp_mode} XDP), next hop "
+                              f"{self.nexthop.describe()}, {len(self.state.vips)} VIPs")
+
+    def stop(self, detach: bool) -> None:
+        if detach:
+            for ifname in self.config.interfaces:
+                datapath.detach_xdp(ifname, generic=self.config.xdp_mode == "generic")
+            self.balancer.unpin()
+            self.publish("stop", "lbd stopped: XDP detached and maps unpinned")
+        else:
+            self.publish("stop", "lbd stopped: the datapath keeps forwarding")
+        self.balancer.close()
+
+    def _resolve_nexthop(self) -> nexthop.Nexthop:
+        if self.config.nexthop.mac:
+            return nexthop.Nexthop(self.config.nexthop.mac.lower(), "", "config")
+        return nexthop.resolve(self.config.nexthop.via)
+
+    def tick(self) -> None:
+        """Once a second: the datapath's clock."""
+        self.reconciler.tick(int(time.monotonic()))
+
+    def find_nexthop(self) -> nexthop.Nexthop | None:
+        """The next hop as the kernel's tables say now (blocking: run it off the event
+        loop); None when it is configured, or cannot be resolved (the old one stays)."""
+        if self.config.nexthop.mac:
+            return None
+        try:
+            return self._resolve_nexthop()
+        except nexthop.NexthopError as exc:
+            log.warning("next hop: %s; keeping %s", exc, self.nexthop and self.nexthop.mac)
+            return None
+
+    def use_nexthop(self, found: nexthop.Nexthop | None) -> None:
+        """A router change reaches the datapath."""
+        if found is None or (self.nexthop is not None and found.mac == self.nexthop.mac):
+            return
+        old = self.nexthop.describe() if self.nexthop else "none"
+        self.nexthop = found
+        self._reconcile("next hop changed")
+        self.publish("nexthop", f"next hop changed from {old} to {found.describe()}")
+
+    # -- changes --
+
+    def change(self, changes: Iterable[Change]) -> ChangeResult:
+        """Validates, persists, then realises; refuses with StateError, changing nothing."""
+        changes = list(changes)
+        new = apply_changes(self.state, changes, self.limits)
+        if new == self.state:
+            return ChangeResult([], None)
+        self.store.save(new)
+        self.state = new
+        lines = [c.describe() for c in changes]
+        for line in lines:
+            self.publish("change", line)
+        return ChangeResult(lines, self._reconcile("change"))
+
+    def apply_document(self, document: str, dry_run: bool) -> ChangeResult:
+        try:
+            target = DesiredState.from_dict(json.loads(document), "document")
+        except json.JSONDecodeError as exc:
+            raise StateError(f"document: not valid JSON: {exc}") from None
+        changes = diff(self.state, target)
+        apply_changes(self.state, changes, self.limits)  # refuses before anything is said
+        if dry_run:
+            return ChangeResult([c.describe() for c in changes], None)
+        return self.change(changes)
+
+    def set_runtime(self, runtime: Runtime, reason: str) -> ReconcileReport:
+        """Health and load feedback: not persisted, realised at once."""
+        self.runtime = runtime
+        return self._reconcile(reason)
+
+    def _reconcile(self, reason: str) -> ReconcileReport:
+        settings = self.config.datapath_settings(self.nexthop.mac) if self.nexthop else None
+        report = self.reconciler.reconcile(self.state, self.runtime, settings)
+        self.last_report = report
+        if report.total_writes:
+            self.publish("reconcile", f"{reason}: {report.summary()}")
+            for vip, positions in sorted(report.ring_positions.items()):
+                if positions:
+                    self.publish("reconcile", f"ring of {vip}: {positions} positions written",
+                                 vip=vip)
+        return report
+
+    # -- reading --
+
+    def plan(self, key: VipKey) -> VipPlan | None:
+        return self.reconciler.plans.get(key)
+
+    def vip_counters(self, key: VipKey) -> dict[str, int]:
+        vip_id = self.reconciler.vip_id(key)
+        return self.balancer.vip_stats.read(vip_id) if vip_id else {"packets": 0, "bytes": 0}
+
+    def backend_counters(self, key: VipKey, address: str) -> dict[str, int]:
+        index = self.reconciler.members.get((key, address))
+        return (self.balancer.backend_stats.read(index) if index
+                else {"packets": 0, "bytes": 0})
+
+    def global_counters(self) -> dict[str, int]:
+        return self.balancer.counters()
+
+    def interfaces(self) -> list[tuple[str, int]]:
+        return [(name, datapath.attached_prog_id(name)) for name in self.config.interfaces]
+
+    # -- events --
+
+    def publish(self, kind: str, message: str, vip: str = "", backend: str = "") -> None:
+        event = Event(kind, message, vip, backend)
+        log.info(message, extra={"event": kind, "vip": vip, "backend": backend})
+        for queue in list(self._watchers):
+            if queue.qsize() < WATCH_QUEUE_LIMIT:
+                queue.put_nowait(event)
+            else:  # a watcher that stopped reading is cut off, not waited for
+                self._watchers.discard(queue)
+                queue.put_nowait(replace(event, kind="overflow",
+                                         message="watch stream fell behind; reconnect"))
+
+    def watch(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue[Event]) -> None:
+        self._watchers.discard(queue)

@@ -1,0 +1,164 @@
+"""lbd: the xdplb daemon.
+
+Loads the state file (refusing a bad one), reuses the pinned maps, realises
+the state, attaches the balancer (atomically replacing a running one), then
+serves the API and keeps the datapath's clock and next hop current. SIGTERM
+leaves the datapath forwarding unless --detach-on-exit was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from xdplb import api
+from xdplb.config import ConfigError, DaemonConfig, load_config
+from xdplb.controller import Controller
+from xdplb.datapath import DatapathError
+from xdplb.nexthop import NexthopError
+from xdplb.reconciler import ReconcileError
+from xdplb.store import StoreError
+
+log = logging.getLogger("xdplb.lbd")
+STARTUP_ERRORS = (StoreError, DatapathError, NexthopError, api.ApiError, ReconcileError,
+                  OSError)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        extra = "".join(f" {k}={v}" for k in ("event", "vip", "backend")
+                        if (v := getattr(record, k, "")))
+        return f"{stamp}Z {record.levelname.lower()} {record.getMessage()}{extra}"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": record.created, "level": record.levelname.lower(),
+                "logger": record.name, "msg": record.getMessage()}
+        for key in ("event", "vip", "backend"):
+            if value := getattr(record, key, ""):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify(3) without libsystemd: a datagram to $NOTIFY_SOCKET, if any."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+async def _every(seconds: float, action: Callable[[], Awaitable[None]], what: str) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await action()
+        except Exception:
+            log.exception("%s failed; retrying in %.0f s", what, seconds)
+
+
+async def _tick(controller: Controller) -> None:
+    controller.tick()
+
+
+async def _follow_nexthop(controller: Controller) -> None:
+    # pyroute2's synchronous API runs its own event loop: keep it off this one.
+    controller.use_nexthop(await asyncio.to_thread(controller.find_nexthop))
+
+
+async def serve_until_stopped(controller: Controller) -> None:
+    config = controller.config
+    server = await api.serve(controller)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    tasks = [
+        asyncio.create_task(_every(1.0, lambda: _tick(controller), "clock tick")),
+        asyncio.create_task(_every(config.nexthop.refresh_s,
+                                   lambda: _follow_nexthop(controller), "next hop refresh")),
+    ]
+    log.info("API on unix:%s%s", config.api.socket,
+             f" and {config.api.listen}" if config.api.listen else "")
+    notify_systemd("READY=1")
+    await stopping.wait()
+    notify_systemd("STOPPING=1")
+    for task in tasks:
+        task.cancel()
+    await api.stop(server, config.api.socket)
+
+
+def run(config: DaemonConfig) -> None:
+    controller = Controller(config)  # refuses a bad state file before touching any map
+    controller.start()
+    try:
+        asyncio.run(serve_until_stopped(controller))
+    finally:
+        controller.stop(detach=config.detach_on_exit)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML configuration file.")
+@click.option("--interface", "-i", "interfaces", multiple=True,
+              help="Interface to attach to (repeatable; replaces the file's list).")
+@click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default=None)
+@click.option("--name", default=None, help="Instance name: maps pinned under "
+                                           "/sys/fs/bpf/xdplb/NAME.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
+              help="API unix socket (mode 0600).")
+@click.option("--listen", default=None, help="Also serve the API on HOST:PORT (TLS).")
+@click.option("--tls-cert", default=None)
+@click.option("--tls-key", default=None)
+@click.option("--client-ca", default=None, help="Require client certificates signed by it.")
+@click.option("--insecure", is_flag=True, default=False,
+              help="Plaintext on --listen; loopback addresses only.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@click.option("--detach-on-exit", is_flag=True, default=None,
+              help="On SIGTERM detach XDP and unpin the maps (default: keep forwarding).")
+def main(config_path: Path | None, interfaces: tuple[str, ...], socket_path: str | None,
+         **options: Any) -> None:
+    """Run the xdplb daemon."""
+    overrides = {"interfaces": interfaces, "socket": socket_path, **options}
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        click.echo(f"lbd: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(config.log_format)
+    try:
+        run(config)
+    except STARTUP_ERRORS as exc:
+        log.error("lbd: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HealthCheck(_message.Message):
+    __slots__ = ("kind", "port", "path", "host", "expect_status", "body", "grpc_service", "interval_ms", "timeout_ms", "rise", "fall", "target")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    GRPC_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RISE_FIELD_NUMBER: _ClassVar[int]
+    FALL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    port: int
+    path: str
+    host: str
+    expect_status: _containers.RepeatedScalarFieldContainer[int]
+    body: str
+    grpc_service: str
+    interval_ms: int
+    timeout_ms: int
+    rise: int
+    fall: int
+    target: str
+    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
+
+class Backend(_message.Message):
+    __slots__ = ("address", "weight", "drained", "check", "status")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    weight: int
+    drained: bool
+    check: HealthCheck
+    status: BackendStatus
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
+
+class BackendStatus(_message.Message):
+    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes")
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RING_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    healthy: bool
+    available: bool
+    index: int
+    ring_positions: int
+    effective_weight: int
+    packets: int
+    bytes: int
+    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class Vip(_message.Message):
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "status")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    ENCAP_FIELD_NUMBER: _ClassVar[int]
+    RING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    PANIC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WHEN_NONE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    hash: str
+    encap: str
+    ring_size: int
+    check: HealthCheck
+    panic_threshold: float
+    when_none_healthy: str
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    status: VipStatus
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
+
+class VipStatus(_message.Message):
+    __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VIP_ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    vip_id: int
+    healthy_backends: int
+    serving_backends: int
+    packets: int
+    bytes: int
+    def __init__(self, mode: _Optional[str] = ..., vip_id: _Optional[int] = ..., healthy_backends: _Optional[int] = ..., serving_backends: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class VipRef(_message.Message):
+    __slots__ = ("vip",)
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    def __init__(self, vip: _Optional[str] = ...) -> None: ...
+
+class BackendRef(_message.Message):
+    __slots__ = ("vip", "address")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    address: str
+    def __init__(self, vip: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ListVipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVipsResponse(_message.Message):
+    __slots__ = ("vips",)
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    vips: _containers.RepeatedCompositeFieldContainer[Vip]
+    def __init__(self, vips: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ...) -> None: ...
+
+class AddVipRequest(_message.Message):
+    __slots__ = ("vip",)
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    vip: Vip
+    def __init__(self, vip: _Optional[_Union[Vip, _Mapping]] = ...) -> None: ...
+
+class SetVipRequest(_message.Message):
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    ENCAP_FIELD_NUMBER: _ClassVar[int]
+    RING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    PANIC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WHEN_NONE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    hash: str
+    encap: str
+    ring_size: int
+    check: HealthCheck
+    panic_threshold: float
+    when_none_healthy: str
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ...) -> None: ...
+
+class AddBackendRequest(_message.Message):
+    __slots__ = ("vip", "backend")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    backend: Backend
+    def __init__(self, vip: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
+
+class SetBackendRequest(_message.Message):
+    __slots__ = ("vip", "address", "weight", "drained", "check", "clear_check")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_CHECK_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    address: str
+    weight: int
+    drained: bool
+    check: HealthCheck
+    clear_check: bool
+    def __init__(self, vip: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., clear_check: _Optional[bool] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("document", "dry_run")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    dry_run: bool
+    def __init__(self, document: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ChangeResponse(_message.Message):
+    __slots__ = ("changes", "reconcile")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    RECONCILE_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    reconcile: ReconcileSummary
+    def __init__(self, changes: _Optional[_Iterable[str]] = ..., reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ...) -> None: ...
+
+class ReconcileSummary(_message.Message):
+    __slots__ = ("map_writes", "ring_positions", "duration_ms")
+    class RingPositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MAP_WRITES_FIELD_NUMBER: _ClassVar[int]
+    RING_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    map_writes: int
+    ring_positions: _containers.ScalarMap[str, int]
+    duration_ms: float
+    def __init__(self, map_writes: _Optional[int] = ..., ring_positions: _Optional[_Mapping[str, int]] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StateDocument(_message.Message):
+    __slots__ = ("document",)
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    def __init__(self, document: _Optional[str] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("vip",)
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    def __init__(self, vip: _Optional[str] = ...) -> None: ...
+
+class Counter(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+
+class TrafficStats(_message.Message):
+    __slots__ = ("vip", "backend", "packets", "bytes")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    backend: str
+    packets: int
+    bytes: int
+    def __init__(self, vip: _Optional[str] = ..., backend: _Optional[str] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("traffic",)
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    traffic: _containers.RepeatedCompositeFieldContainer[TrafficStats]
+    def __init__(self, traffic: _Optional[_Iterable[_Union[TrafficStats, _Mapping]]] = ..., **kwargs) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "prog_id", "mode")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROG_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    prog_id: int
+    mode: str
+    def __init__(self, name: _Optional[str] = ..., prog_id: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("version", "uptime_s", "interfaces", "nexthop_mac", "nexthop_source", "state_file", "pin_dir", "vips", "backends", "max_vips", "max_backends", "ring_entries_used", "ring_entries", "last_reconcile", "vip_status")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    NEXTHOP_MAC_FIELD_NUMBER: _ClassVar[int]
+    NEXTHOP_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FILE_FIELD_NUMBER: _ClassVar[int]
+    PIN_DIR_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    RING_ENTRIES_USED_FIELD_NUMBER: _ClassVar[int]
+    RING_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
+    VIP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    uptime_s: float
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    nexthop_mac: str
+    nexthop_source: str
+    state_file: str
+    pin_dir: str
+    vips: int
+    backends: int
+    max_vips: int
+    max_backends: int
+    ring_entries_used: int
+    ring_entries: int
+    last_reconcile: ReconcileSummary
+    vip_status: _containers.RepeatedCompositeFieldContainer[Vip]
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., nexthop_mac: _Optional[str] = ..., nexthop_source: _Optional[str] = ..., state_file: _Optional[str] = ..., pin_dir: _Optional[str] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., ring_entries_used: _Optional[int] = ..., ring_entries: _Optional[int] = ..., last_reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ..., vip_status: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("time", "kind", "message", "vip", "backend")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    kind: str
+    message: str
+    vip: str
+    backend: str
+    def __init__(self, time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., vip: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
