@@ -21,6 +21,7 @@ lint: setup
 bench: setup
 	@$(PY) benchmarks/bench_datapath.py --json bench-results/datapath.json
 	@$(PY) benchmarks/bench_maglev.py --json bench-results/maglev.json
+	@$(PY) benchmarks/bench_reconcile.py --json bench-results/reconcile.json
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
 # tests/test_api_proto.py checks they match the proto).

@@ -293,6 +293,7 @@ class Reconciler:
             i for i, raw in enumerate(self.backend_table) if any(raw)))
         self.space = RingSpace(sizes.ring_entries,
                                ((r.offset, r.size) for r in self.vips.values()))
+        self._scrub_pending = True
 
     def recovered_availability(self) -> dict[MemberId, bool]:
         """Availability marks found in the maps: a restarted daemon's first health view."""
@@ -306,17 +307,21 @@ class Reconciler:
         started = time.perf_counter()
         runtime = runtime or Runtime()
         report = ReconcileReport()
+        self._check_ring_space(desired)  # refuses before writing anything
         if settings is not None:
             self._write_config(settings, report)
         self._remove_stale_keys(report)
+        # Removed VIPs go first: their entries, then their rings, freeing the
+        # space (and ids) that VIPs added in the same change may need.
+        for key in sorted(set(self.vips) - set(desired.vips)):
+            self._remove_vip(key, report)
+        self._scrub_free_ring(report)
         plans = {key: plan_vip(vip, runtime) for key, vip in desired.vips.items()}
         self._allocate(desired, report)
         self._write_backends(desired, plans, report)
         self._write_addr_flags(desired, report, final=False)
         for key in sorted(desired.vips):
             self._realise_vip(desired.vips[key], plans[key], report)
-        for key in sorted(set(self.vips) - set(desired.vips)):
-            self._remove_vip(key, report)
         self._write_addr_flags(desired, report, final=True)
         self._write_filter(desired, report)
         self._free_members(desired, report)
@@ -324,6 +329,32 @@ class Reconciler:
         report.modes = {str(k): p.mode for k, p in plans.items()}
         report.duration_s = time.perf_counter() - started
         return report
+
+    def _check_ring_space(self, desired: DesiredState) -> None:
+        """Plays the region allocations of this reconcile on a copy of the free list."""
+        space = RingSpace(self.space.size)
+        space.free = list(self.space.free)
+        for key in set(self.vips) - set(desired.vips):
+            realised = self.vips[key]
+            if realised.offset >= 0:
+                space.give_back(realised.offset, realised.size)
+        for key in sorted(desired.vips):
+            realised, size = self.vips.get(key), desired.vips[key].ring_size
+            if realised is None or realised.offset < 0:
+                space.take(size)
+            elif realised.size != size:  # make before break: both regions at once
+                space.take(size)
+                space.give_back(realised.offset, realised.size)
+
+    def _scrub_free_ring(self, report: ReconcileReport) -> None:
+        """Zeroes ring entries no region owns (left by a crash or older maps), once
+        after loading: a new region then starts from zeros, as its diff assumes."""
+        if not self._scrub_pending:
+            return
+        for offset, length in self.space.free:
+            self._write_ring(offset, np.zeros(length, dtype=np.uint32), report, "(free)")
+        report.ring_positions.pop("(free)", None)
+        self._scrub_pending = False
 
     def tick(self, now_s: int) -> None:
         """Advances the datapath's clock (flow last-seen stamps), once a second."""
