@@ -18,6 +18,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
+# gRPC's C core logs failed handshakes and connects to stderr by itself, and
+# reads this only when first imported. lbctl says what failed in one line;
+# GRPC_VERBOSITY set by the user still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import grpc
 from google.protobuf.message import Message
 
@@ -47,6 +52,22 @@ class Endpoint:
         if self.credentials is None:
             return grpc.insecure_channel(self.target)
         return grpc.secure_channel(self.target, self.credentials)
+
+
+def choose_endpoint(*, socket_path: str, address: str | None = None, ca: str | None = None,
+                    cert: str | None = None, key: str | None = None, insecure: bool = False,
+                    socket_given: bool = False) -> Endpoint:
+    """The endpoint the global options name: the unix socket unless --address is given.
+
+    `socket_given` says --socket was on the command line (not a default or
+    LBCTL_SOCKET), where it contradicts --address."""
+    if address is None:
+        if ca or cert or key or insecure:
+            raise EndpointError("--ca, --cert, --key and --insecure need --address")
+        return unix_endpoint(socket_path)
+    if socket_given:
+        raise EndpointError("give --socket or --address, not both")
+    return tcp_endpoint(address, ca=ca, cert=cert, key=key, insecure=insecure)
 
 
 def unix_endpoint(path: str) -> Endpoint:
@@ -158,17 +179,20 @@ def _unreachable_reason(details: str, endpoint: Endpoint) -> str:
         if local:
             return local
     reason = details.split("last error: ", 1)[-1]
-    reason = re.sub(r"^[A-Z_]+: ", "", reason)
+    reason = re.sub(r"^[A-Z_]+: ", "", reason)  # a status name
+    reason = re.sub(r"^(ipv4|ipv6|unix):\S+: ", "", reason)  # the address again
+    reason = reason.removesuffix(": OK")  # a status some TLS failures end with
     return reason.splitlines()[0] if reason else "unavailable"
 
 
 def _socket_problem(path: str) -> str | None:
     try:
-        mode = os.stat(path).st_mode
+        status = os.stat(path)
     except OSError as exc:
         return exc.strerror
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(status.st_mode):
         return "not a socket"
     if not os.access(path, os.R_OK | os.W_OK):
-        return "Permission denied (the socket is mode 0600: run as its owner)"
+        return (f"Permission denied (socket mode {stat.S_IMODE(status.st_mode):04o}, "
+                f"owner uid {status.st_uid})")
     return None

@@ -115,14 +115,34 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     def _fill_backend_status(self, vip: st.VipSpec, backend: pb.Backend, plan: Any,
                              positions: dict[str, int]) -> None:
         address = backend.address
+        member = (vip.key, address)
         counters = self.ctl.backend_counters(vip.key, address)
-        backend.status.CopyFrom(pb.BackendStatus(
-            healthy=self.ctl.runtime.healthy.get((vip.key, address), True),
+        status = pb.BackendStatus(
+            healthy=self.ctl.runtime.healthy.get(member, True),
             available=bool(plan and plan.available.get(address)),
-            index=self.ctl.reconciler.members.get((vip.key, address), 0),
+            index=self.ctl.reconciler.members.get(member, 0),
             ring_positions=positions.get(address, 0),
             effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
-            packets=counters["packets"], bytes=counters["bytes"]))
+            packets=counters["packets"], bytes=counters["bytes"])
+        self._fill_health(status, member)
+        backend.status.CopyFrom(status)
+
+    def _fill_health(self, status: pb.BackendStatus, member: tuple[st.VipKey, str]) -> None:
+        checker = self.ctl.health
+        probe = checker.members.get(member) if checker else None
+        if probe is None:
+            status.health = "not-checked"
+            return
+        verdict = checker.verdict_of(member)
+        status.check = probe.describe()
+        if verdict is None or verdict.up is None:
+            status.health = "unchecked"
+            return
+        status.health = ("held-down" if verdict.suppressed else "up" if verdict.up else "down")
+        status.since = verdict.since
+        if verdict.last is not None:
+            status.last_result = verdict.last.reason
+            status.check_latency_ms = verdict.last.latency_s * 1000
 
     async def ListVips(self, request, context):
         return await self._run(context, "ListVips", lambda: pb.ListVipsResponse(
@@ -148,9 +168,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             for address in sorted(vip.backends, key=st.ip_sort_key):
                 response.traffic.add(vip=str(key), backend=address,
                                      **self.ctl.backend_counters(key, address))
-        global_counters = getattr(response, "global")  # a Python keyword as a field name
         for name, value in self.ctl.global_counters().items():
-            global_counters.add(name=name, value=value)
+            response.counters.add(name=name, value=value)
         return response
 
     async def GetStatus(self, request, context):
@@ -184,8 +203,10 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
 
     async def _change(self, context: grpc.aio.ServicerContext, method: str,
                       build: Callable[[], list[st.Change]]) -> pb.ChangeResponse:
-        return await self._run(context, method, lambda: _change_response(
+        response = await self._run(context, method, lambda: _change_response(
             self.ctl.change(build())))
+        await self.ctl.settle_new_backends()
+        return response
 
     async def AddVip(self, request, context):
         return await self._change(context, "AddVip", lambda: [
@@ -241,8 +262,10 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         return st.SetBackend(key, address, settings)
 
     async def Apply(self, request, context):
-        return await self._run(context, "Apply", lambda: _change_response(
+        response = await self._run(context, "Apply", lambda: _change_response(
             self.ctl.apply_document(request.document, request.dry_run)))
+        await self.ctl.settle_new_backends()
+        return response
 
     # -- the watch stream --
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from xdplb import datapath, nexthop
 from xdplb.config import DaemonConfig
-from xdplb.reconciler import Reconciler, ReconcileReport, Runtime, VipPlan
+from xdplb.health import HealthChecker
+from xdplb.reconciler import MemberId, Reconciler, ReconcileReport, Runtime, VipPlan
 from xdplb.state import (
     Change,
     DesiredState,
@@ -62,6 +63,7 @@ class Controller:
         self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
+        self.health: HealthChecker | None = None
         self._watchers: set[asyncio.Queue[Event]] = set()
 
     # -- life cycle --
@@ -77,6 +79,27 @@ class Controller:
         self.publish("start", f"lbd {VERSION} forwarding on {', '.join(self.config.interfaces)}"
                               f" ({self.config.xdp_mode} XDP), next hop "
                               f"{self.nexthop.describe()}, {len(self.state.vips)} VIPs")
+
+    def start_health(self) -> HealthChecker:
+        """Starts the check loops (inside the event loop); verdicts come back in batches."""
+        self.health = HealthChecker(self.apply_health, self._health_event)
+        self.health.update(self.state, self.runtime.healthy)
+        self.apply_health(self.health.healthy())
+        return self.health
+
+    async def settle_new_backends(self) -> None:
+        """Lets the first checks of new backends decide, so a change is acknowledged
+        with every new backend either in its rings (healthy) or known down."""
+        if self.health is not None and self.health.unchecked():
+            await self.health.first_verdicts()
+            self.apply_health(self.health.healthy())
+
+    def apply_health(self, healthy: dict[MemberId, bool]) -> None:
+        if healthy != self.runtime.healthy:
+            self.set_runtime(replace(self.runtime, healthy=healthy), "health")
+
+    def _health_event(self, message: str, backend: str) -> None:
+        self.publish("health", message, backend=backend)
 
     def stop(self, detach: bool) -> None:
         if detach:
@@ -127,6 +150,9 @@ class Controller:
             return ChangeResult([], None)
         self.store.save(new)
         self.state = new
+        if self.health is not None:
+            self.health.update(new, self.runtime.healthy)
+            self.runtime = replace(self.runtime, healthy=self.health.healthy())
         lines = [c.describe() for c in changes]
         for line in lines:
             self.publish("change", line)

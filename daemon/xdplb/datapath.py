@@ -457,6 +457,35 @@ class Balancer:
                 self.pin_dir.parent.rmdir()
 
 
+class PinnedMaps:
+    """A running balancer's pinned maps, opened by path without compiling
+    anything: for inspection (tests, debugging); lbd is their only writer."""
+
+    def __init__(self, pin_dir: Path, sizes: MapSizes | None = None):
+        self.sizes = sizes or MapSizes()
+        self.pin_dir = pin_dir
+        s = structs
+        self.addr_filter = self._map("addr_filter", ct.c_uint32, ct.c_uint64)
+        self.vip_addrs = self._map("vip_addrs", s.Addr16, s.VipAddrMeta)
+        self.vips = self._map("vips", s.VipKey, s.VipMeta)
+        self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
+        self.backends = self._map("backends", ct.c_uint32, s.Backend)
+        self.conns = self._map("conns", s.FlowKey, s.FlowState)
+        self.config = self._map("config", ct.c_uint32, s.LbConfig)
+
+    def _map(self, name: str, key: type, value: type) -> BpfMap:
+        path = self.pin_dir / name
+        fd = _lib().bpf_obj_get(str(path).encode())
+        if fd < 0:
+            _raise_errno(f"opening pinned map {path}")
+        return BpfMap(name, fd, key, value)
+
+    def close(self) -> None:
+        for m in (self.addr_filter, self.vip_addrs, self.vips, self.ring, self.backends,
+                  self.conns, self.config):
+            os.close(m.fd)
+
+
 class Decapsulator:
     """The backend-side program that strips the balancer's encapsulation."""
 

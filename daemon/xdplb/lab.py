@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,8 +197,20 @@ def remove_stale(prefix: str) -> list[str]:
     removed = [n for n in victims if _remove_netns(n)]
     leftover = {_runid_of(n) for n in victims if n not in removed}
     for runid in stale - leftover:
+        _remove_pins(runid)
         _drop_marker(MARKER_DIR / runid)
     return removed
+
+
+def pin_dir_of(runid: str) -> Path:
+    """Where a lab's lbd pins its maps: removed with the lab, or by remove_stale."""
+    from xdplb.datapath import PIN_ROOT
+
+    return PIN_ROOT / runid
+
+
+def _remove_pins(runid: str) -> None:
+    shutil.rmtree(pin_dir_of(runid), ignore_errors=True)
 
 
 def _stale_runs(prefix: str) -> set[str]:
@@ -471,6 +484,10 @@ class Lab:
         self.procs.append(proc)
         return proc
 
+    @property
+    def pin_dir(self) -> Path:
+        return pin_dir_of(self.runid)
+
     def keep(self) -> None:
         """Leave everything running after this process exits (a demo lab to explore).
 
@@ -488,6 +505,7 @@ class Lab:
         self._stop_procs()
         _kill_ns_processes(self._ns_names)
         gone = [_remove_netns(n) for n in self._ns_names]
+        _remove_pins(self.runid)
         if all(gone):  # keep the marker otherwise, so remove_stale can finish the job
             _drop_marker(self._marker)
 

@@ -99,7 +99,9 @@ async def serve_until_stopped(controller: Controller) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    health = controller.start_health()
     tasks = [
+        asyncio.create_task(health.run_batches()),
         asyncio.create_task(_every(1.0, lambda: _tick(controller), "clock tick")),
         asyncio.create_task(_every(config.nexthop.refresh_s,
                                    lambda: _follow_nexthop(controller), "next hop refresh")),
@@ -111,6 +113,7 @@ async def serve_until_stopped(controller: Controller) -> None:
     notify_systemd("STOPPING=1")
     for task in tasks:
         task.cancel()
+    await health.close()
     await api.stop(server, config.api.socket)
 
 

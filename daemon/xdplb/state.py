@@ -28,7 +28,6 @@ PROTOCOLS = ("tcp", "udp")
 HASH_MODES = ("5tuple", "source")
 ENCAPSULATIONS = ("ipip", "gue")
 CHECK_KINDS = ("none", "tcp", "http", "https", "grpc")
-CHECK_TARGETS = ("backend", "vip")
 WHEN_NONE_HEALTHY = ("drop", "all")
 MAX_WEIGHT = 10_000
 DEFAULT_WEIGHT = 100
@@ -181,7 +180,6 @@ class HealthCheck:
     timeout_ms: int = 1000
     rise: int = 2
     fall: int = 3
-    target: str = "backend"  # probe the backend's own address, or the VIP through the tunnel
 
     def validate(self, where: str) -> None:
         if self.kind not in CHECK_KINDS:
@@ -203,9 +201,6 @@ class HealthCheck:
         for name in ("host", "body", "grpc_service"):
             if not isinstance(getattr(self, name), str):
                 raise _fail(f"{where}.{name}", "must be a string")
-        if self.target not in CHECK_TARGETS:
-            raise _fail(f"{where}.target",
-                        f"{self.target!r} is not one of {', '.join(CHECK_TARGETS)}")
 
 
 NO_CHECK = HealthCheck(kind="none")

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HealthCheck(_message.Message):
-    __slots__ = ("kind", "port", "path", "host", "expect_status", "body", "grpc_service", "interval_ms", "timeout_ms", "rise", "fall", "target")
+    __slots__ = ("kind", "port", "path", "host", "expect_status", "body", "grpc_service", "interval_ms", "timeout_ms", "rise", "fall")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -19,7 +19,6 @@ class HealthCheck(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     RISE_FIELD_NUMBER: _ClassVar[int]
     FALL_FIELD_NUMBER: _ClassVar[int]
-    TARGET_FIELD_NUMBER: _ClassVar[int]
     kind: str
     port: int
     path: str
@@ -31,8 +30,7 @@ class HealthCheck(_message.Message):
     timeout_ms: int
     rise: int
     fall: int
-    target: str
-    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ...) -> None: ...
 
 class Backend(_message.Message):
     __slots__ = ("address", "weight", "drained", "check", "status")
@@ -49,7 +47,7 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes")
+    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +55,11 @@ class BackendStatus(_message.Message):
     EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHECK_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     available: bool
     index: int
@@ -64,7 +67,12 @@ class BackendStatus(_message.Message):
     effective_weight: int
     packets: int
     bytes: int
-    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    health: str
+    last_result: str
+    check_latency_ms: float
+    since: float
+    check: str
+    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ...) -> None: ...
 
 class Vip(_message.Message):
     __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "status")
@@ -246,11 +254,12 @@ class TrafficStats(_message.Message):
     def __init__(self, vip: _Optional[str] = ..., backend: _Optional[str] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("traffic",)
+    __slots__ = ("traffic", "counters")
     TRAFFIC_FIELD_NUMBER: _ClassVar[int]
-    GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     traffic: _containers.RepeatedCompositeFieldContainer[TrafficStats]
-    def __init__(self, traffic: _Optional[_Iterable[_Union[TrafficStats, _Mapping]]] = ..., **kwargs) -> None: ...
+    counters: _containers.RepeatedCompositeFieldContainer[Counter]
+    def __init__(self, traffic: _Optional[_Iterable[_Union[TrafficStats, _Mapping]]] = ..., counters: _Optional[_Iterable[_Union[Counter, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

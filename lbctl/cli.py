@@ -1,0 +1,543 @@
+"""lbctl: the command line of lbd, the xdplb load balancer daemon.
+
+    lbctl vip add 10.0.0.10:80/tcp --hash source
+    lbctl backend add 10.0.0.10:80/tcp 10.1.0.1 --weight 200
+    lbctl vip list
+    lbctl apply -f lb.toml --dry-run
+
+Arguments are checked here before any call, so a malformed VIP, address or
+value is a usage error; whether the change is allowed is lbd's decision.
+
+Exit codes: 0 success; 1 lbd refused the request or could not be reached
+(one line on stderr: "lbctl: ..."); 2 usage error (also one line).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import click
+from click.core import ParameterSource
+from click.exceptions import NoArgsIsHelpError
+from click.shell_completion import CompletionItem, get_completion_class
+
+from lbctl import output
+from lbctl.client import (
+    DEFAULT_SOCKET,
+    DEFAULT_TIMEOUT_S,
+    EndpointError,
+    LbdClient,
+    LbdError,
+    choose_endpoint,
+)
+from xdplb import maglev, state
+from xdplb.state import StateError, VipKey
+from xdplb.v1 import lb_pb2
+
+PROG_NAME = "lbctl"
+COMPLETION_TIMEOUT_S = 1.0  # a tab press must not hang on a daemon that is away
+SHELLS = ("bash", "zsh", "fish")
+
+
+# --- errors: one line each ------------------------------------------------------------
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line, like lbd's refusals, not click's usage block."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"{PROG_NAME}: {self.format_message()}", file=file, err=True)
+
+
+class DaemonError(click.ClickException):
+    """lbd refused the request or could not be reached (exit 1)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"{PROG_NAME}: {self.format_message()}", file=file, err=True)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # a bare `lbctl vip` prints the help, as click does
+    except OneLineUsageError:
+        raise
+    except click.UsageError as error:
+        raise OneLineUsageError(error.format_message()) from error
+    except LbdError as error:
+        raise DaemonError(str(error)) from None
+
+
+class LbctlGroup(click.Group):
+    """The top-level group. Every subcommand is parsed and run inside it, so
+    this is the one place where errors get their one-line form."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+# --- argument types ------------------------------------------------------------------
+
+
+class VipType(click.ParamType):
+    """ADDRESS[:PORT]/PROTOCOL, parsed as lbd parses it, into a VipKey."""
+
+    name = "VIP"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> VipKey:
+        if isinstance(value, VipKey):
+            return value
+        try:
+            return VipKey.parse(value)
+        except StateError as error:
+            raise OneLineUsageError(str(error), ctx) from None
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[CompletionItem]:
+        return [CompletionItem(vip) for vip in _vips_for_completion(ctx)
+                if vip.startswith(incomplete)]
+
+
+class AddressType(click.ParamType):
+    """A backend's IP address, in canonical form."""
+
+    name = "ADDRESS"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            return state.canonical_address(value, "backend address")
+        except StateError as error:
+            raise OneLineUsageError(str(error), ctx) from None
+
+
+class StatusCodesType(click.ParamType):
+    """A comma-separated list of HTTP status codes: `200` or `200,204,301`."""
+
+    name = "CODES"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        codes = [code.strip() for code in str(value).split(",")]
+        for code in codes:
+            if not (code.isdigit() and 100 <= int(code) <= 599):
+                self.fail(f"{code!r} is not an HTTP status code 100..599", param, ctx)
+        return tuple(int(code) for code in codes)
+
+
+VIP = VipType()
+ADDRESS = AddressType()
+# The ranges state.HealthCheck.validate enforces: lbd checks again, but here a
+# bad value is a usage error before any call.
+WEIGHT = click.IntRange(0, state.MAX_WEIGHT)
+CHECK_PORT = click.IntRange(0, 65535)
+CHECK_INTERVAL_MS = click.IntRange(100, 3_600_000)
+CHECK_TIMEOUT_MS = click.IntRange(10, 3_600_000)
+RISE_FALL = click.IntRange(1, 100)
+
+
+# --- options shared by several commands --------------------------------------------------
+
+
+def _apply_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+# Their destinations are "check_" + the HealthCheck field, which take_check_options relies on.
+check_options = _apply_options([
+    click.option("--check", "check_kind", type=click.Choice(state.CHECK_KINDS),
+                 help="Health check kind."),
+    click.option("--check-port", "check_port", type=CHECK_PORT, metavar="PORT",
+                 help="Port to probe (0: the VIP's port)."),
+    click.option("--check-path", "check_path", metavar="PATH", help="HTTP(S) path, e.g. /healthz."),
+    click.option("--check-host", "check_host", metavar="HOST",
+                 help="HTTP Host header (default: the backend address)."),
+    click.option("--check-status", "check_expect_status", type=StatusCodesType(),
+                 help="Expected HTTP status codes, e.g. 200,204."),
+    click.option("--check-body", "check_body", metavar="TEXT",
+                 help="Text the HTTP body must contain."),
+    click.option("--check-grpc-service", "check_grpc_service", metavar="NAME",
+                 help="Service name asked of grpc.health.v1."),
+    click.option("--check-interval", "check_interval_ms", type=CHECK_INTERVAL_MS, metavar="MS",
+                 help="Milliseconds between probes."),
+    click.option("--check-timeout", "check_timeout_ms", type=CHECK_TIMEOUT_MS, metavar="MS",
+                 help="Milliseconds a probe may take."),
+    click.option("--rise", "check_rise", type=RISE_FALL, metavar="N",
+                 help="Successes in a row that make a backend healthy."),
+    click.option("--fall", "check_fall", type=RISE_FALL, metavar="N",
+                 help="Failures in a row that make a backend unhealthy."),
+])
+
+vip_spec_options = _apply_options([
+    click.option("--hash", type=click.Choice(state.HASH_MODES),
+                 help="Flow hash: the 5-tuple, or the source address only."),
+    click.option("--encap", type=click.Choice(state.ENCAPSULATIONS),
+                 help="Encapsulation to the backends."),
+    click.option("--ring-size", type=click.IntRange(3, maglev.MAX_SIZE), metavar="PRIME",
+                 help=f"Maglev ring size, a prime (lbd's default: {maglev.DEFAULT_SIZE})."),
+    check_options,
+    click.option("--panic-threshold", type=click.FloatRange(0.0, 1.0), metavar="FRACTION",
+                 help="Below this healthy fraction use every backend (0: off)."),
+    click.option("--when-none-healthy", type=click.Choice(state.WHEN_NONE_HEALTHY),
+                 help="With no healthy backend: drop, or use all of them."),
+])
+
+output_option = click.option(
+    "-o", "--output", "output_format", type=click.Choice(output.FORMATS), default="table",
+    show_default=True, help="Output format (JSON shapes: see lbctl/output.py).")
+
+vip_argument = click.argument("vip_key", metavar="VIP", type=VIP)
+address_argument = click.argument("address", type=ADDRESS)
+
+
+# --- building requests: only what was given is set ---------------------------------------
+
+
+def _given(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings the user gave: click leaves an absent option None."""
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def take_check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Remove the check options from a command's options; return them by HealthCheck field."""
+    names = [name for name in options if name.startswith("check_")]
+    return {name.removeprefix("check_"): options.pop(name) for name in names}
+
+
+def build_check(**settings: Any) -> lb_pb2.HealthCheck | None:
+    """A HealthCheck with only the given settings (HealthCheck fields), or None if none was."""
+    given = _given(settings)
+    return lb_pb2.HealthCheck(**given) if given else None
+
+
+def build_add_vip(vip: VipKey, check: lb_pb2.HealthCheck | None = None,
+                  **settings: Any) -> lb_pb2.AddVipRequest:
+    """`settings` are Vip fields (hash, encap, ring_size, ...); None means not given."""
+    spec = lb_pb2.Vip(vip=str(vip), **_given({**settings, "check": check}))
+    return lb_pb2.AddVipRequest(vip=spec)
+
+
+def build_set_vip(vip: VipKey, check: lb_pb2.HealthCheck | None = None,
+                  **settings: Any) -> lb_pb2.SetVipRequest:
+    return lb_pb2.SetVipRequest(vip=str(vip), **_given({**settings, "check": check}))
+
+
+def build_add_backend(vip: VipKey, address: str, check: lb_pb2.HealthCheck | None = None,
+                      **settings: Any) -> lb_pb2.AddBackendRequest:
+    """`settings` are Backend fields (weight, drained); None means not given."""
+    backend = lb_pb2.Backend(address=address, **_given({**settings, "check": check}))
+    return lb_pb2.AddBackendRequest(vip=str(vip), backend=backend)
+
+
+def build_set_backend(vip: VipKey, address: str, check: lb_pb2.HealthCheck | None = None,
+                      clear_check: bool = False, **settings: Any) -> lb_pb2.SetBackendRequest:
+    return lb_pb2.SetBackendRequest(vip=str(vip), address=address, clear_check=clear_check,
+                                    **_given({**settings, "check": check}))
+
+
+def read_document(path: str) -> str:
+    """The desired-state file as JSON text: TOML if it ends in .toml, else JSON; - is stdin."""
+    name = "<stdin>" if path == "-" else path
+    kind = "TOML" if path.lower().endswith(".toml") else "JSON"
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else _read_bytes(path)
+        data = tomllib.loads(raw.decode()) if kind == "TOML" else json.loads(raw)
+    except OSError as error:
+        raise OneLineUsageError(f"cannot read {name}: {error.strerror}") from None
+    except ValueError as error:  # also UnicodeDecodeError
+        raise OneLineUsageError(f"{name}: not valid {kind}: {error}") from None
+    # TOML dates have no JSON form: as strings lbd refuses them by name.
+    return json.dumps(data, default=str)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+# --- the command tree ----------------------------------------------------------------
+
+
+@click.group(name=PROG_NAME, cls=LbctlGroup,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", metavar="PATH", default=DEFAULT_SOCKET,
+              envvar="LBCTL_SOCKET", show_default=True, show_envvar=True,
+              help="lbd's unix socket.")
+@click.option("--address", metavar="HOST:PORT",
+              help="Reach lbd over TCP with TLS instead of the socket.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="CA certificates (PEM) that sign lbd's certificate (default: the system's).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Client certificate (PEM) for mutual TLS; needs --key.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Client private key (PEM) for mutual TLS; needs --cert.")
+@click.option("--insecure", is_flag=True,
+              help="Plaintext TCP; only with a loopback --address.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_TIMEOUT_S, show_default=True, metavar="SECONDS",
+              help="Deadline of each call to lbd.")
+@click.pass_context
+def cli(ctx: click.Context, timeout: float, **connection: Any) -> None:
+    """Control lbd, the xdplb XDP load balancer daemon."""
+    socket_given = ctx.get_parameter_source("socket_path") == ParameterSource.COMMANDLINE
+    try:
+        endpoint = choose_endpoint(socket_given=socket_given, **connection)
+    except EndpointError as error:
+        raise OneLineUsageError(str(error), ctx) from None
+    if ctx.obj is None:  # tests hand in a stand-in client as obj
+        client = LbdClient(endpoint, timeout)
+        ctx.call_on_close(client.close)
+        ctx.obj = client
+
+
+def _print_changes(response: lb_pb2.ChangeResponse, dry_run: bool = False) -> None:
+    """The change lines on stdout, and only them, so nothing to change prints nothing there."""
+    for line in response.changes:
+        click.echo(line)
+    if not response.changes:
+        click.echo("no change", err=True)
+    if dry_run:
+        click.echo("(dry run: nothing was changed)", err=True)
+
+
+def _require_some(command: str, settings: Mapping[str, Any]) -> None:
+    if not _given(settings):
+        raise OneLineUsageError(f"{command}: nothing to set (see {PROG_NAME} {command} --help)")
+
+
+@cli.group()
+def vip() -> None:
+    """Virtual services: what clients connect to."""
+
+
+@vip.command("add")
+@vip_argument
+@vip_spec_options
+@click.pass_obj
+def vip_add(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
+    """Add a VIP.
+
+    VIP is ADDRESS[:PORT]/PROTOCOL: 10.0.0.10:80/tcp, [2001:db8::10]:443/udp,
+    or 10.0.0.10/tcp for every port. Options left out take lbd's defaults."""
+    check = build_check(**take_check_options(options))
+    _print_changes(client.call("AddVip", build_add_vip(vip_key, check, **options)))
+
+
+@vip.command("set")
+@vip_argument
+@vip_spec_options
+@click.pass_obj
+def vip_set(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
+    """Change a VIP's settings; the rest stay as they are."""
+    check = build_check(**take_check_options(options))
+    _require_some("vip set", {**options, "check": check})
+    _print_changes(client.call("SetVip", build_set_vip(vip_key, check, **options)))
+
+
+@vip.command("del")
+@vip_argument
+@click.pass_obj
+def vip_del(client: LbdClient, vip_key: VipKey) -> None:
+    """Remove a VIP and its backends."""
+    _print_changes(client.call("DeleteVip", lb_pb2.VipRef(vip=str(vip_key))))
+
+
+@vip.command("list")
+@output_option
+@click.pass_obj
+def vip_list(client: LbdClient, output_format: str) -> None:
+    """Every VIP with its backends and their state."""
+    response = client.call("ListVips", lb_pb2.ListVipsRequest())
+    click.echo(output.render_vip_list(response, output_format), nl=False)
+
+
+@vip.command("show")
+@vip_argument
+@output_option
+@click.pass_obj
+def vip_show(client: LbdClient, vip_key: VipKey, output_format: str) -> None:
+    """One VIP in full: settings, checks, backends, status."""
+    response = client.call("GetVip", lb_pb2.VipRef(vip=str(vip_key)))
+    click.echo(output.render_vip(response, output_format), nl=False)
+
+
+@cli.group()
+def backend() -> None:
+    """The real servers behind a VIP."""
+
+
+@backend.command("add")
+@vip_argument
+@address_argument
+@click.option("--weight", type=WEIGHT, metavar="N",
+              help=f"Share of new flows (lbd's default: {state.DEFAULT_WEIGHT}; 0: none).")
+@click.option("--drain", "drained", is_flag=True, default=None,
+              help="Add it drained: no new flows.")
+@check_options
+@click.pass_obj
+def backend_add(client: LbdClient, vip_key: VipKey, address: str, **options: Any) -> None:
+    """Add backend ADDRESS to VIP.
+
+    Without check options the backend uses the VIP's check."""
+    check = build_check(**take_check_options(options))
+    request = build_add_backend(vip_key, address, check, **options)
+    _print_changes(client.call("AddBackend", request))
+
+
+@backend.command("set")
+@vip_argument
+@address_argument
+@click.option("--weight", type=WEIGHT, metavar="N", help="Share of new flows (0: none).")
+@click.option("--drain/--undrain", "drained", default=None,
+              help="Stop or resume new flows; established flows stay.")
+@check_options
+@click.option("--vip-check", "clear_check", is_flag=True,
+              help="Drop the backend's own check: use the VIP's again.")
+@click.pass_obj
+def backend_set(client: LbdClient, vip_key: VipKey, address: str, clear_check: bool,
+                **options: Any) -> None:
+    """Change a backend's settings; the rest stay as they are."""
+    check = build_check(**take_check_options(options))
+    if clear_check and check is not None:
+        raise OneLineUsageError("--vip-check drops the backend's own check: "
+                                "it cannot be combined with check options")
+    # clear_check False is no request to change anything, unlike drained False (--undrain).
+    _require_some("backend set", {**options, "check": check, "clear_check": clear_check or None})
+    request = build_set_backend(vip_key, address, check, clear_check, **options)
+    _print_changes(client.call("SetBackend", request))
+
+
+@backend.command("del")
+@vip_argument
+@address_argument
+@click.pass_obj
+def backend_del(client: LbdClient, vip_key: VipKey, address: str) -> None:
+    """Remove backend ADDRESS from VIP."""
+    ref = lb_pb2.BackendRef(vip=str(vip_key), address=address)
+    _print_changes(client.call("DeleteBackend", ref))
+
+
+@backend.command("list")
+@vip_argument
+@output_option
+@click.pass_obj
+def backend_list(client: LbdClient, vip_key: VipKey, output_format: str) -> None:
+    """The backends of VIP and their state.
+
+    CHECK "-" means the backend uses the VIP's check."""
+    response = client.call("GetVip", lb_pb2.VipRef(vip=str(vip_key)))
+    click.echo(output.render_backend_list(response, output_format), nl=False)
+
+
+@cli.command()
+@click.argument("vip_key", metavar="[VIP]", type=VIP, required=False)
+@output_option
+@click.pass_obj
+def stats(client: LbdClient, vip_key: VipKey | None, output_format: str) -> None:
+    """Traffic per VIP and backend, and datapath counters."""
+    request = lb_pb2.StatsRequest(vip="" if vip_key is None else str(vip_key))
+    click.echo(output.render_stats(client.call("GetStats", request), output_format), nl=False)
+
+
+@cli.command()
+@output_option
+@click.pass_obj
+def status(client: LbdClient, output_format: str) -> None:
+    """lbd itself: interfaces, next hop, capacity, VIP modes."""
+    response = client.call("GetStatus", lb_pb2.StatusRequest())
+    click.echo(output.render_status(response, output_format), nl=False)
+
+
+@cli.command()
+@click.option("-f", "--file", "path", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="Desired state: TOML if it ends in .toml, else JSON; - reads JSON from stdin.")
+@click.option("--dry-run", is_flag=True, help="Print the changes without making them.")
+@click.pass_obj
+def apply(client: LbdClient, path: str, dry_run: bool) -> None:
+    """Make lbd's state what FILE says.
+
+    VIPs and backends that FILE leaves out are removed. Prints each change."""
+    request = lb_pb2.ApplyRequest(document=read_document(path), dry_run=dry_run)
+    _print_changes(client.call("Apply", request), dry_run)
+
+
+@cli.command()
+@click.pass_obj
+def export(client: LbdClient) -> None:
+    """Print the desired state as JSON.
+
+    It is the document `lbctl apply -f` takes: exporting and applying it back
+    changes nothing."""
+    document = client.call("GetState", lb_pb2.GetStateRequest()).document
+    click.echo(pretty_document(document), nl=False)
+
+
+def pretty_document(document: str) -> str:
+    try:
+        return output.dump_json(json.loads(document))
+    except ValueError:
+        return document if document.endswith("\n") else document + "\n"  # show it as it came
+
+
+@cli.command()
+@click.argument("shell", metavar="SHELL", type=click.Choice(SHELLS))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(lbctl completion bash)"
+    zsh:   eval "$(lbctl completion zsh)"
+    fish:  lbctl completion fish | source"""
+    root = ctx.find_root()
+    prog_name = root.info_name or PROG_NAME
+    # The variable click's own `_LBCTL_COMPLETE=bash_source lbctl` reads.
+    complete_var = f"_{prog_name}_COMPLETE".replace("-", "_").upper()
+    completer = get_completion_class(shell)
+    if completer is None:  # cannot happen for SHELLS; a usage error rather than a traceback
+        raise OneLineUsageError(f"no completion for {shell}")
+    click.echo(completer(root.command, {}, prog_name, complete_var).source(), nl=False)
+
+
+def _vips_for_completion(ctx: click.Context) -> list[str]:
+    """lbd's VIPs, or none when lbd cannot tell: completion never reports an error."""
+    connection = {k: v for k, v in ctx.find_root().params.items() if k != "timeout"}
+    try:
+        client = LbdClient(choose_endpoint(**connection), COMPLETION_TIMEOUT_S)
+        try:
+            response = client.call("ListVips", lb_pb2.ListVipsRequest())
+        finally:
+            client.close()
+    except (EndpointError, LbdError):
+        return []
+    return [vip.vip for vip in response.vips]
+
+
+def main() -> None:
+    """The `lbctl` console script."""
+    cli.main(prog_name=PROG_NAME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Rendering lbd's answers: aligned tables for people, JSON for programs.
+
+JSON (`-o json`)
+----------------
+Each read command prints one JSON object made from the response message by a
+single rule, so the keys are stable and lb.proto documents them:
+
+* keys are the proto field names (snake_case) and every field is present;
+* an unset optional field or sub-message is null (a backend's "check": null
+  means the backend uses its VIP's check);
+* repeated fields are arrays, maps are objects, and 64-bit counters are JSON
+  numbers (not strings as in protobuf's canonical JSON mapping).
+
+  vip list      {"vips": [VIP, ...]}
+  vip show      VIP
+  backend list  {"vip": str, "backends": [BACKEND, ...]}
+  stats         {"traffic": [TRAFFIC, ...], "counters": [{"name": str, "value": int}, ...]}
+  status        {"version": str, "uptime_s": float,
+                 "interfaces": [{"name": str, "prog_id": int, "mode": str}, ...],
+                 "nexthop_mac": str, "nexthop_source": str, "state_file": str,
+                 "pin_dir": str, "vips": int, "backends": int, "max_vips": int,
+                 "max_backends": int, "ring_entries_used": int, "ring_entries": int,
+                 "last_reconcile": RECONCILE | null, "vip_status": [VIP, ...]}
+
+  VIP        {"vip": "10.0.0.10:80/tcp", "hash": str, "encap": str, "ring_size": int,
+              "check": CHECK, "panic_threshold": float, "when_none_healthy": str,
+              "backends": [BACKEND, ...],
+              "status": {"mode": str, "vip_id": int, "healthy_backends": int,
+                         "serving_backends": int, "packets": int, "bytes": int}}
+  BACKEND    {"address": str, "weight": int, "drained": bool, "check": CHECK | null,
+              "status": {"healthy": bool, "available": bool, "index": int,
+                         "ring_positions": int, "effective_weight": int,
+                         "packets": int, "bytes": int, "health": str,
+                         "last_result": str, "check_latency_ms": float,
+                         "since": float (unix time, 0: never), "check": str}}
+  CHECK      {"kind": str, "port": int, "path": str, "host": str, "expect_status": [int],
+              "body": str, "grpc_service": str, "interval_ms": int, "timeout_ms": int,
+              "rise": int, "fall": int}
+  TRAFFIC    {"vip": str, "backend": str ("" for the VIP's own totals),
+              "packets": int, "bytes": int}
+  RECONCILE  {"map_writes": int, "ring_positions": {VIP: int}, "duration_ms": float}
+
+`lbctl export` prints the state document itself (the shape of
+xdplb.state.DesiredState.to_dict), which is what `lbctl apply -f` reads.
+
+Tables
+------
+Like `ipvsadm -Ln`: two header lines (VIP columns, then the indented backend
+columns), then each VIP on one line followed by its backends, each kind of
+line aligned on its own. A backend's STATE is drained, or its health: up, down,
+unchecked (no verdict yet), held-down (flapping) or not-checked (check none);
+LAST is its last check's result and latency, SINCE how long its verdict holds;
+AVAIL says whether the datapath may pick it; RING is its number of ring
+positions and SHARE their fraction of the ring; CHECK "-" means it uses the
+VIP's check.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from xdplb.v1 import lb_pb2
+
+VIP_COLUMNS = ("VIP", "HASH", "ENCAP", "RING", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES",
+               "CHECK")
+BACKEND_COLUMNS = ("ADDRESS", "WEIGHT", "STATE", "AVAIL", "RING", "SHARE", "PACKETS", "BYTES",
+                   "LAST", "SINCE", "CHECK")
+ARROW = "  -> "
+FORMATS = ("table", "json")
+
+
+# --- JSON -------------------------------------------------------------------------
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    """The message as plain JSON data: every field, by its proto name."""
+    return {field.name: _field_to_json(message, field) for field in message.DESCRIPTOR.fields}
+
+
+def _field_to_json(message: Message, field: FieldDescriptor) -> Any:
+    value = getattr(message, field.name)
+    if _is_map(field):
+        value_field = field.message_type.fields_by_name["value"]
+        return {key: _value_to_json(item, value_field) for key, item in value.items()}
+    if field.is_repeated:
+        return [_value_to_json(item, field) for item in value]
+    if field.has_presence and not message.HasField(field.name):
+        return None
+    return _value_to_json(value, field)
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _value_to_json(value: Any, field: FieldDescriptor) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value  # ints (64-bit too), floats, bools and strings map as they are
+
+
+def dump_json(data: Any) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+# --- the commands' renderings ----------------------------------------------------------
+
+
+def render_vip_list(response: lb_pb2.ListVipsResponse, fmt: str) -> str:
+    if fmt == "json":
+        return dump_json(message_to_json(response))
+    return vips_table(response.vips)
+
+
+def render_vip(vip: lb_pb2.Vip, fmt: str) -> str:
+    if fmt == "json":
+        return dump_json(message_to_json(vip))
+    return vips_table([vip]) + "\n" + vip_details(vip)
+
+
+def render_backend_list(vip: lb_pb2.Vip, fmt: str) -> str:
+    if fmt == "json":
+        return dump_json({"vip": vip.vip,
+                          "backends": [message_to_json(b) for b in vip.backends]})
+    rows = [BACKEND_COLUMNS, *(_backend_row(vip, backend) for backend in vip.backends)]
+    return _lines(align(rows))
+
+
+def render_stats(response: lb_pb2.StatsResponse, fmt: str) -> str:
+    if fmt == "json":
+        return dump_json(message_to_json(response))
+    text = traffic_table(response.traffic)
+    counters = response.counters
+    if counters:
+        rows = [("COUNTER", "VALUE"), *((c.name, str(c.value)) for c in counters)]
+        text += "\n" + _lines(align(rows))
+    return text
+
+
+def render_status(response: lb_pb2.StatusResponse, fmt: str) -> str:
+    if fmt == "json":
+        return dump_json(message_to_json(response))
+    text = _lines(align(_status_rows(response)))
+    if response.vip_status:
+        rows = [("VIP", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES"),
+                *(_vip_status_row(vip) for vip in response.vip_status)]
+        text += "\n" + _lines(align(rows))
+    return text
+
+
+# --- tables --------------------------------------------------------------------------
+
+
+def align(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as left-aligned columns two spaces apart, without trailing blanks."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def _lines(lines: Iterable[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def vips_table(vips: Sequence[lb_pb2.Vip]) -> str:
+    """VIP lines each followed by its indented backend lines, as ipvsadm -Ln lays them out."""
+    vip_lines = iter(align([VIP_COLUMNS, *(_vip_row(vip) for vip in vips)]))
+    backend_rows = [_indent(BACKEND_COLUMNS)]
+    backend_rows += [_indent(_backend_row(vip, b)) for vip in vips for b in vip.backends]
+    backend_lines = iter(align(backend_rows))
+    lines = [next(vip_lines), next(backend_lines)]
+    for vip in vips:
+        lines.append(next(vip_lines))
+        lines.extend(next(backend_lines) for _ in vip.backends)
+    return _lines(lines)
+
+
+def _indent(row: Sequence[str]) -> tuple[str, ...]:
+    return (ARROW + row[0], *row[1:])
+
+
+def _vip_row(vip: lb_pb2.Vip) -> tuple[str, ...]:
+    status = vip.status
+    return (vip.vip, _optional(vip, "hash"), _optional(vip, "encap"), _optional(vip, "ring_size"),
+            status.mode or "-", f"{status.healthy_backends}/{len(vip.backends)}",
+            str(status.serving_backends), str(status.packets), str(status.bytes),
+            short_check(vip.check) if vip.HasField("check") else "-")
+
+
+def _backend_row(vip: lb_pb2.Vip, backend: lb_pb2.Backend) -> tuple[str, ...]:
+    status = backend.status
+    return (backend.address, _optional(backend, "weight"), backend_state(backend),
+            "yes" if status.available else "no", str(status.ring_positions),
+            _share(status.ring_positions, vip.ring_size), str(status.packets), str(status.bytes),
+            last_check(status), since(status.since),
+            short_check(backend.check) if backend.HasField("check") else "-")
+
+
+def last_check(status: lb_pb2.BackendStatus) -> str:
+    if not status.last_result:
+        return "-"
+    return f"{status.last_result} {status.check_latency_ms:.1f}ms"
+
+
+def since(unix_time: float, now: float | None = None) -> str:
+    """An age like 5s, 3m, 2h, 4d: how long a verdict has held."""
+    if not unix_time:
+        return "-"
+    age = max(0.0, (time.time() if now is None else now) - unix_time)
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+        if age >= seconds:
+            return f"{int(age // seconds)}{unit}"
+    return f"{int(age)}s"
+
+
+def backend_state(backend: lb_pb2.Backend) -> str:
+    if backend.drained:
+        return "drained"
+    return backend.status.health or ("up" if backend.status.healthy else "down")
+
+
+def _share(positions: int, ring_size: int) -> str:
+    return f"{100 * positions / ring_size:.1f}%" if ring_size else "-"
+
+
+def _optional(message: Message, name: str) -> str:
+    return str(getattr(message, name)) if message.HasField(name) else "-"
+
+
+def vip_details(vip: lb_pb2.Vip) -> str:
+    """What the table leaves out: the checks in full and the failure policy."""
+    rows = [("id", str(vip.status.vip_id)),
+            ("check", describe_check(vip.check) if vip.HasField("check") else "-"),
+            ("panic threshold", _panic_threshold(vip)),
+            ("when none healthy", _optional(vip, "when_none_healthy"))]
+    rows += [(f"check of {b.address}", describe_check(b.check))
+             for b in vip.backends if b.HasField("check")]
+    return _lines(align(rows))
+
+
+def _panic_threshold(vip: lb_pb2.Vip) -> str:
+    if not vip.HasField("panic_threshold"):
+        return "-"
+    return "off" if vip.panic_threshold == 0 else f"{vip.panic_threshold:g}"
+
+
+def short_check(check: lb_pb2.HealthCheck) -> str:
+    """`tcp`, `tcp:8080`, `http:8080/healthz`: kind, port and path, for a table cell."""
+    text = check.kind or "-"
+    if check.port:
+        text += f":{check.port}"
+    if check.kind in ("http", "https") and check.path:
+        text += check.path
+    return text
+
+
+def describe_check(check: lb_pb2.HealthCheck) -> str:
+    """Every setting of a check that applies to its kind, in one line."""
+    if check.kind == "none":
+        return "none"
+    parts = [check.kind or "-"]
+    if check.HasField("port"):
+        parts.append(f"port {check.port}" if check.port else "the VIP's port")
+    if check.kind in ("http", "https"):
+        parts += _given(check, ("path", "host", "body"))
+        if check.expect_status:
+            parts.append("status " + ",".join(map(str, check.expect_status)))
+    if check.kind == "grpc" and check.grpc_service:
+        parts.append(f"service {check.grpc_service}")
+    parts += [f"every {check.interval_ms} ms"] if check.HasField("interval_ms") else []
+    parts += [f"timeout {check.timeout_ms} ms"] if check.HasField("timeout_ms") else []
+    parts += _given(check, ("rise", "fall"))
+    return ", ".join(parts)
+
+
+def _given(message: Message, names: Iterable[str]) -> list[str]:
+    return [f"{name} {getattr(message, name)}" for name in names
+            if message.HasField(name) and getattr(message, name) != ""]
+
+
+def traffic_table(traffic: Sequence[lb_pb2.TrafficStats]) -> str:
+    """Each VIP's totals, then its backends' counts indented below it."""
+    rows: list[tuple[str, str, str]] = [("VIP", "PACKETS", "BYTES")]
+    for vip, entries in _by_vip(traffic).items():
+        total = next((e for e in entries if not e.backend), None)
+        rows.append((vip, *_counts(total)))
+        rows += [(ARROW + e.backend, *_counts(e)) for e in entries if e.backend]
+    return _lines(align(rows))
+
+
+def _by_vip(traffic: Iterable[lb_pb2.TrafficStats]) -> dict[str, list[lb_pb2.TrafficStats]]:
+    groups: dict[str, list[lb_pb2.TrafficStats]] = {}
+    for entry in traffic:
+        groups.setdefault(entry.vip, []).append(entry)
+    return groups
+
+
+def _counts(entry: lb_pb2.TrafficStats | None) -> tuple[str, str]:
+    return ("-", "-") if entry is None else (str(entry.packets), str(entry.bytes))
+
+
+def _status_rows(status: lb_pb2.StatusResponse) -> list[tuple[str, str]]:
+    rows = [("version", status.version or "-"), ("uptime", format_duration(status.uptime_s))]
+    rows += [("interface", _describe_interface(i)) for i in status.interfaces]
+    nexthop = status.nexthop_mac or "-"
+    if status.nexthop_source:
+        nexthop += f" ({status.nexthop_source})"
+    rows += [("nexthop", nexthop), ("state file", status.state_file or "-"),
+             ("pin dir", status.pin_dir or "-"),
+             ("vips", f"{status.vips} of {status.max_vips}"),
+             ("backends", f"{status.backends} of {status.max_backends}"),
+             ("ring entries", f"{status.ring_entries_used} of {status.ring_entries}"
+                              f" ({_share(status.ring_entries_used, status.ring_entries)})")]
+    if status.HasField("last_reconcile"):
+        last = status.last_reconcile
+        rows.append(("last reconcile", f"{last.map_writes} map writes in "
+                                       f"{last.duration_ms:.1f} ms"))
+    return rows
+
+
+def _describe_interface(interface: lb_pb2.Interface) -> str:
+    if not interface.prog_id:
+        return f"{interface.name} (nothing attached)"
+    return f"{interface.name} {interface.mode or '-'} prog {interface.prog_id}"
+
+
+def _vip_status_row(vip: lb_pb2.Vip) -> tuple[str, ...]:
+    status = vip.status
+    return (vip.vip, status.mode or "-", str(status.healthy_backends),
+            str(status.serving_backends), str(status.packets), str(status.bytes))
+
+
+def format_duration(seconds: float) -> str:
+    """`3d 4h 5m 6s`, leaving out leading zero units."""
+    remaining = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        count, remaining = divmod(remaining, size)
+        if count or parts:
+            parts.append(f"{count}{unit}")
+    parts.append(f"{remaining}s")
+    return " ".join(parts)
