@@ -438,7 +438,7 @@ def rich_state() -> state.DesiredState:
         state.AddBackend(V4, _backend("10.1.0.10", weight=0, check=dataclasses.replace(
             HTTP, port=8080, path="/ready"))),
         state.AddVip(state.default_vip(V6, check=state.HealthCheck(
-            kind="grpc", grpc_service="lb.Health", target="vip"))),
+            kind="grpc", grpc_service="lb.Health"))),
         state.AddBackend(V6, _backend("2001:db8:1::1")),
         state.AddBackend(V6, _backend("2001:db8:1::2", weight=state.MAX_WEIGHT)),
         state.AddVip(state.default_vip(ALL_PORTS, ring_size=13)),
