@@ -39,7 +39,7 @@ class LabLbd:
     """One lbd in a lab's lb namespace, with its own state dir, socket and log."""
 
     def __init__(self, topo: LbLab, workdir: Path, extra_args: Sequence[str] = (),
-                 sizes: MapSizes | None = None):
+                 sizes: MapSizes | None = None, config_extra: str = ""):
         self.topo = topo
         self.workdir = workdir
         self.name = topo.lab.runid
@@ -48,6 +48,7 @@ class LabLbd:
         self.log_path = workdir / "lbd.log"
         self.extra_args = list(extra_args)
         self.sizes = sizes or MapSizes()
+        self.config_extra = config_extra  # TOML appended to the config lbd is given
         self.proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -65,7 +66,8 @@ class LabLbd:
     def write_config(self) -> None:
         s = self.sizes
         self.config_path.write_text(
-            "# written by xdplb.lab_daemon for one lab run\n[maps]\n"
+            "# written by xdplb.lab_daemon for one lab run\n"
+            f"{self.config_extra}\n[maps]\n"
             f"max_vips = {s.max_vips}\nmax_backends = {s.max_backends}\n"
             f"ring_entries = {s.ring_entries}\nconn_entries = {s.conn_entries}\n")
 
