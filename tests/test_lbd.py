@@ -201,7 +201,7 @@ def test_apply_reads_toml(lab, lbd, tmp_path):
 
 def test_listing_and_stats_count_real_http_traffic(lab, lbd):
     topo, _ = lab
-    from xdplb.demo import http_get
+    from xdplb.lab import http_get
 
     ok(lbd, "vip", "add", VIP4)
     for address in backends_of(topo, 3):
@@ -371,7 +371,7 @@ def test_corrupt_state_file_stops_lbd_and_is_left_untouched(lab, lbd):
 
 def test_sigterm_keeps_forwarding_and_restart_reuses_everything(lab, lbd):
     topo, _ = lab
-    from xdplb.demo import http_get
+    from xdplb.lab import http_get
 
     ok(lbd, "vip", "add", VIP4)
     ok(lbd, "backend", "add", VIP4, topo.backend_v4[2])

@@ -210,7 +210,10 @@ def pin_dir_of(runid: str) -> Path:
 
 
 def _remove_pins(runid: str) -> None:
-    shutil.rmtree(pin_dir_of(runid), ignore_errors=True)
+    pin_dir = pin_dir_of(runid)
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the shared root, once no instance is left
+        pin_dir.parent.rmdir()
 
 
 def _stale_runs(prefix: str) -> set[str]:
@@ -749,3 +752,17 @@ def start_http_backends(lbl: LbLab, port: int = 80) -> list[Any]:
     for host in lbl.backends:
         wait_port(host, port, ip="::1")
     return decaps
+
+
+def http_get(topo: LbLab, vip: str, port: int = 80, timeout: float = 3.0) -> str:
+    """One HTTP request from the client to `vip` on a new TCP connection; the body
+    (a lab backend answers with its name)."""
+    family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    with topo.client.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((vip, port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data.decode().split("\r\n\r\n", 1)[1].strip()
