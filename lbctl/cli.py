@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -451,12 +452,52 @@ def backend_list(client: LbdClient, vip_key: VipKey, output_format: str) -> None
 
 @cli.command()
 @click.argument("vip_key", metavar="[VIP]", type=VIP, required=False)
+@click.option("--rate", is_flag=True,
+              help="Packets/s and bytes/s over --interval, instead of totals.")
+@click.option("--interval", type=click.FloatRange(min=0.1, max=3600), default=1.0,
+              show_default=True, metavar="S", help="Seconds between the two readings.")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval (implies --rate).")
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="With --watch: stop after N refreshes.")
 @output_option
 @click.pass_obj
-def stats(client: LbdClient, vip_key: VipKey | None, output_format: str) -> None:
-    """Traffic per VIP and backend, and datapath counters."""
+def stats(client: LbdClient, vip_key: VipKey | None, rate: bool, interval: float, watch: bool,
+          count: int | None, output_format: str) -> None:
+    """Traffic per VIP and backend, and datapath counters.
+
+    With --rate, like `ipvsadm --rate`: the rates over one interval."""
     request = lb_pb2.StatsRequest(vip="" if vip_key is None else str(vip_key))
-    click.echo(output.render_stats(client.call("GetStats", request), output_format), nl=False)
+    if not (rate or watch):
+        click.echo(output.render_stats(client.call("GetStats", request), output_format),
+                   nl=False)
+        return
+    before, taken = client.call("GetStats", request), time.monotonic()
+    refreshes = 0
+    while True:
+        time.sleep(interval)
+        after, now = client.call("GetStats", request), time.monotonic()
+        text = output.render_rates(before, after, now - taken, output_format)
+        click.echo(("\x1b[H\x1b[2J" if watch and output_format == "table" else "") + text,
+                   nl=False)
+        refreshes += 1
+        if not watch or (count is not None and refreshes >= count):
+            return
+        before, taken = after, now
+
+
+@cli.command()
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N events.")
+@output_option
+@click.pass_obj
+def events(client: LbdClient, count: int | None, output_format: str) -> None:
+    """Follow lbd's events: API changes, reconciles (ring positions moved),
+    health transitions, next-hop changes. One line each (-o json: one JSON
+    object per line)."""
+    for seen, event in enumerate(client.stream("Watch", lb_pb2.WatchRequest()), start=1):
+        click.echo(output.render_event(event, output_format))
+        if count is not None and seen >= count:
+            return
 
 
 @cli.command()

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,16 @@ class LbdClient:
             self._stub = lb_pb2_grpc.LoadBalancerStub(self._channel)
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LbdError(describe_rpc_error(error, self.endpoint, self.timeout)) from None
+
+    def stream(self, method: str, request: Message) -> Iterator[Any]:
+        """A server-streaming RPC, without a deadline (it runs until stopped)."""
+        if self._stub is None:
+            self._channel = self.endpoint.open_channel()
+            self._stub = lb_pb2_grpc.LoadBalancerStub(self._channel)
+        try:
+            yield from getattr(self._stub, method)(request)
         except grpc.RpcError as error:
             raise LbdError(describe_rpc_error(error, self.endpoint, self.timeout)) from None
 

@@ -351,3 +351,44 @@ def format_duration(seconds: float) -> str:
             parts.append(f"{count}{unit}")
     parts.append(f"{remaining}s")
     return " ".join(parts)
+
+
+def _rate_rows(before: lb_pb2.StatsResponse, after: lb_pb2.StatsResponse,
+               seconds: float) -> list[dict[str, Any]]:
+    earlier = {(e.vip, e.backend): e for e in before.traffic}
+    rows = []
+    for entry in after.traffic:
+        old = earlier.get((entry.vip, entry.backend))
+        packets = entry.packets - (old.packets if old else 0)
+        size = entry.bytes - (old.bytes if old else 0)
+        rows.append({"vip": entry.vip, "backend": entry.backend,
+                     "packets_per_s": max(0, packets) / seconds,
+                     "bytes_per_s": max(0, size) / seconds})
+    return rows
+
+
+def render_rates(before: lb_pb2.StatsResponse, after: lb_pb2.StatsResponse, seconds: float,
+                 fmt: str) -> str:
+    """Packets/s and bytes/s per VIP and backend between two readings.
+
+    JSON: {"interval_s": float, "rates": [{"vip", "backend", "packets_per_s",
+    "bytes_per_s"}]} with backend "" for a VIP's own totals."""
+    rows = _rate_rows(before, after, seconds)
+    if fmt == "json":
+        return dump_json({"interval_s": seconds, "rates": rows})
+    table: list[tuple[str, ...]] = [("VIP", "PKTS/S", "BYTES/S")]
+    for row in rows:
+        name = ARROW + row["backend"] if row["backend"] else row["vip"]
+        table.append((name, f"{row['packets_per_s']:.1f}", f"{row['bytes_per_s']:.1f}"))
+    return f"rates over {seconds:.1f} s\n" + _lines(align(table))
+
+
+def render_event(event: lb_pb2.Event, fmt: str) -> str:
+    """One line: time, kind, VIP/backend when there is one, message.
+
+    JSON: {"time": float, "kind": str, "vip": str, "backend": str, "message": str}."""
+    if fmt == "json":
+        return json.dumps({"time": event.time, "kind": event.kind, "vip": event.vip,
+                           "backend": event.backend, "message": event.message})
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
+    return f"{stamp} {event.kind:<9} {event.message}"

@@ -8,7 +8,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XDPLB_VENV:-$REPO/.venv}"
 APT_PACKAGES=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev gcc
-  iproute2 iputils-ping ethtool tcpdump curl
+  iproute2 iputils-ping ethtool tcpdump curl openssl util-linux
+  prometheus  # promtool checks the metrics; the server scrapes lbd in the tests
 )
 
 log() { printf 'setup: %s\n' "$*"; }

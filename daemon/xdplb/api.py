@@ -84,17 +84,25 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     def __init__(self, controller: Controller):
         self.ctl = controller
 
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.ctl.metrics is not None:
+            self.ctl.metrics.api_requests.labels(method, code.name).inc()
+
     async def _run(self, context: grpc.aio.ServicerContext, method: str,
                    action: Callable[[], Any]) -> Any:
         try:
-            return action()
+            result = action()
         except Exception as exc:
             for kind, code in _CODES:
                 if isinstance(exc, kind):
                     log.info("%s refused: %s", method, exc)
+                    self._count(method, code)
                     await context.abort(code, str(exc))
             log.exception("%s failed", method)
+            self._count(method, grpc.StatusCode.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {exc}")
+        self._count(method, grpc.StatusCode.OK)
+        return result
 
     # -- reading --
 
@@ -153,7 +161,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             self.ctl.state.vip(_vip_key(request.vip))))
 
     async def GetState(self, request, context):
-        return pb.StateDocument(document=json.dumps(self.ctl.state.to_dict(), indent=2))
+        return await self._run(context, "GetState", lambda: pb.StateDocument(
+            document=json.dumps(self.ctl.state.to_dict(), indent=2)))
 
     async def GetStats(self, request, context):
         return await self._run(context, "GetStats", lambda: self._stats(request.vip))
@@ -270,6 +279,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     # -- the watch stream --
 
     async def Watch(self, request, context) -> AsyncIterator[pb.Event]:
+        self._count("Watch", grpc.StatusCode.OK)
         queue = self.ctl.watch()
         try:
             while True:

@@ -19,6 +19,7 @@ from typing import Any
 from xdplb import datapath, nexthop
 from xdplb.config import DaemonConfig
 from xdplb.health import HealthChecker
+from xdplb.metrics import ControlPlaneMetrics
 from xdplb.reconciler import MemberId, Reconciler, ReconcileReport, Runtime, VipPlan
 from xdplb.state import (
     Change,
@@ -64,6 +65,7 @@ class Controller:
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
         self.health: HealthChecker | None = None
+        self.metrics: ControlPlaneMetrics | None = None
         self._watchers: set[asyncio.Queue[Event]] = set()
 
     # -- life cycle --
@@ -99,6 +101,9 @@ class Controller:
             self.set_runtime(replace(self.runtime, healthy=healthy), "health")
 
     def _health_event(self, message: str, backend: str) -> None:
+        if self.metrics is not None:
+            state = "up" if " is up:" in message else "down"
+            self.metrics.health_transitions.labels(backend, state).inc()
         self.publish("health", message, backend=backend)
 
     def stop(self, detach: bool) -> None:
@@ -149,6 +154,8 @@ class Controller:
         if new == self.state:
             return ChangeResult([], None)
         self.store.save(new)
+        if self.metrics is not None:
+            self.metrics.state_writes.inc()
         self.state = new
         if self.health is not None:
             self.health.update(new, self.runtime.healthy)
@@ -178,6 +185,8 @@ class Controller:
         settings = self.config.datapath_settings(self.nexthop.mac) if self.nexthop else None
         report = self.reconciler.reconcile(self.state, self.runtime, settings)
         self.last_report = report
+        if self.metrics is not None:
+            self.metrics.observe_reconcile(report)
         if report.total_writes:
             self.publish("reconcile", f"{reason}: {report.summary()}")
             for vip, positions in sorted(report.ring_positions.items()):

@@ -22,8 +22,8 @@ from typing import Any
 
 import click
 
-from xdplb import api
-from xdplb.config import ConfigError, DaemonConfig, load_config
+from xdplb import api, metrics
+from xdplb.config import ConfigError, DaemonConfig, load_config, split_host_port
 from xdplb.controller import Controller
 from xdplb.datapath import DatapathError
 from xdplb.nexthop import NexthopError
@@ -94,7 +94,13 @@ async def _follow_nexthop(controller: Controller) -> None:
 
 async def serve_until_stopped(controller: Controller) -> None:
     config = controller.config
+    registry, controller.metrics = metrics.make_registry(controller)
     server = await api.serve(controller)
+    metrics_server = None
+    if config.metrics_listen:
+        host, port = split_host_port(config.metrics_listen, "metrics.listen")
+        metrics_server = await metrics.serve_metrics(registry, host, port)
+        log.info("metrics on http://%s/metrics", config.metrics_listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,6 +120,8 @@ async def serve_until_stopped(controller: Controller) -> None:
     for task in tasks:
         task.cancel()
     await health.close()
+    if metrics_server is not None:
+        metrics_server.close()
     await api.stop(server, config.api.socket)
 
 

@@ -1,0 +1,200 @@
+"""Prometheus metrics of lbd.
+
+Datapath counters are read from the BPF maps at scrape time (summed over
+CPUs), so nothing polls in the background; control-plane metrics are
+counted where things happen. The endpoint is served on lbd's event loop, so
+a scrape never races a change. Labels are bounded: VIPs and backends (both
+bounded by the map sizes), map names, check kinds, API methods and codes,
+datapath outcomes; never a flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from xdplb import structs as s
+
+if TYPE_CHECKING:
+    from xdplb.controller import Controller
+
+log = logging.getLogger("xdplb.metrics")
+VIP_MODES = ("normal", "panic", "fail-open", "fail-closed")
+HEALTH_STATES = ("up", "down", "unchecked", "held-down", "not-checked")
+
+
+class ControlPlaneMetrics:
+    """Counted as things happen; registered next to the scrape-time collector."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.reconcile_seconds = Histogram(
+            "xdplb_reconcile_duration_seconds", "Time to bring the maps to the desired state.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry)
+        self.ring_positions = Counter(
+            "xdplb_ring_positions_written", "Maglev ring positions rewritten, per VIP.",
+            ["vip"], registry=registry)
+        self.map_writes = Counter(
+            "xdplb_map_writes", "BPF map entries written by the reconciler, per map.",
+            ["map"], registry=registry)
+        self.api_requests = Counter(
+            "xdplb_api_requests", "API requests by method and gRPC status code.",
+            ["method", "code"], registry=registry)
+        self.state_writes = Counter(
+            "xdplb_state_file_writes", "Atomic writes of the state file.", registry=registry)
+        self.health_transitions = Counter(
+            "xdplb_health_transitions", "Health verdict changes, by backend and new state.",
+            ["backend", "state"], registry=registry)
+        self.check_seconds = Histogram(
+            "xdplb_health_check_duration_seconds", "Health check latency, per check kind.",
+            ["kind"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                               0.5, 1, 2.5, 5), registry=registry)
+
+    def observe_reconcile(self, report: object) -> None:
+        self.reconcile_seconds.observe(report.duration_s)
+        for vip, positions in report.ring_positions.items():
+            if positions:
+                self.ring_positions.labels(vip).inc(positions)
+        for name, writes in report.writes.items():
+            self.map_writes.labels(name).inc(writes)
+
+
+class DatapathCollector:
+    """Reads the BPF counters and the controller's view at scrape time."""
+
+    def __init__(self, controller: Controller):
+        self.ctl = controller
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._traffic()
+        yield from self._datapath_counters()
+        yield from self._backends()
+        yield from self._vips()
+        yield from self._capacity()
+
+    def _traffic(self) -> Iterator[Metric]:
+        vip_packets = CounterMetricFamily("xdplb_vip_packets", "Packets forwarded per VIP.",
+                                          labels=["vip"])
+        vip_bytes = CounterMetricFamily("xdplb_vip_bytes", "Bytes forwarded per VIP.",
+                                        labels=["vip"])
+        be_packets = CounterMetricFamily("xdplb_backend_packets",
+                                         "Packets forwarded per VIP backend.",
+                                         labels=["vip", "backend"])
+        be_bytes = CounterMetricFamily("xdplb_backend_bytes", "Bytes forwarded per VIP backend.",
+                                       labels=["vip", "backend"])
+        for key, vip in sorted(self.ctl.state.vips.items()):
+            name = str(key)
+            counters = self.ctl.vip_counters(key)
+            vip_packets.add_metric([name], counters["packets"])
+            vip_bytes.add_metric([name], counters["bytes"])
+            for address in vip.backends:
+                counters = self.ctl.backend_counters(key, address)
+                be_packets.add_metric([name, address], counters["packets"])
+                be_bytes.add_metric([name, address], counters["bytes"])
+        yield from (vip_packets, vip_bytes, be_packets, be_bytes)
+
+    def _datapath_counters(self) -> Iterator[Metric]:
+        packets = CounterMetricFamily(
+            "xdplb_datapath_packets",
+            "Every packet the balancer saw, once, by what it did (pass, tx, drop) and why.",
+            labels=["action", "reason"])
+        events = CounterMetricFamily(
+            "xdplb_datapath_events",
+            "Connection-table and flow events: conn_hit, conn_miss, conn_rechosen, "
+            "new_flows, new_flows_unrecorded.", labels=["event"])
+        counters = self.ctl.global_counters()
+        for name in s.OUTCOME_COUNTERS:
+            action, reason = name.split("_", 1)
+            packets.add_metric([action, reason], counters[name])
+        for name in s.EVENT_COUNTERS:
+            events.add_metric([name], counters[name])
+        yield from (packets, events)
+
+    def _backends(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily("xdplb_backend_healthy",
+                                    "1 when the backend's health verdict is up.",
+                                    labels=["vip", "backend"])
+        available = GaugeMetricFamily("xdplb_backend_available",
+                                      "1 when the datapath may send flows to the backend.",
+                                      labels=["vip", "backend"])
+        weight = GaugeMetricFamily("xdplb_backend_weight", "Configured weight.",
+                                   labels=["vip", "backend"])
+        effective = GaugeMetricFamily("xdplb_backend_effective_weight",
+                                      "Weight the ring is built with (0: drained or down).",
+                                      labels=["vip", "backend"])
+        positions = GaugeMetricFamily("xdplb_backend_ring_positions",
+                                      "Positions the backend holds in its VIP's ring.",
+                                      labels=["vip", "backend"])
+        for key, vip in sorted(self.ctl.state.vips.items()):
+            plan = self.ctl.plan(key)
+            held = self.ctl.reconciler.ring_positions(key)
+            for address, backend in vip.backends.items():
+                labels = [str(key), address]
+                healthy.add_metric(labels, int(self.ctl.runtime.healthy.get((key, address),
+                                                                            True)))
+                available.add_metric(labels, int(bool(plan and plan.available.get(address))))
+                weight.add_metric(labels, backend.weight)
+                effective.add_metric(labels, plan.ring_weights.get(address, 0) if plan else 0)
+                positions.add_metric(labels, held.get(address, 0))
+        yield from (healthy, available, weight, effective, positions)
+
+    def _vips(self) -> Iterator[Metric]:
+        mode = GaugeMetricFamily("xdplb_vip_mode",
+                                 "1 for the VIP's current mode (normal, panic, fail-open, "
+                                 "fail-closed), 0 for the others.", labels=["vip", "mode"])
+        for key in sorted(self.ctl.state.vips):
+            plan = self.ctl.plan(key)
+            for name in VIP_MODES:
+                mode.add_metric([str(key), name], int(bool(plan and plan.mode == name)))
+        yield mode
+
+    def _capacity(self) -> Iterator[Metric]:
+        limits = self.ctl.limits
+        used = GaugeMetricFamily("xdplb_map_entries_used", "Entries in use, per map.",
+                                 labels=["map"])
+        capacity = GaugeMetricFamily("xdplb_map_entries_capacity", "Entries a map holds.",
+                                     labels=["map"])
+        members = sum(len(v.backends) for v in self.ctl.state.vips.values())
+        for name, n, cap in (("vips", len(self.ctl.state.vips), limits.max_vips),
+                             ("backends", members, limits.max_backends),
+                             ("ring", self.ctl.reconciler.ring_entries_used(),
+                              limits.ring_entries)):
+            used.add_metric([name], n)
+            capacity.add_metric([name], cap)
+        yield from (used, capacity)
+
+
+def make_registry(controller: Controller) -> tuple[CollectorRegistry, ControlPlaneMetrics]:
+    registry = CollectorRegistry()
+    registry.register(DatapathCollector(controller))
+    return registry, ControlPlaneMetrics(registry)
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
+    """GET /metrics on the event loop: a scrape sees one consistent moment."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError,
+                asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
