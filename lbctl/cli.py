@@ -485,6 +485,51 @@ def stats(client: LbdClient, vip_key: VipKey | None, rate: bool, interval: float
         before, taken = after, now
 
 
+@cli.command("drain-host")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0, max=86400), default=0.0,
+              metavar="S", help="Wait up to S seconds for new flows to stop (0: don't wait).")
+@click.option("--quiet", "quiet_s", type=click.FloatRange(min=0.5, max=3600), default=5.0,
+              show_default=True, metavar="S",
+              help="Seconds without a new flow that count as drained.")
+@click.option("--undo", is_flag=True, help="Announce the VIPs again.")
+@click.pass_obj
+def drain_host(client: LbdClient, wait_s: float, quiet_s: float, undo: bool) -> None:
+    """Maintenance: withdraw every VIP from BGP so routers send flows elsewhere.
+
+    Established flows keep being forwarded. With --wait, returns once no new
+    flow arrived for --quiet seconds; exits 1 if the wait ran out first."""
+    request = lb_pb2.DrainHostRequest(undo=undo, wait_s=wait_s, quiet_s=quiet_s)
+    timeout = max(client.timeout, wait_s + 10)
+    response = client.call("DrainHost", request, timeout=timeout)
+    click.echo(response.message)
+    if wait_s and not undo and not response.drained:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
+@output_option
+@click.pass_obj
+def compare(client: LbdClient, hosts: tuple[str, ...], output_format: str) -> None:
+    """Compare the ring fingerprints of several LB hosts' lbd.
+
+    HOST is a socket path (/run/xdplb/lbd.sock) or HOST:PORT (TLS with the
+    global --ca/--cert/--key). Exits 1 and names the hosts whose rings differ."""
+    rings: dict[str, dict[str, str]] = {}
+    for host in hosts:
+        peer = client.for_endpoint(host)
+        try:
+            status = peer.call("GetStatus", lb_pb2.StatusRequest())
+        finally:
+            peer.close()
+        rings[host] = {v.vip: v.status.ring_fingerprint for v in status.vip_status}
+    text, differing = output.render_fingerprints(rings, output_format)
+    click.echo(text, nl=False)
+    if differing:
+        click.echo(f"lbctl: rings differ on {', '.join(differing)}", err=True)
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--count", type=click.IntRange(min=1), metavar="N",
               help="Stop after N events.")

@@ -48,6 +48,7 @@ class Endpoint:
     target: str  # the gRPC target: unix:///abs/path or host:port
     credentials: grpc.ChannelCredentials | None = field(default=None, compare=False)
     socket_path: str | None = None  # for unix sockets: lets failures name the cause
+    tls_files: dict = field(default_factory=dict, compare=False)  # ca/cert/key/insecure given
 
     def open_channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -89,13 +90,14 @@ def tcp_endpoint(address: str, *, ca: str | None = None, cert: str | None = None
         if not is_loopback(host):
             raise EndpointError(f"--insecure is allowed only with a loopback --address "
                                 f"(127.0.0.0/8, ::1, localhost), not {address}")
-        return Endpoint(target=target)
+        return Endpoint(target=target, tls_files={"insecure": True})
     if bool(cert) != bool(key):
         raise EndpointError("--cert and --key go together (mutual TLS needs both)")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read_pem(ca, "--ca"), private_key=_read_pem(key, "--key"),
         certificate_chain=_read_pem(cert, "--cert"))
-    return Endpoint(target=target, credentials=credentials)
+    return Endpoint(target=target, credentials=credentials,
+                    tls_files={"ca": ca, "cert": cert, "key": key})
 
 
 def parse_host_port(address: str) -> tuple[str, int]:
@@ -143,15 +145,22 @@ class LbdClient:
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
 
-    def call(self, method: str, request: Message) -> Any:
+    def call(self, method: str, request: Message, timeout: float | None = None) -> Any:
         """Call RPC `method` (e.g. "ListVips"); raises LbdError on any failure."""
         if self._stub is None:
             self._channel = self.endpoint.open_channel()
             self._stub = lb_pb2_grpc.LoadBalancerStub(self._channel)
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as error:
             raise LbdError(describe_rpc_error(error, self.endpoint, self.timeout)) from None
+
+    def for_endpoint(self, host: str) -> LbdClient:
+        """A client of another lbd: a socket path, or HOST:PORT with this one's TLS files."""
+        if host.startswith("/") or host.startswith("."):
+            return LbdClient(unix_endpoint(host), self.timeout)
+        tls = self.endpoint.tls_files
+        return LbdClient(tcp_endpoint(host, **tls), self.timeout)
 
     def stream(self, method: str, request: Message) -> Iterator[Any]:
         """A server-streaming RPC, without a deadline (it runs until stopped)."""

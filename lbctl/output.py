@@ -152,11 +152,41 @@ def render_status(response: lb_pb2.StatusResponse, fmt: str) -> str:
     if fmt == "json":
         return dump_json(message_to_json(response))
     text = _lines(align(_status_rows(response)))
+    if response.bgp.enabled:
+        text += "\n" + _lines(align(_bgp_rows(response)))
     if response.vip_status:
-        rows = [("VIP", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES"),
+        rows = [("VIP", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES", "ANNOUNCED", "RING"),
                 *(_vip_status_row(vip) for vip in response.vip_status)]
         text += "\n" + _lines(align(rows))
     return text
+
+
+def _bgp_rows(status: lb_pb2.StatusResponse) -> list[tuple[str, str]]:
+    bgp = status.bgp
+    rows = [("bgp", "drained: every VIP withdrawn" if status.host_drained else "announcing")]
+    rows += [("session", f"{s.name} {s.state} {s.info}".rstrip()) for s in bgp.sessions]
+    rows += [("announced", ", ".join(bgp.announced) or "-")]
+    if bgp.error:
+        rows.append(("bgp error", bgp.error))
+    return rows
+
+
+def render_fingerprints(rings: dict[str, dict[str, str]], fmt: str) -> tuple[str, list[str]]:
+    """Per VIP, each host's ring fingerprint; and the hosts that disagree with the
+    first host on any VIP (a VIP missing on a host counts as a difference).
+
+    JSON: {"vips": {VIP: {HOST: fingerprint or null}}, "differing": [HOST, ...]}."""
+    hosts = list(rings)
+    vips = sorted({vip for ring in rings.values() for vip in ring})
+    reference = rings[hosts[0]]
+    differing = [h for h in hosts[1:]
+                 if any(rings[h].get(v) != reference.get(v) for v in vips)]
+    if fmt == "json":
+        table = {v: {h: rings[h].get(v) for h in hosts} for v in vips}
+        return dump_json({"vips": table, "differing": differing}), differing
+    rows = [("VIP", *hosts)]
+    rows += [(v, *((rings[h].get(v) or "missing")[:16] for h in hosts)) for v in vips]
+    return _lines(align(rows)), differing
 
 
 # --- tables --------------------------------------------------------------------------
@@ -338,7 +368,8 @@ def _describe_interface(interface: lb_pb2.Interface) -> str:
 def _vip_status_row(vip: lb_pb2.Vip) -> tuple[str, ...]:
     status = vip.status
     return (vip.vip, status.mode or "-", str(status.healthy_backends),
-            str(status.serving_backends), str(status.packets), str(status.bytes))
+            str(status.serving_backends), str(status.packets), str(status.bytes),
+            "yes" if status.announced else "no", status.ring_fingerprint[:16] or "-")
 
 
 def format_duration(seconds: float) -> str:

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev gcc
   iproute2 iputils-ping ethtool tcpdump curl openssl util-linux
   prometheus  # promtool checks the metrics; the server scrapes lbd in the tests
+  bird2  # BGP: lbd announces VIPs through it; the multi-host lab runs it as the router
 )
 
 log() { printf 'setup: %s\n' "$*"; }

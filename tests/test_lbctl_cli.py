@@ -495,7 +495,7 @@ VIP_JSON = {
                     "since": 0.0, "check": "tcp 10.1.0.2:22"}},
     ],
     "status": {"mode": "normal", "vip_id": 1, "healthy_backends": 1, "serving_backends": 1,
-               "packets": 300, "bytes": 45000},
+               "packets": 300, "bytes": 45000, "ring_fingerprint": "", "announced": False},
 }
 
 
@@ -609,8 +609,8 @@ backends        2 of 4095
 ring entries    65537 of 4194368 (1.6%)
 last reconcile  12 map writes in 0.8 ms
 
-VIP               MODE   HEALTHY  SERVING  PACKETS  BYTES
-10.0.0.10:80/tcp  panic  1        2        5        600
+VIP               MODE   HEALTHY  SERVING  PACKETS  BYTES  ANNOUNCED  RING
+10.0.0.10:80/tcp  panic  1        2        5        600    no         -
 """
 
 

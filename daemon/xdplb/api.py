@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from xdplb import bgp
 from xdplb import state as st
 from xdplb.config import DaemonConfig
 from xdplb.controller import VERSION, ChangeResult, Controller
@@ -114,7 +115,10 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             mode=plan.mode if plan else "pending", vip_id=self.ctl.reconciler.vip_id(vip.key),
             healthy_backends=plan.healthy if plan else 0,
             serving_backends=plan.serving if plan else 0,
-            packets=counters["packets"], bytes=counters["bytes"]))
+            packets=counters["packets"], bytes=counters["bytes"],
+            ring_fingerprint=self.ctl.reconciler.fingerprints.get(vip.key, ""),
+            announced=self.ctl.announcer is not None and bgp.host_prefix(vip.key.address)
+            in self.ctl.announcer.announced))
         positions = self.ctl.reconciler.ring_positions(vip.key)
         for backend in message.backends:
             self._fill_backend_status(vip, backend, plan, positions)
@@ -182,11 +186,14 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         return response
 
     async def GetStatus(self, request, context):
-        # pyroute2's synchronous API runs its own event loop: keep it off this one.
+        # pyroute2's synchronous API runs its own event loop, and birdc is a
+        # subprocess: keep both off this loop.
         interfaces = await asyncio.to_thread(self.ctl.interfaces)
-        return await self._run(context, "GetStatus", lambda: self._status(interfaces))
+        bgp_state = await asyncio.to_thread(self.ctl.bgp_state)
+        return await self._run(context, "GetStatus", lambda: self._status(interfaces, bgp_state))
 
-    def _status(self, interfaces: list[tuple[str, int]]) -> pb.StatusResponse:
+    def _status(self, interfaces: list[tuple[str, int]],
+                bgp_state: bgp.BgpState) -> pb.StatusResponse:
         ctl, cfg = self.ctl, self.ctl.config
         nh = ctl.nexthop
         response = pb.StatusResponse(
@@ -202,7 +209,12 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             max_vips=ctl.limits.max_vips, max_backends=ctl.limits.max_backends,
             ring_entries_used=ctl.reconciler.ring_entries_used(),
             ring_entries=cfg.maps.ring_entries,
-            vip_status=[self.vip_message(ctl.state.vips[k]) for k in sorted(ctl.state.vips)])
+            vip_status=[self.vip_message(ctl.state.vips[k]) for k in sorted(ctl.state.vips)],
+            host_drained=ctl.host_drained,
+            bgp=pb.BgpStatus(enabled=bgp_state.enabled, announced=bgp_state.announced,
+                             error=bgp_state.error, sessions=[
+                                 pb.BgpSession(name=s.name, state=s.state, info=s.info)
+                                 for s in bgp_state.sessions]))
         summary = report_message(ctl.last_report)
         if summary is not None:
             response.last_reconcile.CopyFrom(summary)
@@ -275,6 +287,23 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             self.ctl.apply_document(request.document, request.dry_run)))
         await self.ctl.settle_new_backends()
         return response
+
+    async def DrainHost(self, request, context):
+        if request.wait_s < 0 or request.quiet_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "wait_s and quiet_s must not be negative")
+        await self._run(context, "DrainHost", lambda: self.ctl.set_host_drained(
+            not request.undo))
+        if request.undo:
+            return pb.DrainHostResponse(drained=False, message="announcing VIPs again")
+        if request.wait_s == 0:
+            return pb.DrainHostResponse(drained=False, message="VIPs withdrawn; not waiting")
+        quiet = request.quiet_s or 5.0
+        idle, waited, flows = await self.ctl.wait_idle(request.wait_s, quiet)
+        message = (f"no new flow for {quiet:g} s: drained" if idle else
+                   f"still receiving new flows after {waited:.1f} s")
+        return pb.DrainHostResponse(drained=idle, waited_s=waited, new_flows=flows,
+                                    message=message)
 
     # -- the watch stream --
 

@@ -44,6 +44,14 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class BgpConfig:
+    enabled: bool = False
+    bird_socket: str = "/run/bird/bird.ctl"
+    include_dir: str = "/run/xdplb/bird"  # BIRD's config includes vips4.conf and vips6.conf
+    birdc: str = "birdc"
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     interfaces: tuple[str, ...] = ()
     xdp_mode: str = "native"
@@ -54,6 +62,7 @@ class DaemonConfig:
     metrics_listen: str = "127.0.0.1:9640"  # empty: no metrics endpoint
     nexthop: NexthopConfig = field(default_factory=NexthopConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    bgp: BgpConfig = field(default_factory=BgpConfig)
     maps: MapSizes = field(default_factory=MapSizes)
     # The datapath settings other than the next hop, which lbd resolves.
     mtu: int = 1500
@@ -89,6 +98,9 @@ class DaemonConfig:
             raise ConfigError("nexthop.refresh_s: must be 0.5..3600 seconds")
         if self.metrics_listen:
             split_host_port(self.metrics_listen, "metrics.listen")
+        for key in ("bird_socket", "include_dir"):
+            if self.bgp.enabled and not Path(getattr(self.bgp, key)).is_absolute():
+                raise ConfigError(f"bgp.{key}: {getattr(self.bgp, key)} must be an absolute path")
         self._validate_api()
         try:
             self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
@@ -170,6 +182,8 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
         "socket": str, "listen": str, "tls_cert": str, "tls_key": str, "client_ca": str,
         "insecure": bool})
     values["api"] = replace(api, socket=Path(api.socket))
+    values["bgp"] = _section(top, "bgp", defaults.bgp, {
+        "enabled": bool, "bird_socket": str, "include_dir": str, "birdc": str})
     metrics = StrictTable(top.take("metrics", dict, {}), "metrics")
     values["metrics_listen"] = metrics.take("listen", str, defaults.metrics_listen)
     metrics.done()

@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from xdplb import datapath, nexthop
+from xdplb import bgp, datapath, nexthop
 from xdplb.config import DaemonConfig
 from xdplb.health import HealthChecker
 from xdplb.metrics import ControlPlaneMetrics
@@ -66,6 +67,13 @@ class Controller:
         self.last_report: ReconcileReport | None = None
         self.health: HealthChecker | None = None
         self.metrics: ControlPlaneMetrics | None = None
+        self.host_drained = self.store.load_host_drained()
+        self.last_bgp_state = bgp.BgpState(config.bgp.enabled)
+        self.announcer: bgp.BirdAnnouncer | None = None
+        if config.bgp.enabled:
+            self.announcer = bgp.BirdAnnouncer(Path(config.bgp.include_dir),
+                                               Path(config.bgp.bird_socket), config.bgp.birdc)
+            self.announcer.prepare()
         self._watchers: set[asyncio.Queue[Event]] = set()
 
     # -- life cycle --
@@ -187,6 +195,7 @@ class Controller:
         self.last_report = report
         if self.metrics is not None:
             self.metrics.observe_reconcile(report)
+        self._announce()
         if report.total_writes:
             self.publish("reconcile", f"{reason}: {report.summary()}")
             for vip, positions in sorted(report.ring_positions.items()):
@@ -194,6 +203,62 @@ class Controller:
                     self.publish("reconcile", f"ring of {vip}: {positions} positions written",
                                  vip=vip)
         return report
+
+    # -- BGP and host maintenance --
+
+    def announceable(self) -> set[str]:
+        """VIP prefixes to announce: those with a healthy backend, unless the host is drained."""
+        if self.host_drained:
+            return set()
+        return {bgp.host_prefix(key.address) for key, plan in self.reconciler.plans.items()
+                if plan.healthy > 0}
+
+    def _announce(self) -> None:
+        if self.announcer is None:
+            return
+        wanted = self.announceable()
+        before = set(self.announcer.announced)
+        try:
+            changed = self.announcer.announce(wanted)
+        except bgp.AnnounceError as exc:
+            self.publish("bgp", f"announcing failed: {exc}")
+            return
+        if changed:
+            for prefix in sorted(wanted - before):
+                self.publish("bgp", f"announce {prefix}")
+            for prefix in sorted(before - wanted):
+                self.publish("bgp", f"withdraw {prefix}")
+
+    def set_host_drained(self, drained: bool) -> None:
+        """Persisted, then applied: a drained host withdraws every VIP from BGP."""
+        if drained == self.host_drained:
+            return
+        self.store.save_host_drained(drained)
+        self.host_drained = drained
+        self.publish("change", "drain host: withdraw every VIP" if drained
+                     else "undrain host: announce VIPs again")
+        self._announce()
+
+    async def wait_idle(self, wait_s: float, quiet_s: float) -> tuple[bool, float, int]:
+        """Until no new flow arrived for quiet_s, at most wait_s: (idle, waited, new flows)."""
+        started = time.monotonic()
+        first = last = self.global_counters()["new_flows"]
+        last_change = started
+        while time.monotonic() - started < wait_s:
+            await asyncio.sleep(min(0.5, quiet_s / 4))
+            now_flows = self.global_counters()["new_flows"]
+            if now_flows != last:
+                last, last_change = now_flows, time.monotonic()
+            elif time.monotonic() - last_change >= quiet_s:
+                return True, time.monotonic() - started, last - first
+        return False, time.monotonic() - started, last - first
+
+    def bgp_state(self) -> bgp.BgpState:
+        """Asks BIRD (blocking: run it off the event loop); kept for the metrics."""
+        if self.announcer is None:
+            return bgp.BgpState(False)
+        self.last_bgp_state = self.announcer.status()
+        return self.last_bgp_state
 
     # -- reading --
 

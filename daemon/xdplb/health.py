@@ -9,11 +9,17 @@ bring a down one up. A backend nobody has checked yet takes the verdict of
 its first check, so a new backend gets traffic once it has answered once
 and never before.
 
+Checks never come later than their interval says: each wait is shortened by
+a random jitter of up to 10%, never lengthened, so a dead backend is judged
+down within fall x interval + timeout of its death, and a revived one up
+within rise x interval (plus the time its last check takes).
+
 Verdict changes are not applied one by one: they are collected and handed
 to the controller in batches (at most one reconcile per batch interval),
 and a backend that keeps flapping is held down by a damping penalty that
 grows with every transition and decays with time, so neither a flapping
-backend nor a storm of failures can thrash the rings.
+backend nor a storm of failures can thrash the rings. Every verdict change,
+hold-down and release is reported (logged and published) with its reason.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import contextlib
 import logging
 import math
 import random
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,17 +45,24 @@ log = logging.getLogger("xdplb.health")
 
 MemberId = tuple[VipKey, str]
 HTTP_READ_LIMIT = 64 * 1024
-JITTER = 0.1  # each interval is stretched or shrunk by up to 10%
+JITTER = 0.1  # each wait is shortened by up to 10% (never lengthened)
 MAX_CONCURRENT_PROBES = 1024
+APPLY_RETRY_S = 1.0  # after `apply` failed, the next attempt waits at least this long
 
 # Flap damping (after BGP route-flap damping): every transition adds a penalty
-# that halves every DAMPING_HALF_LIFE_S; above SUPPRESS the backend is held
-# down until the penalty decays below REUSE.
+# that halves every DAMPING_HALF_LIFE_CHECKS check intervals (15 s at the
+# default 2 s interval); above SUPPRESS the backend is held down until the
+# penalty decays below REUSE. Time is counted in check intervals so that a
+# backend flapping at every check is treated alike whatever its interval:
+# the fourth transition in quick succession holds it down, and it stays held
+# down while it keeps flapping (the penalty then stays above REUSE).
 DAMPING_PENALTY = 1000.0
 DAMPING_SUPPRESS = 3000.0
 DAMPING_REUSE = 1500.0
-DAMPING_HALF_LIFE_S = 15.0
+DAMPING_HALF_LIFE_CHECKS = 7.5
 DAMPING_MAX = 12000.0  # caps the hold-down at three half-lives past REUSE
+
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, no TIME_WAIT
 
 
 @dataclass(frozen=True)
@@ -101,14 +116,22 @@ def _connect_reason(exc: BaseException) -> str:
         return f"tls: {exc.reason or exc}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed early"
     return type(exc).__name__
 
 
 async def _probe_tcp(probe: Probe) -> str:
-    _, writer = await asyncio.open_connection(probe.address, probe.port)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    """A connect, then a reset: no request, no TIME_WAIT left on either side."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        await loop.sock_connect(sock, (probe.address, probe.port))
+    finally:
+        sock.close()
     return "ok"
 
 
@@ -117,17 +140,38 @@ _NO_VERIFY.check_hostname = False
 _NO_VERIFY.verify_mode = ssl.CERT_NONE  # a backend is probed by address, not by name
 
 
+def _http_complete(probe: Probe, response: bytes) -> bool:
+    """Whether `response` holds all the check needs: the status line and headers, and,
+    when a body substring is expected, the body as far as Content-Length says."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    if not probe.body:
+        return True
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False  # no length: the server's close ends the body
+
+
 async def _probe_http(probe: Probe) -> str:
     tls = _NO_VERIFY if probe.kind == "https" else None
-    reader, writer = await asyncio.open_connection(probe.address, probe.port, ssl=tls)
+    reader, writer = await asyncio.open_connection(
+        probe.address, probe.port, ssl=tls,
+        server_hostname=(probe.host or None) if tls else None)  # SNI: the Host header's name
     try:
         host = probe.host or (f"[{probe.address}]" if ":" in probe.address else probe.address)
         writer.write(f"GET {probe.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xdplb-lbd\r\n"
                      "Connection: close\r\n\r\n".encode())
         await writer.drain()
-        response = await reader.read(HTTP_READ_LIMIT)
-        while len(response) < HTTP_READ_LIMIT and (chunk := await reader.read(
-                HTTP_READ_LIMIT - len(response))):
+        # Stop as soon as the response says enough: a server that ignores
+        # "Connection: close" must not turn every check into a timeout.
+        response = b""
+        while len(response) < HTTP_READ_LIMIT and not _http_complete(probe, response):
+            chunk = await reader.read(HTTP_READ_LIMIT - len(response))
+            if not chunk:
+                break
             response += chunk
     finally:
         writer.close()
@@ -140,7 +184,7 @@ def _judge_http(probe: Probe, response: bytes) -> str:
     status_line = response.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return f"bad response {status_line[:40]!r}"
+        return f"bad response {status_line[:40]!r}" if status_line else "empty response"
     status = int(parts[1])
     if status not in probe.expect_status:
         return f"status {status}"
@@ -151,30 +195,48 @@ def _judge_http(probe: Probe, response: bytes) -> str:
 
 
 class GrpcChannels:
-    """One channel per gRPC check target, kept between checks."""
+    """One channel per gRPC check, kept between checks while they succeed.
+
+    A channel whose check failed is dropped: gRPC's reconnect backoff (1 s,
+    growing to 2 minutes) would otherwise keep a revived backend "unavailable"
+    long after it answers again; the next check connects afresh instead."""
 
     def __init__(self) -> None:
-        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self._channels: dict[Probe, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str, port: int) -> grpc.aio.Channel:
-        key = (address, port)
-        if key not in self._channels:
-            host = f"[{address}]" if ":" in address else address
-            self._channels[key] = grpc.aio.insecure_channel(f"{host}:{port}")
-        return self._channels[key]
+    def get(self, probe: Probe) -> grpc.aio.Channel:
+        channel = self._channels.get(probe)
+        if channel is None:
+            host = f"[{probe.address}]" if ":" in probe.address else probe.address
+            channel = grpc.aio.insecure_channel(f"{host}:{probe.port}")
+            self._channels[probe] = channel
+        return channel
+
+    def discard(self, probe: Probe) -> None:
+        channel = self._channels.pop(probe, None)
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def __len__(self) -> int:
+        return len(self._channels)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        for probe in list(self._channels):
+            self.discard(probe)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def _probe_grpc(probe: Probe, channels: GrpcChannels) -> str:
-    stub = health_pb2_grpc.HealthStub(channels.get(probe.address, probe.port))
+    stub = health_pb2_grpc.HealthStub(channels.get(probe))
     try:
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=probe.grpc_service),
                                  timeout=probe.timeout_ms / 1000)
     except grpc.aio.AioRpcError as exc:
+        channels.discard(probe)
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return "timeout"
         return f"grpc {exc.code().name}"
@@ -184,20 +246,24 @@ async def _probe_grpc(probe: Probe, channels: GrpcChannels) -> str:
 
 
 async def run_probe(probe: Probe, channels: GrpcChannels) -> Result:
-    """One check, bounded by its timeout; never raises."""
+    """One check, bounded by its timeout; never raises (but can be cancelled)."""
+    if probe.kind == "none":
+        return Result(True, "ok", 0.0)
     started = time.monotonic()
     try:
-        if probe.kind == "tcp":
-            coro = _probe_tcp(probe)
-        elif probe.kind in ("http", "https"):
-            coro = _probe_http(probe)
-        elif probe.kind == "grpc":
-            coro = _probe_grpc(probe, channels)
-        else:
-            return Result(True, "ok", 0.0)
-        reason = await asyncio.wait_for(coro, probe.timeout_ms / 1000)
+        async with asyncio.timeout(probe.timeout_ms / 1000):
+            if probe.kind == "tcp":
+                reason = await _probe_tcp(probe)
+            elif probe.kind in ("http", "https"):
+                reason = await _probe_http(probe)
+            elif probe.kind == "grpc":
+                reason = await _probe_grpc(probe, channels)
+            else:
+                reason = f"unknown check kind {probe.kind!r}"
     except Exception as exc:
         reason = _connect_reason(exc)
+        if probe.kind == "grpc":
+            channels.discard(probe)
     return Result(reason == "ok", reason, time.monotonic() - started)
 
 
@@ -206,7 +272,9 @@ async def run_probe(probe: Probe, channels: GrpcChannels) -> Result:
 
 @dataclass
 class Verdict:
-    """A check's rise/fall state machine, its damping, and what it last saw."""
+    """A check's rise/fall state machine, its damping, and what it last saw.
+
+    Times given as `now` are time.monotonic() seconds; `since` is wall-clock time."""
 
     probe: Probe
     up: bool | None = None  # None: never checked
@@ -214,12 +282,16 @@ class Verdict:
     last: Result | None = None
     since: float = field(default_factory=time.time)
     penalty: float = 0.0
-    penalty_at: float = field(default_factory=time.monotonic)
+    penalty_at: float = 0.0
     suppressed: bool = False
     transitions: int = 0
 
+    @property
+    def half_life_s(self) -> float:
+        return DAMPING_HALF_LIFE_CHECKS * self.probe.interval_ms / 1000
+
     def observe(self, result: Result, now: float) -> bool:
-        """Takes one result; True when the verdict changed."""
+        """Takes one result; True when the verdict (up/down) changed."""
         self.last = result
         if self.up is None:
             self.up, self.since = result.ok, time.time()
@@ -232,24 +304,31 @@ class Verdict:
             return False
         self.up, self.streak, self.since = result.ok, 0, time.time()
         self.transitions += 1
-        self._add_penalty(now)
+        self.penalty = min(self.decayed(now) + DAMPING_PENALTY, DAMPING_MAX)
+        self.penalty_at = now
+        if self.penalty >= DAMPING_SUPPRESS:
+            self.suppressed = True
         return True
 
-    def _decayed(self, now: float) -> float:
-        return self.penalty * math.pow(0.5, (now - self.penalty_at) / DAMPING_HALF_LIFE_S)
+    def decayed(self, now: float) -> float:
+        """The penalty as it stands at `now`."""
+        return self.penalty * math.pow(0.5, (now - self.penalty_at) / self.half_life_s)
 
-    def _add_penalty(self, now: float) -> None:
-        self.penalty = min(self._decayed(now) + DAMPING_PENALTY, DAMPING_MAX)
-        self.penalty_at = now
-        if self.penalty >= DAMPING_SUPPRESS and not self.suppressed:
-            self.suppressed = True
-            log.warning("%s flaps: held down until it settles", self.probe.describe())
-
-    def serving(self, now: float) -> bool:
-        """Whether traffic may go to it: up, and not held down for flapping."""
-        if self.suppressed and self._decayed(now) < DAMPING_REUSE:
+    def release(self, now: float) -> bool:
+        """Ends a hold-down once the penalty decayed below REUSE; True when it did."""
+        if self.suppressed and self.decayed(now) < DAMPING_REUSE:
             self.suppressed = False
-            log.info("%s settled: no longer held down", self.probe.describe())
+            return True
+        return False
+
+    def held_for(self, now: float) -> float:
+        """Seconds until the penalty falls below REUSE (0 when it is there already)."""
+        penalty = self.decayed(now)
+        return 0.0 if penalty < DAMPING_REUSE else self.half_life_s * math.log2(
+            penalty / DAMPING_REUSE)
+
+    def serving(self) -> bool:
+        """Whether traffic may go to it: up, and not held down for flapping."""
         return bool(self.up) and not self.suppressed
 
     def reason(self) -> str:
@@ -278,6 +357,7 @@ class HealthChecker:
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
         self.channels = GrpcChannels()
         self.checks_run = 0
+        self.batches_applied = 0
 
     def update(self, state: DesiredState, known: Mapping[MemberId, bool]) -> None:
         """Follows the desired state: new checks start, unused ones stop. A new check
@@ -301,16 +381,16 @@ class HealthChecker:
         for probe in set(self._tasks) - wanted:
             self._tasks.pop(probe).cancel()
             self.verdicts.pop(probe, None)
+            self.channels.discard(probe)
 
     def healthy(self) -> dict[MemberId, bool]:
-        now = time.monotonic()
         out = {}
         for member, probe in self.members.items():
             if probe is None:
                 out[member] = True
             else:
                 verdict = self.verdicts.get(probe)
-                out[member] = bool(verdict and verdict.serving(now))
+                out[member] = bool(verdict and verdict.serving())
         return out
 
     def unchecked(self) -> list[Probe]:
@@ -335,21 +415,43 @@ class HealthChecker:
         if verdict.up is not None:  # known already: spread checks over the interval
             await asyncio.sleep(random.uniform(0, interval))
         while self.verdicts.get(probe) is verdict:
-            due = time.monotonic() + interval * random.uniform(1 - JITTER, 1 + JITTER)
+            due = time.monotonic() + interval * (1 - JITTER * random.random())
             async with self._limit:
                 result = await run_probe(probe, self.channels)
             self.checks_run += 1
-            self._judge(verdict, result)
+            try:
+                self._judge(verdict, result, time.monotonic())
+            except Exception:  # a broken notify must not silence this check for good
+                log.exception("%s: judging a result failed", probe.describe())
             await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    def _judge(self, verdict: Verdict, result: Result) -> None:
-        now = time.monotonic()
-        was_serving = verdict.serving(now)
+    def _judge(self, verdict: Verdict, result: Result, now: float) -> None:
+        """One result: verdict, hold-down and release reported; the batcher woken when
+        whether the backend may serve changed."""
+        was_serving = verdict.serving()
+        what = verdict.probe.describe()
+        if verdict.release(now):
+            self.notify(f"{what} settled: no longer held down for flapping, "
+                        f"{'up' if verdict.up else 'down'}", verdict.probe.address)
+        first = verdict.up is None
+        was_suppressed = verdict.suppressed
         if verdict.observe(result, now):
             state = "up" if verdict.up else "down"
-            line = f"{verdict.probe.describe()} is {state}: {result.reason}"
+            if first:
+                why = "first check"
+            else:
+                n = verdict.probe.rise if verdict.up else verdict.probe.fall
+                noun = "success" if verdict.up else "failure"
+                plural = ("es" if verdict.up else "s") if n > 1 else ""
+                why = f"{n} {noun}{plural} in a row"
+            line = f"{what} is {state}: {result.reason} ({why})"
+            if verdict.suppressed and not was_suppressed:
+                line += (f"; flapping ({verdict.transitions} transitions): held down for "
+                         f"{verdict.held_for(now):.1f} s or more")
+            elif verdict.suppressed and verdict.up:
+                line += "; still held down for flapping"
             self.notify(line, verdict.probe.address)
-        if was_serving != verdict.serving(now):
+        if was_serving != verdict.serving():
             self._wake.set()
 
     async def run_batches(self) -> None:
@@ -357,12 +459,20 @@ class HealthChecker:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self.apply(self.healthy())
-            await asyncio.sleep(self.batch_interval_s)
+            pause = self.batch_interval_s
+            try:
+                self.apply(self.healthy())
+                self.batches_applied += 1
+            except Exception:  # the checks go on; the verdicts are handed over again
+                log.exception("applying health verdicts failed; retrying")
+                self._wake.set()
+                pause = max(pause, APPLY_RETRY_S)
+            await asyncio.sleep(pause)
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
         self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.channels.close()
-

@@ -92,6 +92,10 @@ async def _follow_nexthop(controller: Controller) -> None:
     controller.use_nexthop(await asyncio.to_thread(controller.find_nexthop))
 
 
+async def _refresh_bgp(controller: Controller) -> None:
+    await asyncio.to_thread(controller.bgp_state)
+
+
 async def serve_until_stopped(controller: Controller) -> None:
     config = controller.config
     registry, controller.metrics = metrics.make_registry(controller)
@@ -111,6 +115,7 @@ async def serve_until_stopped(controller: Controller) -> None:
         asyncio.create_task(_every(1.0, lambda: _tick(controller), "clock tick")),
         asyncio.create_task(_every(config.nexthop.refresh_s,
                                    lambda: _follow_nexthop(controller), "next hop refresh")),
+        asyncio.create_task(_every(5.0, lambda: _refresh_bgp(controller), "BGP status")),
     ]
     log.info("API on unix:%s%s", config.api.socket,
              f" and {config.api.listen}" if config.api.listen else "")

@@ -77,6 +77,7 @@ class DatapathCollector:
         yield from self._backends()
         yield from self._vips()
         yield from self._capacity()
+        yield from self._bgp()
 
     def _traffic(self) -> Iterator[Metric]:
         vip_packets = CounterMetricFamily("xdplb_vip_packets", "Packets forwarded per VIP.",
@@ -144,7 +145,32 @@ class DatapathCollector:
                 positions.add_metric(labels, held.get(address, 0))
         yield from (healthy, available, weight, effective, positions)
 
+    def _bgp(self) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily(
+            "xdplb_bgp_session_established",
+            "1 when the BGP session is established (as BIRD reports, every 5 s).",
+            labels=["session"])
+        state = self.ctl.last_bgp_state
+        for session in state.sessions:
+            sessions.add_metric([session.name], int(session.info.startswith("Established")))
+        announced = GaugeMetricFamily("xdplb_bgp_announced",
+                                      "1 when this host announces the VIP address's prefix.",
+                                      labels=["prefix"])
+        if self.ctl.announcer is not None:
+            for prefix in sorted(self.ctl.announcer.announced):
+                announced.add_metric([prefix], 1)
+        drained = GaugeMetricFamily("xdplb_host_drained",
+                                    "1 when the host is drained (every VIP withdrawn).")
+        drained.add_metric([], int(self.ctl.host_drained))
+        yield from (sessions, announced, drained)
+
     def _vips(self) -> Iterator[Metric]:
+        fingerprint = GaugeMetricFamily(
+            "xdplb_vip_ring_info", "Always 1; the ring's fingerprint as a label: equal on "
+            "every LB host with the same backends and health.", labels=["vip", "fingerprint"])
+        for key, digest in sorted(self.ctl.reconciler.fingerprints.items()):
+            fingerprint.add_metric([str(key), digest[:16]], 1)
+        yield fingerprint
         mode = GaugeMetricFamily("xdplb_vip_mode",
                                  "1 for the VIP's current mode (normal, panic, fail-open, "
                                  "fail-closed), 0 for the others.", labels=["vip", "mode"])

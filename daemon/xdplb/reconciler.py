@@ -260,6 +260,7 @@ class Reconciler:
         self.vips: dict[VipKey, _RealisedVip] = {}
         self.members: dict[MemberId, int] = {}
         self.plans: dict[VipKey, VipPlan] = {}
+        self.fingerprints: dict[VipKey, str] = {}  # of each ring as last built
         self._load(sizes)
 
     # -- reading what the maps hold (a restart reuses pinned maps) --
@@ -408,6 +409,7 @@ class Reconciler:
 
     def _ring_values(self, vip: VipSpec, plan: VipPlan) -> np.ndarray:
         ring = maglev.build_ring(plan.ring_weights, vip.ring_size)
+        self.fingerprints[vip.key] = ring.fingerprint()
         indexes = np.array([self.members[(vip.key, a)] for a in ring.order] + [0],
                            dtype=np.uint32)
         return indexes[ring.table]  # slot -1 (no backend) picks the trailing 0
@@ -455,6 +457,7 @@ class Reconciler:
 
     def _remove_vip(self, key: VipKey, report: ReconcileReport) -> None:
         realised = self.vips.pop(key)
+        self.fingerprints.pop(key, None)
         self.bal.vips.delete(map_key(key))
         report.writes["vips"] += 1
         report.vips_removed.append(str(key))

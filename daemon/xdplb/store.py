@@ -11,6 +11,7 @@ from pathlib import Path
 from xdplb.state import DesiredState, StateError
 
 STATE_FILE_NAME = "state.json"
+HOST_FILE_NAME = "host.json"  # host maintenance (drained), apart from the VIPs apply manages
 
 
 class StoreError(RuntimeError):
@@ -21,6 +22,7 @@ class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.path = self.directory / STATE_FILE_NAME
+        self.host_path = self.directory / HOST_FILE_NAME
         self.writes = 0
 
     def load(self) -> DesiredState:
@@ -43,9 +45,25 @@ class StateStore:
                              "or move it away, then start lbd") from None
 
     def save(self, state: DesiredState) -> None:
+        self._write(self.path, json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def load_host_drained(self) -> bool:
+        try:
+            data = json.loads(self.host_path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"host file {self.host_path}: {exc}; it is left untouched") from None
+        if not isinstance(data, dict) or not isinstance(data.get("drained", False), bool):
+            raise StoreError(f"host file {self.host_path}: expected {{\"drained\": bool}}")
+        return data.get("drained", False)
+
+    def save_host_drained(self, drained: bool) -> None:
+        self._write(self.host_path, json.dumps({"drained": drained}) + "\n")
+
+    def _write(self, path: Path, text: str) -> None:
         """Temp file, fsync, rename over the old file, fsync the directory:
-        after a crash the file holds either the old state or the new one."""
-        text = json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n"
+        after a crash the file holds either the old content or the new one."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
@@ -54,7 +72,7 @@ class StateStore:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
                 raise
@@ -64,5 +82,5 @@ class StateStore:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            raise StoreError(f"state file {self.path}: cannot write it: {exc}") from exc
+            raise StoreError(f"{path}: cannot write it: {exc}") from exc
         self.writes += 1

@@ -97,20 +97,24 @@ class Vip(_message.Message):
     def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
 
 class VipStatus(_message.Message):
-    __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes")
+    __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced")
     MODE_FIELD_NUMBER: _ClassVar[int]
     VIP_ID_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     SERVING_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    RING_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
     mode: str
     vip_id: int
     healthy_backends: int
     serving_backends: int
     packets: int
     bytes: int
-    def __init__(self, mode: _Optional[str] = ..., vip_id: _Optional[int] = ..., healthy_backends: _Optional[int] = ..., serving_backends: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    ring_fingerprint: str
+    announced: bool
+    def __init__(self, mode: _Optional[str] = ..., vip_id: _Optional[int] = ..., healthy_backends: _Optional[int] = ..., serving_backends: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., ring_fingerprint: _Optional[str] = ..., announced: _Optional[bool] = ...) -> None: ...
 
 class VipRef(_message.Message):
     __slots__ = ("vip",)
@@ -276,7 +280,7 @@ class Interface(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prog_id: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "interfaces", "nexthop_mac", "nexthop_source", "state_file", "pin_dir", "vips", "backends", "max_vips", "max_backends", "ring_entries_used", "ring_entries", "last_reconcile", "vip_status")
+    __slots__ = ("version", "uptime_s", "interfaces", "nexthop_mac", "nexthop_source", "state_file", "pin_dir", "vips", "backends", "max_vips", "max_backends", "ring_entries_used", "ring_entries", "last_reconcile", "vip_status", "bgp", "host_drained")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +296,8 @@ class StatusResponse(_message.Message):
     RING_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
     VIP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    BGP_FIELD_NUMBER: _ClassVar[int]
+    HOST_DRAINED_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
@@ -307,7 +313,53 @@ class StatusResponse(_message.Message):
     ring_entries: int
     last_reconcile: ReconcileSummary
     vip_status: _containers.RepeatedCompositeFieldContainer[Vip]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., nexthop_mac: _Optional[str] = ..., nexthop_source: _Optional[str] = ..., state_file: _Optional[str] = ..., pin_dir: _Optional[str] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., ring_entries_used: _Optional[int] = ..., ring_entries: _Optional[int] = ..., last_reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ..., vip_status: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ...) -> None: ...
+    bgp: BgpStatus
+    host_drained: bool
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., nexthop_mac: _Optional[str] = ..., nexthop_source: _Optional[str] = ..., state_file: _Optional[str] = ..., pin_dir: _Optional[str] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., ring_entries_used: _Optional[int] = ..., ring_entries: _Optional[int] = ..., last_reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ..., vip_status: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ..., bgp: _Optional[_Union[BgpStatus, _Mapping]] = ..., host_drained: _Optional[bool] = ...) -> None: ...
+
+class BgpStatus(_message.Message):
+    __slots__ = ("enabled", "sessions", "announced", "error")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    sessions: _containers.RepeatedCompositeFieldContainer[BgpSession]
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    error: str
+    def __init__(self, enabled: _Optional[bool] = ..., sessions: _Optional[_Iterable[_Union[BgpSession, _Mapping]]] = ..., announced: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class BgpSession(_message.Message):
+    __slots__ = ("name", "state", "info")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    info: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., info: _Optional[str] = ...) -> None: ...
+
+class DrainHostRequest(_message.Message):
+    __slots__ = ("undo", "wait_s", "quiet_s")
+    UNDO_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    QUIET_S_FIELD_NUMBER: _ClassVar[int]
+    undo: bool
+    wait_s: float
+    quiet_s: float
+    def __init__(self, undo: _Optional[bool] = ..., wait_s: _Optional[float] = ..., quiet_s: _Optional[float] = ...) -> None: ...
+
+class DrainHostResponse(_message.Message):
+    __slots__ = ("drained", "waited_s", "new_flows", "message")
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    WAITED_S_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    waited_s: float
+    new_flows: int
+    message: str
+    def __init__(self, drained: _Optional[bool] = ..., waited_s: _Optional[float] = ..., new_flows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ()

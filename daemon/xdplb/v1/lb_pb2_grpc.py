@@ -99,6 +99,11 @@ class LoadBalancerStub:
                 request_serializer=xdplb_dot_v1_dot_lb__pb2.WatchRequest.SerializeToString,
                 response_deserializer=xdplb_dot_v1_dot_lb__pb2.Event.FromString,
                 _registered_method=True)
+        self.DrainHost = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/DrainHost',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -185,6 +190,14 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainHost(self, request, context):
+        """Host maintenance: withdraw every VIP from BGP and wait until this host
+        carries no new flows (or undo: announce again). Persisted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +265,11 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=xdplb_dot_v1_dot_lb__pb2.WatchRequest.FromString,
                     response_serializer=xdplb_dot_v1_dot_lb__pb2.Event.SerializeToString,
+            ),
+            'DrainHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainHost,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +623,33 @@ class LoadBalancer:
             '/xdplb.v1.LoadBalancer/Watch',
             xdplb_dot_v1_dot_lb__pb2.WatchRequest.SerializeToString,
             xdplb_dot_v1_dot_lb__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/DrainHost',
+            xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.FromString,
             options,
             channel_credentials,
             insecure,
