@@ -438,6 +438,44 @@ def backend_del(client: LbdClient, vip_key: VipKey, address: str) -> None:
     _print_changes(client.call("DeleteBackend", ref))
 
 
+@backend.command("drain")
+@vip_argument
+@address_argument
+@click.option("--wait", is_flag=True, help="Wait until no flow of it is active any more.")
+@click.option("--timeout", "deadline_s", type=click.FloatRange(min=1, max=86400),
+              default=600.0, show_default=True, metavar="S", help="Give up waiting after S.")
+@click.option("--active-within", "active_within_s", type=click.FloatRange(min=1, max=86400),
+              default=60.0, show_default=True, metavar="S",
+              help="A flow that sent a packet within S seconds counts as active.")
+@click.pass_obj
+def backend_drain(client: LbdClient, vip_key: VipKey, address: str, wait: bool,
+                  deadline_s: float, active_within_s: float) -> None:
+    """Stop new flows to ADDRESS (weight kept for undrain); established flows stay.
+
+    With --wait, prints progress until none of its flows is active, so a deploy
+    tool can take the backend away; exits 1 if --timeout passes first."""
+    request = lb_pb2.SetBackendRequest(vip=str(vip_key), address=address, drained=True)
+    _print_changes(client.call("SetBackend", request))
+    if not wait:
+        return
+    started = time.monotonic()
+    count_request = lb_pb2.CountFlowsRequest(vip=str(vip_key), address=address,
+                                             active_within_s=active_within_s)
+    while True:
+        count = client.call("CountFlows", count_request)
+        waited = time.monotonic() - started
+        click.echo(f"{waited:5.0f}s  {count.flows} flows in the connection table, "
+                   f"{count.active} active within {active_within_s:g} s")
+        if count.active == 0:
+            click.echo(f"{address} is idle")
+            return
+        if waited >= deadline_s:
+            click.echo(f"lbctl: {address} still has {count.active} active flows after "
+                       f"{deadline_s:g} s", err=True)
+            sys.exit(1)
+        time.sleep(min(1.0, max(0.0, deadline_s - waited)))
+
+
 @backend.command("list")
 @vip_argument
 @output_option

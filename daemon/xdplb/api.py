@@ -248,6 +248,11 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             if request.HasField(name)}
         if request.HasField("check"):
             settings["check"] = _merged_check(request.check, vip.check, "check")
+        if request.HasField("capacity"):
+            settings["capacity"] = st.capacity_from_dict(_to_dict(request.capacity),
+                                                         "capacity", vip.capacity)
+        if request.HasField("slow_start_s"):
+            settings["slow_start_s"] = request.slow_start_s
         return st.SetVip(key, settings)
 
     async def AddBackend(self, request, context):
@@ -304,6 +309,15 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
                    f"still receiving new flows after {waited:.1f} s")
         return pb.DrainHostResponse(drained=idle, waited_s=waited, new_flows=flows,
                                     message=message)
+
+    async def CountFlows(self, request, context):
+        within = request.active_within_s or 60.0
+        return await self._run(context, "CountFlows", lambda: self._count_flows(
+            request.vip, request.address, within))
+
+    def _count_flows(self, vip: str, address: str, within: float) -> pb.FlowCount:
+        flows, active = self.ctl.count_flows(_vip_key(vip), _address(address), within)
+        return pb.FlowCount(flows=flows, active=active)
 
     # -- the watch stream --
 

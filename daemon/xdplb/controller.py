@@ -26,6 +26,7 @@ from xdplb.state import (
     Change,
     DesiredState,
     Limits,
+    NotFound,
     StateError,
     VipKey,
     apply_changes,
@@ -273,6 +274,22 @@ class Controller:
         index = self.reconciler.members.get((key, address))
         return (self.balancer.backend_stats.read(index) if index
                 else {"packets": 0, "bytes": 0})
+
+    def count_flows(self, key: VipKey, address: str, active_within_s: float) -> tuple[int, int]:
+        """Connection-table entries pointing at a backend, and those of them that
+        sent a packet within active_within_s: how far a drain has come."""
+        self.state.vip(key)
+        index = self.reconciler.members.get((key, address))
+        if index is None:
+            raise NotFound(f"VIP {key}: no backend {address}")
+        now = self.reconciler.clock()
+        flows = active = 0
+        for chunk in self.balancer.conns.values_batch():
+            for entry in chunk:
+                if entry.backend == index:
+                    flows += 1
+                    active += now - entry.last_seen_s <= active_within_s
+        return flows, active
 
     def global_counters(self) -> dict[str, int]:
         return self.balancer.counters()

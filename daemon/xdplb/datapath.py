@@ -179,6 +179,25 @@ class BpfMap(Generic[K, V]):
             raise DatapathError(f"batch lookup in {self.name}: read {done} of {count}")
         return values
 
+    def values_batch(self, chunk: int = 8192) -> Iterator[list[Any]]:
+        """Every value of a hash map, a chunk of entries per syscall: a scan (e.g. of
+        the connection table). Each chunk's values are valid until the next one."""
+        keys = (self.key_type * chunk)()
+        values = (self.value_type * chunk)()
+        cursor, first = ct.c_uint32(0), True
+        while True:
+            n = ct.c_uint32(chunk)
+            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
+                                         ct.byref(cursor), ct.byref(keys), ct.byref(values),
+                                         ct.byref(n))
+            if rc != 0 and ct.get_errno() != errno.ENOENT:
+                _raise_errno(f"batch scan of {self.name}")
+            first = False
+            if n.value:
+                yield values[:n.value]
+            if rc != 0:
+                return
+
     def put_batch(self, keys: ct.Array, values: ct.Array) -> None:
         """One syscall for many updates (hash and array maps)."""
         count = ct.c_uint32(len(keys))

@@ -357,6 +357,10 @@ class Reconciler:
         report.ring_positions.pop("(free)", None)
         self._scrub_pending = False
 
+    def clock(self) -> int:
+        """The datapath's clock (lb_config.now_s): what flows' last_seen_s compare to."""
+        return s.LbConfig.from_buffer_copy(self.config).now_s if self.config else 0
+
     def tick(self, now_s: int) -> None:
         """Advances the datapath's clock (flow last-seen stamps), once a second."""
         if not self.config:

@@ -29,6 +29,7 @@ HASH_MODES = ("5tuple", "source")
 ENCAPSULATIONS = ("ipip", "gue")
 CHECK_KINDS = ("none", "tcp", "http", "https", "grpc")
 WHEN_NONE_HEALTHY = ("drop", "all")
+LOAD_SOURCES = ("none", "prometheus", "push")
 MAX_WEIGHT = 10_000
 DEFAULT_WEIGHT = 100
 
@@ -206,6 +207,92 @@ class HealthCheck:
 NO_CHECK = HealthCheck(kind="none")
 
 
+def _float_in(where: str, value: object, low: float, high: float, *,
+              low_open: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+        low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bound = f"({low}" if low_open else f"[{low}"
+        raise _fail(where, f"must be a number in {bound}, {high}], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Load feedback: a backend's load against `target` scales its weight.
+
+    effective weight = weight x factor, the factor following target / load
+    (smoothed, clamped to [min_factor, max_factor], changed only past the
+    hysteresis), with ring positions rewritten by adaptation capped at
+    churn_budget of the ring per churn_window_s."""
+
+    source: str = "none"  # none | prometheus (lbd polls) | push (reports to the API)
+    metric: str = ""  # the Prometheus metric, e.g. inference_queue_depth
+    labels: str = ""  # optional exact label matches, e.g. model="llama",gpu="0"
+    port: int = 0  # the backend's metrics port (source prometheus)
+    path: str = "/metrics"
+    target: float = 0.0  # the load a backend should carry at its configured weight
+    interval_ms: int = 5000
+    timeout_ms: int = 1000
+    smoothing: float = 0.3  # EWMA weight of each new sample
+    min_factor: float = 0.1
+    max_factor: float = 2.0
+    hysteresis: float = 0.1  # relative factor change below which nothing moves
+    churn_budget: float = 0.05  # fraction of the ring adaptation may rewrite per window
+    churn_window_s: float = 10.0
+    stale_after_ms: int = 15000  # older load: the configured weight applies
+
+    def validate(self, where: str) -> None:
+        if self.source not in LOAD_SOURCES:
+            raise _fail(f"{where}.source",
+                        f"{self.source!r} is not one of {', '.join(LOAD_SOURCES)}")
+        if self.source == "none":
+            return
+        if self.source == "prometheus":
+            if not isinstance(self.metric, str) or not re.fullmatch(
+                    r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metric):
+                raise _fail(f"{where}.metric", f"{self.metric!r} is not a metric name")
+            _int_in(f"{where}.port", self.port, 1, 65535)
+            if not isinstance(self.path, str) or not self.path.startswith("/"):
+                raise _fail(f"{where}.path", f"must start with '/', got {self.path!r}")
+            parse_label_matchers(self.labels, f"{where}.labels")
+        _float_in(f"{where}.target", self.target, 0.0, 1e12, low_open=True)
+        _int_in(f"{where}.interval_ms", self.interval_ms, 100, 3_600_000)
+        _int_in(f"{where}.timeout_ms", self.timeout_ms, 10, self.interval_ms)
+        _float_in(f"{where}.smoothing", self.smoothing, 0.0, 1.0, low_open=True)
+        _float_in(f"{where}.min_factor", self.min_factor, 0.0, 1.0, low_open=True)
+        _float_in(f"{where}.max_factor", self.max_factor, 1.0, 10.0)
+        _float_in(f"{where}.hysteresis", self.hysteresis, 0.0, 0.9)
+        _float_in(f"{where}.churn_budget", self.churn_budget, 0.0, 1.0, low_open=True)
+        _float_in(f"{where}.churn_window_s", self.churn_window_s, 1.0, 3600.0)
+        _int_in(f"{where}.stale_after_ms", self.stale_after_ms, self.interval_ms, 86_400_000)
+
+
+_LABEL_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*')
+
+
+def parse_label_matchers(text: str, where: str = "labels") -> dict[str, str]:
+    """`model="llama",gpu="0"` as a dict; empty text, no matchers."""
+    if not isinstance(text, str):
+        raise _fail(where, "must be a string like model=\"llama\"")
+    matchers: dict[str, str] = {}
+    rest = text.strip()
+    while rest:
+        match = _LABEL_MATCHER.match(rest)
+        if not match:
+            raise _fail(where, f"{text!r}: expected name=\"value\" pairs separated by commas")
+        matchers[match[1]] = match[2].replace('\\"', '"').replace("\\\\", "\\")
+        rest = rest[match.end():]
+        if rest.startswith(","):
+            rest = rest[1:]
+        elif rest:
+            raise _fail(where, f"{text!r}: expected a comma after {match[0].strip()}")
+    return matchers
+
+
+NO_CAPACITY = Capacity()
+
+
 # --- backends and VIPs ----------------------------------------------------------
 
 
@@ -242,6 +329,8 @@ class VipSpec:
     check: HealthCheck = field(default_factory=HealthCheck)
     panic_threshold: float = 0.0  # 0: off
     when_none_healthy: str = "drop"
+    capacity: Capacity = NO_CAPACITY
+    slow_start_s: float = 0.0  # a backend added or back up ramps to its weight over this
     backends: Mapping[str, BackendSpec] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
@@ -261,6 +350,8 @@ class VipSpec:
                 self.panic_threshold, bool) or not 0.0 <= self.panic_threshold <= 1.0:
             raise _fail(f"{where}.panic_threshold",
                         f"must be a fraction 0..1 (0: off), got {self.panic_threshold!r}")
+        self.capacity.validate(f"{where}.capacity")
+        _float_in(f"{where}.slow_start_s", self.slow_start_s, 0.0, 3600.0)
         if self.when_none_healthy not in WHEN_NONE_HEALTHY:
             raise _fail(f"{where}.when_none_healthy", f"{self.when_none_healthy!r} is not one "
                                                       f"of {', '.join(WHEN_NONE_HEALTHY)}")
@@ -402,6 +493,23 @@ def check_from_dict(data: object, where: str, base: HealthCheck = _CHECK_DEFAULT
     return check
 
 
+def capacity_from_dict(data: object, where: str,
+                       base: Capacity = NO_CAPACITY) -> Capacity:
+    if data is None:
+        return base
+    obj = StrictTable(data, where)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Capacity):
+        current = getattr(base, f.name)
+        kind = (int, float) if isinstance(current, float) else type(current)
+        value = obj.take(f.name, kind, current)
+        values[f.name] = float(value) if isinstance(current, float) else value
+    obj.done()
+    capacity = Capacity(**values)
+    capacity.validate(where)
+    return capacity
+
+
 def backend_to_dict(backend: BackendSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"address": backend.address, "weight": backend.weight,
                            "drained": backend.drained}
@@ -429,6 +537,7 @@ def vip_to_dict(vip: VipSpec) -> dict[str, Any]:
         "vip": str(vip.key), "hash": vip.hash, "encap": vip.encap, "ring_size": vip.ring_size,
         "check": check_to_dict(vip.check), "panic_threshold": vip.panic_threshold,
         "when_none_healthy": vip.when_none_healthy,
+        "capacity": dataclasses.asdict(vip.capacity), "slow_start_s": vip.slow_start_s,
         "backends": [backend_to_dict(vip.backends[a]) for a in sorted(
             vip.backends, key=ip_sort_key)],
     }
@@ -463,6 +572,8 @@ def vip_from_dict(data: object, where: str) -> VipSpec:
         check=check,
         panic_threshold=float(obj.take("panic_threshold", (int, float), 0.0)),
         when_none_healthy=obj.take("when_none_healthy", str, "drop"),
+        capacity=capacity_from_dict(obj.take("capacity", dict, None), f"{where}.capacity"),
+        slow_start_s=float(obj.take("slow_start_s", (int, float), 0.0)),
         backends=backends,
     )
     obj.done()
@@ -534,7 +645,8 @@ class RemoveVip(Change):
         return f"remove VIP {self.key}"
 
 
-VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy")
+VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy",
+                "capacity", "slow_start_s")
 BACKEND_SETTABLE = ("weight", "drained", "check")
 
 

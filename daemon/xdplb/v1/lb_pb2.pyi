@@ -32,6 +32,40 @@ class HealthCheck(_message.Message):
     fall: int
     def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ...) -> None: ...
 
+class Capacity(_message.Message):
+    __slots__ = ("source", "metric", "labels", "port", "path", "target", "interval_ms", "timeout_ms", "smoothing", "min_factor", "max_factor", "hysteresis", "churn_budget", "churn_window_s", "stale_after_ms")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    HYSTERESIS_FIELD_NUMBER: _ClassVar[int]
+    CHURN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CHURN_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    STALE_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    metric: str
+    labels: str
+    port: int
+    path: str
+    target: float
+    interval_ms: int
+    timeout_ms: int
+    smoothing: float
+    min_factor: float
+    max_factor: float
+    hysteresis: float
+    churn_budget: float
+    churn_window_s: float
+    stale_after_ms: int
+    def __init__(self, source: _Optional[str] = ..., metric: _Optional[str] = ..., labels: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., target: _Optional[float] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., smoothing: _Optional[float] = ..., min_factor: _Optional[float] = ..., max_factor: _Optional[float] = ..., hysteresis: _Optional[float] = ..., churn_budget: _Optional[float] = ..., churn_window_s: _Optional[float] = ..., stale_after_ms: _Optional[int] = ...) -> None: ...
+
 class Backend(_message.Message):
     __slots__ = ("address", "weight", "drained", "check", "status")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -47,7 +81,7 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check")
+    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +94,11 @@ class BackendStatus(_message.Message):
     CHECK_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SLOW_START_FACTOR_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     available: bool
     index: int
@@ -72,10 +111,15 @@ class BackendStatus(_message.Message):
     check_latency_ms: float
     since: float
     check: str
-    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ...) -> None: ...
+    load: float
+    load_age_s: float
+    load_state: str
+    capacity_factor: float
+    slow_start_factor: float
+    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "status")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "status")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +128,8 @@ class Vip(_message.Message):
     PANIC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WHEN_NONE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
@@ -93,8 +139,10 @@ class Vip(_message.Message):
     panic_threshold: float
     when_none_healthy: str
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    capacity: Capacity
+    slow_start_s: float
     status: VipStatus
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
 
 class VipStatus(_message.Message):
     __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced")
@@ -147,7 +195,7 @@ class AddVipRequest(_message.Message):
     def __init__(self, vip: _Optional[_Union[Vip, _Mapping]] = ...) -> None: ...
 
 class SetVipRequest(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "capacity", "slow_start_s")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +203,8 @@ class SetVipRequest(_message.Message):
     CHECK_FIELD_NUMBER: _ClassVar[int]
     PANIC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WHEN_NONE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
     encap: str
@@ -162,7 +212,9 @@ class SetVipRequest(_message.Message):
     check: HealthCheck
     panic_threshold: float
     when_none_healthy: str
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ...) -> None: ...
+    capacity: Capacity
+    slow_start_s: float
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ...) -> None: ...
 
 class AddBackendRequest(_message.Message):
     __slots__ = ("vip", "backend")
@@ -378,3 +430,37 @@ class Event(_message.Message):
     vip: str
     backend: str
     def __init__(self, time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., vip: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class ReportLoadRequest(_message.Message):
+    __slots__ = ("address", "value", "vip")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    value: float
+    vip: str
+    def __init__(self, address: _Optional[str] = ..., value: _Optional[float] = ..., vip: _Optional[str] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class CountFlowsRequest(_message.Message):
+    __slots__ = ("vip", "address", "active_within_s")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WITHIN_S_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    address: str
+    active_within_s: float
+    def __init__(self, vip: _Optional[str] = ..., address: _Optional[str] = ..., active_within_s: _Optional[float] = ...) -> None: ...
+
+class FlowCount(_message.Message):
+    __slots__ = ("flows", "active")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    flows: int
+    active: int
+    def __init__(self, flows: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...

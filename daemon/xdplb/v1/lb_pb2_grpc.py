@@ -104,6 +104,16 @@ class LoadBalancerStub:
                 request_serializer=xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.SerializeToString,
                 response_deserializer=xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.FromString,
                 _registered_method=True)
+        self.ReportLoad = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/ReportLoad',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.ReportLoadRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.ReportLoadResponse.FromString,
+                _registered_method=True)
+        self.CountFlows = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/CountFlows',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.FlowCount.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -198,6 +208,20 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLoad(self, request, context):
+        """Load pushed by a backend (or its agent), for VIPs whose capacity source is push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountFlows(self, request, context):
+        """Flows in the connection table that still point at a backend (drain progress).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +294,16 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.DrainHost,
                     request_deserializer=xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.FromString,
                     response_serializer=xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.SerializeToString,
+            ),
+            'ReportLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.ReportLoadRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.ReportLoadResponse.SerializeToString,
+            ),
+            'CountFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountFlows,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.FlowCount.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -650,6 +684,60 @@ class LoadBalancer:
             '/xdplb.v1.LoadBalancer/DrainHost',
             xdplb_dot_v1_dot_lb__pb2.DrainHostRequest.SerializeToString,
             xdplb_dot_v1_dot_lb__pb2.DrainHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/ReportLoad',
+            xdplb_dot_v1_dot_lb__pb2.ReportLoadRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.ReportLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/CountFlows',
+            xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.FlowCount.FromString,
             options,
             channel_credentials,
             insecure,
