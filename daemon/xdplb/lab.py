@@ -653,18 +653,37 @@ def _default_via_router(end: Iface, plan: _LinkPlan) -> None:
         _route_add(ipr, "::/0", plan.v6[1], end.ifindex)
 
 
+def router_sysctls(ifnames: Sequence[str]) -> dict[str, int]:
+    """The router's forwarding settings (shared with the VM lab, xdplb.vmlab).
+
+    rp_filter off: DSR replies arrive from backends with the VIP as source while the VIP
+    route points at the lb, and the lb may send encapsulated packets with any outer source.
+    """
+    return {
+        "net.ipv4.ip_forward": 1,
+        "net.ipv6.conf.all.forwarding": 1,
+        "net.ipv4.conf.all.rp_filter": 0,
+        "net.ipv4.conf.default.rp_filter": 0,
+        **{f"net.ipv4.conf.{name}.rp_filter": 0 for name in ifnames},
+    }
+
+
+def backend_sysctls(ifname: str) -> dict[str, int]:
+    """A DSR backend's settings (shared with the VM lab, xdplb.vmlab)."""
+    return {
+        # Decapsulated packets arrive with the client as source on an interface that
+        # is not the route back to it; strict reverse-path filtering would drop them.
+        "net.ipv4.conf.all.rp_filter": 0,
+        "net.ipv4.conf.default.rp_filter": 0,
+        f"net.ipv4.conf.{ifname}.rp_filter": 0,
+        # Classic DSR hygiene: never answer ARP for the VIP held on lo.
+        "net.ipv4.conf.all.arp_ignore": 1,
+        "net.ipv4.conf.all.arp_announce": 2,
+    }
+
+
 def _configure_router(lbl: LbLab) -> None:
-    # rp_filter off: DSR replies arrive from backends with the VIP as source while the VIP
-    # route points at the lb, and the lb may send encapsulated packets with any outer source.
-    lbl.router.sysctls(
-        {
-            "net.ipv4.ip_forward": 1,
-            "net.ipv6.conf.all.forwarding": 1,
-            "net.ipv4.conf.all.rp_filter": 0,
-            "net.ipv4.conf.default.rp_filter": 0,
-            **{f"net.ipv4.conf.{e.name}.rp_filter": 0 for e in _router_ends(lbl)},
-        }
-    )
+    lbl.router.sysctls(router_sysctls([e.name for e in _router_ends(lbl)]))
     with lbl.router.ipr() as ipr:
         _route_add(ipr, f"{VIP_V4}/32", LB_V4, lbl.router_lb_if.ifindex)
         _route_add(ipr, f"{VIP_V6}/128", LB_V6, lbl.router_lb_if.ifindex)
@@ -685,18 +704,7 @@ def _configure_backend(backend: Host, eth: Iface) -> None:
         lo = _ifindex(ipr, "lo")
         _addr_add(ipr, lo, f"{VIP_V4}/32")
         _addr_add(ipr, lo, f"{VIP_V6}/128")
-    backend.sysctls(
-        {
-            # Decapsulated packets arrive with the client as source on a tunnel/eth that is
-            # not the route back to it; strict reverse-path filtering would drop them.
-            "net.ipv4.conf.all.rp_filter": 0,
-            "net.ipv4.conf.default.rp_filter": 0,
-            f"net.ipv4.conf.{eth.name}.rp_filter": 0,
-            # Classic DSR hygiene: never answer ARP for the VIP held on lo.
-            "net.ipv4.conf.all.arp_ignore": 1,
-            "net.ipv4.conf.all.arp_announce": 2,
-        }
-    )
+    backend.sysctls(backend_sysctls(eth.name))
 
 
 def build_lb_lab(lab: Lab, n_backends: int = 3) -> LbLab:
