@@ -189,6 +189,45 @@ check_options = _apply_options([
                  help="Failures in a row that make a backend unhealthy."),
 ])
 
+# Their destinations are "capacity_" + the Capacity field (take_capacity_options).
+capacity_options = _apply_options([
+    click.option("--capacity", "capacity_source", type=click.Choice(state.LOAD_SOURCES),
+                 help="Load feedback: none, prometheus (lbd polls each backend), push "
+                      "(lbctl backend report)."),
+    click.option("--capacity-metric", "capacity_metric", metavar="NAME",
+                 help="Prometheus metric carrying a backend's load."),
+    click.option("--capacity-labels", "capacity_labels", metavar='NAME="VALUE",...',
+                 help="Only samples with these labels."),
+    click.option("--capacity-port", "capacity_port", type=click.IntRange(1, 65535),
+                 metavar="PORT", help="The backends' metrics port."),
+    click.option("--capacity-path", "capacity_path", metavar="PATH",
+                 help="The backends' metrics path (default /metrics)."),
+    click.option("--capacity-target", "capacity_target",
+                 type=click.FloatRange(0, min_open=True), metavar="LOAD",
+                 help="The load a backend should carry at its configured weight."),
+    click.option("--capacity-interval", "capacity_interval_ms",
+                 type=click.IntRange(100, 3_600_000), metavar="MS", help="Polling interval."),
+    click.option("--capacity-timeout", "capacity_timeout_ms", type=click.IntRange(10, 3_600_000),
+                 metavar="MS", help="Polling timeout."),
+    click.option("--smoothing", "capacity_smoothing", type=click.FloatRange(0, 1, min_open=True),
+                 metavar="ALPHA", help="EWMA weight of each load sample."),
+    click.option("--min-factor", "capacity_min_factor",
+                 type=click.FloatRange(0, 1, min_open=True), metavar="F",
+                 help="Lowest capacity factor (weight multiplier)."),
+    click.option("--max-factor", "capacity_max_factor", type=click.FloatRange(1, 10),
+                 metavar="F", help="Highest capacity factor."),
+    click.option("--hysteresis", "capacity_hysteresis", type=click.FloatRange(0, 0.9),
+                 metavar="FRACTION", help="Factor changes smaller than this are ignored."),
+    click.option("--churn-budget", "capacity_churn_budget",
+                 type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+                 help="Ring fraction adaptation may rewrite per window."),
+    click.option("--churn-window", "capacity_churn_window_s", type=click.FloatRange(1, 3600),
+                 metavar="S", help="The churn budget's window."),
+    click.option("--stale-after", "capacity_stale_after_ms",
+                 type=click.IntRange(100, 86_400_000), metavar="MS",
+                 help="Older load samples fall back to the configured weight."),
+])
+
 vip_spec_options = _apply_options([
     click.option("--hash", type=click.Choice(state.HASH_MODES),
                  help="Flow hash: the 5-tuple, or the source address only."),
@@ -201,6 +240,9 @@ vip_spec_options = _apply_options([
                  help="Below this healthy fraction use every backend (0: off)."),
     click.option("--when-none-healthy", type=click.Choice(state.WHEN_NONE_HEALTHY),
                  help="With no healthy backend: drop, or use all of them."),
+    capacity_options,
+    click.option("--slow-start", "slow_start_s", type=click.FloatRange(0, 3600), metavar="S",
+                 help="New or recovered backends ramp up to their weight over S seconds."),
 ])
 
 output_option = click.option(
@@ -223,6 +265,17 @@ def take_check_options(options: dict[str, Any]) -> dict[str, Any]:
     """Remove the check options from a command's options; return them by HealthCheck field."""
     names = [name for name in options if name.startswith("check_")]
     return {name.removeprefix("check_"): options.pop(name) for name in names}
+
+
+def take_capacity_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Remove the capacity options from a command's options; return them by Capacity field."""
+    names = [name for name in options if name.startswith("capacity_")]
+    return {name.removeprefix("capacity_"): options.pop(name) for name in names}
+
+
+def build_capacity(**settings: Any) -> lb_pb2.Capacity | None:
+    given = _given(settings)
+    return lb_pb2.Capacity(**given) if given else None
 
 
 def build_check(**settings: Any) -> lb_pb2.HealthCheck | None:
@@ -341,6 +394,7 @@ def vip_add(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
     VIP is ADDRESS[:PORT]/PROTOCOL: 10.0.0.10:80/tcp, [2001:db8::10]:443/udp,
     or 10.0.0.10/tcp for every port. Options left out take lbd's defaults."""
     check = build_check(**take_check_options(options))
+    options["capacity"] = build_capacity(**take_capacity_options(options))
     _print_changes(client.call("AddVip", build_add_vip(vip_key, check, **options)))
 
 
@@ -351,6 +405,7 @@ def vip_add(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
 def vip_set(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
     """Change a VIP's settings; the rest stay as they are."""
     check = build_check(**take_check_options(options))
+    options["capacity"] = build_capacity(**take_capacity_options(options))
     _require_some("vip set", {**options, "check": check})
     _print_changes(client.call("SetVip", build_set_vip(vip_key, check, **options)))
 
@@ -474,6 +529,21 @@ def backend_drain(client: LbdClient, vip_key: VipKey, address: str, wait: bool,
                        f"{deadline_s:g} s", err=True)
             sys.exit(1)
         time.sleep(min(1.0, max(0.0, deadline_s - waited)))
+
+
+@backend.command("report")
+@click.argument("address", type=ADDRESS)
+@click.argument("value", type=click.FloatRange(0))
+@click.option("--vip", "vip_key", type=VIP, help="Only this VIP (default: every VIP whose "
+              "capacity source is push and that has the backend).")
+@click.pass_obj
+def backend_report(client: LbdClient, address: str, value: float,
+                   vip_key: VipKey | None) -> None:
+    """Report a backend's current LOAD (for VIPs with --capacity push)."""
+    request = lb_pb2.ReportLoadRequest(address=address, value=value,
+                                       vip="" if vip_key is None else str(vip_key))
+    response = client.call("ReportLoad", request)
+    click.echo(f"load {value:g} of {address} applied to {response.accepted} VIP backend(s)")
 
 
 @backend.command("list")

@@ -479,6 +479,9 @@ def check_json(**overrides: Any) -> dict[str, Any]:
     return {**fields, **overrides}
 
 
+NO_LOAD = {"load": 0.0, "load_age_s": 0.0, "load_state": "", "capacity_factor": 0.0,
+           "slow_start_factor": 0.0}
+
 VIP_JSON = {
     "vip": VIP_TEXT, "hash": "5tuple", "encap": "ipip", "ring_size": 65537,
     "check": check_json(), "panic_threshold": 0.0, "when_none_healthy": "drop",
@@ -486,14 +489,16 @@ VIP_JSON = {
         {"address": "10.1.0.1", "weight": 100, "drained": False, "check": None,
          "status": {"healthy": True, "available": True, "index": 1, "ring_positions": 43691,
                     "effective_weight": 100, "packets": 200, "bytes": 30000, "health": "up",
-                    "last_result": "ok", "check_latency_ms": 0.4, "since": 0.0, "check": ""}},
+                    "last_result": "ok", "check_latency_ms": 0.4, "since": 0.0, "check": "",
+                    **NO_LOAD}},
         {"address": "10.1.0.2", "weight": 50, "drained": False,
          "check": check_json(kind="tcp", port=22, path="/", expect_status=[200]),
          "status": {"healthy": False, "available": False, "index": 2, "ring_positions": 21846,
                     "effective_weight": 50, "packets": 2**40, "bytes": 2**50,
                     "health": "down", "last_result": "refused", "check_latency_ms": 0.25,
-                    "since": 0.0, "check": "tcp 10.1.0.2:22"}},
+                    "since": 0.0, "check": "tcp 10.1.0.2:22", **NO_LOAD}},
     ],
+    "capacity": None, "slow_start_s": None,
     "status": {"mode": "normal", "vip_id": 1, "healthy_backends": 1, "serving_backends": 1,
                "packets": 300, "bytes": 45000, "ring_fingerprint": "", "announced": False},
 }
