@@ -342,8 +342,9 @@ class ApiError(RuntimeError):
     """The API cannot be served; the message says where and why."""
 
 
-def _claim_socket(path: Path) -> None:
-    """Removes a stale socket file; refuses when a live lbd answers on it."""
+def claim_socket(path: Path) -> None:
+    """Removes a stale socket file; refuses when a live lbd answers on it. lbd calls
+    it before touching any map, and again just before binding."""
     if not path.exists() and not path.is_symlink():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         return
@@ -371,7 +372,8 @@ def _tls_credentials(config: DaemonConfig) -> grpc.ServerCredentials:
 async def serve(controller: Controller) -> grpc.aio.Server:
     """Starts the API on the unix socket (0600) and, if configured, on TCP."""
     config = controller.config
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second lbd must fail to bind the same TCP port, not share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_LoadBalancerServicer_to_server(LoadBalancerService(controller), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -379,7 +381,7 @@ async def serve(controller: Controller) -> grpc.aio.Server:
                 health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     socket_path = config.api.socket
-    _claim_socket(socket_path)
+    claim_socket(socket_path)
     old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
     try:
         server.add_insecure_port(f"unix:{socket_path}")

@@ -140,9 +140,10 @@ def _grpc_server(port: int, services: list[str], control: Control) -> Any:
 def serve(name: str, port: int, grpc_port: int = 0, grpc_services: list[str] | None = None,
           control_path: Path | None = None) -> None:
     control = Control(control_path)
+    # gRPC first (its import takes a while), then HTTP, then the line at once: a
+    # test timing a restart from that line sees no listener long before it.
+    grpc_server = _grpc_server(grpc_port, grpc_services or [], control) if grpc_port else None
     with _DualStackServer(("::", port), _handler(name, control)) as server:
-        grpc_server = (_grpc_server(grpc_port, grpc_services or [], control)
-                       if grpc_port else None)
         extra = f" and gRPC on [::]:{grpc_port}" if grpc_server else ""
         print(f"{name} listening on [::]:{port}{extra}", flush=True)
         server.serve_forever()

@@ -7,6 +7,7 @@ runs. A bad file is refused at start with the file, the key and the reason.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,6 +113,9 @@ class DaemonConfig:
         if not api.socket.is_absolute():
             raise ConfigError(f"api.socket: {api.socket} must be an absolute path")
         if not api.listen:
+            for key in ("tls_cert", "tls_key", "client_ca", "insecure"):
+                if getattr(api, key):
+                    raise ConfigError(f"api.{key}: only means something with api.listen")
             return
         host, _ = split_host_port(api.listen, "api.listen")
         has_tls = bool(api.tls_cert or api.tls_key)
@@ -208,8 +212,9 @@ def _maps(top: StrictTable, default: MapSizes) -> MapSizes:
     table.done()
     try:
         return MapSizes(**values)
-    except Exception as exc:
-        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # "map size max_vips=0: must..." -> "maps.max_vips: must..., got 0"
+        message = re.sub(r"^map size (\w+)=(.*?): (.*)$", r"maps.\1: \3, got \2", str(exc))
+        raise ConfigError(message) from None
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:

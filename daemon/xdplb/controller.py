@@ -54,6 +54,14 @@ class ChangeResult:
     report: ReconcileReport | None  # None: a dry run, or nothing to change
 
 
+def change_subject(change: Change) -> tuple[str, str]:
+    """The VIP and backend a change is about, for events and logs ("" when none)."""
+    key = getattr(change, "key", None) or getattr(getattr(change, "vip", None), "key", None)
+    backend = getattr(change, "address", None) or getattr(
+        getattr(change, "backend", None), "address", None)
+    return (str(key) if key else "", backend or "")
+
+
 class Controller:
     def __init__(self, config: DaemonConfig, *, balancer: Any = None):
         self.config = config
@@ -115,6 +123,13 @@ class Controller:
             self.metrics.health_transitions.labels(backend, state).inc()
         self.publish("health", message, backend=backend)
 
+    def abandon(self, unpin: bool) -> None:
+        """A start that failed: release the maps, and remove them if this start made them
+        (maps a previous lbd left are forwarding and stay)."""
+        if unpin:
+            self.balancer.unpin()
+        self.balancer.close()
+
     def stop(self, detach: bool) -> None:
         if detach:
             for ifname in self.config.interfaces:
@@ -170,8 +185,9 @@ class Controller:
             self.health.update(new, self.runtime.healthy)
             self.runtime = replace(self.runtime, healthy=self.health.healthy())
         lines = [c.describe() for c in changes]
-        for line in lines:
-            self.publish("change", line)
+        for change, line in zip(changes, lines, strict=True):
+            vip, backend = change_subject(change)
+            self.publish("change", line, vip=vip, backend=backend)
         return ChangeResult(lines, self._reconcile("change"))
 
     def apply_document(self, document: str, dry_run: bool) -> ChangeResult:

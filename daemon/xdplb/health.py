@@ -421,7 +421,7 @@ class HealthChecker:
             self.checks_run += 1
             try:
                 self._judge(verdict, result, time.monotonic())
-            except Exception:  # a broken notify must not silence this check for good
+            except Exception:  # nothing may silence this check for good
                 log.exception("%s: judging a result failed", probe.describe())
             await asyncio.sleep(max(0.0, due - time.monotonic()))
 
@@ -431,8 +431,9 @@ class HealthChecker:
         was_serving = verdict.serving()
         what = verdict.probe.describe()
         if verdict.release(now):
-            self.notify(f"{what} settled: no longer held down for flapping, "
-                        f"{'up' if verdict.up else 'down'}", verdict.probe.address)
+            state = "up" if verdict.up else "down"
+            self._tell(f"{what} is {state}: released from the flapping hold-down (penalty "
+                       f"below {DAMPING_REUSE:.0f})", verdict.probe)
         first = verdict.up is None
         was_suppressed = verdict.suppressed
         if verdict.observe(result, now):
@@ -450,9 +451,15 @@ class HealthChecker:
                          f"{verdict.held_for(now):.1f} s or more")
             elif verdict.suppressed and verdict.up:
                 line += "; still held down for flapping"
-            self.notify(line, verdict.probe.address)
+            self._tell(line, verdict.probe)
         if was_serving != verdict.serving():
             self._wake.set()
+
+    def _tell(self, line: str, probe: Probe) -> None:
+        try:
+            self.notify(line, probe.address)
+        except Exception:  # the verdict stands and is applied all the same
+            log.exception("reporting %r failed", line)
 
     async def run_batches(self) -> None:
         """Hands verdict changes to `apply`, at most once per batch interval."""

@@ -48,7 +48,7 @@ class LabLbd:
         self.log_path = workdir / "lbd.log"
         self.extra_args = list(extra_args)
         self.sizes = sizes or MapSizes()
-        self.config_extra = config_extra  # TOML appended to the config lbd is given
+        self.config_extra = config_extra  # TOML put before [maps] in the config lbd is given
         self.proc: subprocess.Popen[Any] | None = None
 
     @property

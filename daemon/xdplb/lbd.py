@@ -9,6 +9,8 @@ leaves the datapath forwarding unless --detach-on-exit was asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +132,45 @@ async def serve_until_stopped(controller: Controller) -> None:
     await api.stop(server, config.api.socket)
 
 
+LOCK_DIR = Path("/run/xdplb")
+
+
+@contextlib.contextmanager
+def instance_lock(name: str) -> Iterator[None]:
+    """One lbd per instance name: the maps pinned under that name are its alone."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOCK_DIR / f"{name}.lock"
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise api.ApiError(f"instance {name!r}: another lbd (pid {holder}) runs it "
+                               f"(lock {path})") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
 def run(config: DaemonConfig) -> None:
-    controller = Controller(config)  # refuses a bad state file before touching any map
-    controller.start()
-    try:
-        asyncio.run(serve_until_stopped(controller))
-    finally:
-        controller.stop(detach=config.detach_on_exit)
+    # Refusals first, before any map is touched: another lbd on the socket or on
+    # this instance's maps, a bad state file (Controller loads it before the maps).
+    api.claim_socket(config.api.socket)
+    with instance_lock(config.name):
+        fresh_maps = not config.pin_dir.exists()
+        controller = Controller(config)
+        try:
+            controller.start()
+        except BaseException:
+            controller.abandon(unpin=fresh_maps)
+            raise
+        try:
+            asyncio.run(serve_until_stopped(controller))
+        finally:
+            controller.stop(detach=config.detach_on_exit)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,660 @@
+"""A multi-host lab for BGP scale-out: one router, two LB hosts, DSR backends.
+
+    client eth0 ---- eth0 router eth1 ---- eth1 lb1   (10.100.2.0/24, fd00:100:2::/64)
+                            eth2 ---- eth1 lb2        (10.100.3.0/24, fd00:100:3::/64)
+                            ethB{i} ---- eth0 backend{i}
+
+Each LB host runs its own BIRD (its own config, control socket and log) and
+its own lbd with [bgp] enabled: lbd writes the VIPs that have a healthy
+backend into vips4.conf / vips6.conf in its include_dir and asks its BIRD to
+reload; BIRD includes those files in two static protocols and exports them
+over eBGP (AS 65001) to the router. The router runs BIRD too (AS 65000), one
+BGP session per LB host and address family, and a kernel protocol per family
+with `merge paths on`, so a VIP learned from both LB hosts becomes one ECMP
+route in the router's kernel; the router hashes flows on the 5-tuple
+(fib_multipath_hash_policy = 1 for IPv4 and IPv6).
+
+There are no static VIP routes: the router forwards a VIP only while some LB
+host announces it. Each lbd XDP_TXes encapsulated packets back to the router
+on its own link (its next hop is the router's MAC there, resolved from its
+default route), the router forwards them to the backend, which decapsulates
+in BPF and answers the client directly.
+
+`python -m xdplb.lab_bgp up` builds the lab (prefix "xbgp"), configures one
+IPv4 and one IPv6 VIP on both lbds, shows the sessions, the ECMP routes and
+the ring fingerprints, and leaves it running; `python -m xdplb.lab_bgp down`
+removes it (namespaces, processes, pinned maps, work directory). The Makefile
+targets `bgp-lab` and `bgp-lab-down` run these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import netns
+
+from xdplb import lab as labmod
+from xdplb.bgp import BirdAnnouncer, host_prefix
+from xdplb.datapath import PIN_ROOT, Decapsulator, MapSizes, attach_pass
+from xdplb.lab import (
+    CLIENT_V4,
+    CLIENT_V6,
+    ROUTER_CLIENT_V4,
+    ROUTER_CLIENT_V6,
+    VIP_V4,
+    VIP_V6,
+    Host,
+    Iface,
+    Lab,
+    LabError,
+    _address_link,
+    _backend_plan,
+    _configure_backend,
+    _default_via_router,
+    _LinkPlan,
+    _runid_of,
+    enable_gro,
+    set_offloads,
+    wait_port,
+)
+from xdplb.lab_daemon import LabLbd, console_script
+
+PREFIX = "xbgp"  # the make target's lab; tests use their own prefix
+WORKDIR = Path("/run/xdplb-bgp-lab")
+BIRD = shutil.which("bird", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/bird"
+BIRDC = shutil.which("birdc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/birdc"
+ROUTER_AS = 65000
+LB_AS = 65001
+N_LB_HOSTS = 2
+SIZES = MapSizes(max_vips=8, max_backends=16, ring_entries=4 * 65537, conn_entries=65536)
+BGP_ESTABLISH_TIMEOUT_S = 30.0
+# BGP timers for a lab: sessions come up in about a second and a silent peer is
+# dropped after the 3 s hold time (the smallest BGP allows). A lost link is
+# noticed at once: `check link` on the router's sessions.
+BGP_TIMERS = """\
+  hold time 3;
+  keepalive time 1;
+  connect delay time 1;
+  connect retry time 1;
+  error wait time 1, 5;"""
+
+
+def lb_v4(i: int) -> str:
+    """IPv4 address of LB host i (0-based) on its link to the router."""
+    return f"10.100.{2 + i}.2"
+
+
+def router_lb_v4(i: int) -> str:
+    return f"10.100.{2 + i}.1"
+
+
+def lb_v6(i: int) -> str:
+    return f"fd00:100:{2 + i}::2"
+
+
+def router_lb_v6(i: int) -> str:
+    return f"fd00:100:{2 + i}::1"
+
+
+def _lb_plan(i: int) -> _LinkPlan:
+    return _LinkPlan((lb_v4(i), router_lb_v4(i)), (lb_v6(i), router_lb_v6(i)))
+
+
+_CLIENT_PLAN = _LinkPlan((CLIENT_V4, ROUTER_CLIENT_V4), (CLIENT_V6, ROUTER_CLIENT_V6))
+
+
+# --------------------------------------------------------------------------- BIRD
+
+
+class BirdError(RuntimeError):
+    """BIRD did not start, or did not reach the state asked for in time."""
+
+
+# `birdc show protocols`: Name Proto Table State Since Info (Since: a time, or date and time)
+_PROTOCOL = re.compile(r"^(?P<name>\S+)\s+(?P<proto>BGP|Device|Kernel|Static)\s+\S+\s+"
+                       r"(?P<state>\S+)\s+(?:\d{4}-\d\d-\d\d\s+)?\S+\s*(?P<info>.*)$")
+
+
+@dataclass
+class Bird:
+    """One BIRD daemon in one namespace: its config, control socket, pid file and log."""
+
+    host: Host
+    workdir: Path
+    config: str
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "bird.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "bird.ctl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "bird.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config)
+        check = subprocess.run([BIRD, "-p", "-c", str(self.config_path)], capture_output=True,
+                               text=True, timeout=10, check=False)
+        if check.returncode != 0:
+            raise BirdError(f"{self.config_path}: {check.stderr.strip() or check.stdout}")
+        with self.log_path.open("a") as log:
+            # -f: stays in the foreground, so this Popen is BIRD and the lab kills it.
+            self.proc = self.host.popen(
+                [BIRD, "-f", "-c", self.config_path, "-s", self.socket,
+                 "-P", self.workdir / "bird.pid"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BirdError(f"BIRD in {self.host.name} exited with {self.proc.returncode}: "
+                                f"{self.log_tail()}")
+            if self.socket.exists() and self.birdc("show", "status", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise BirdError(f"BIRD in {self.host.name}: no control socket after 10 s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def birdc(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([BIRDC, "-s", str(self.socket), *command], capture_output=True,
+                                text=True, timeout=10, check=False)
+        if check and result.returncode != 0:
+            raise BirdError(f"birdc {' '.join(command)}: {result.stderr or result.stdout}")
+        return result
+
+    def protocols(self) -> dict[str, tuple[str, str]]:
+        """BGP protocol name -> (state, info) as `show protocols` says."""
+        out = self.birdc("show", "protocols").stdout
+        return {m["name"]: (m["state"], m["info"].strip())
+                for m in map(_PROTOCOL.match, out.splitlines()) if m and m["proto"] == "BGP"}
+
+    def established(self) -> set[str]:
+        return {name for name, (_, info) in self.protocols().items()
+                if info.startswith("Established")}
+
+    def wait_established(self, names: Sequence[str],
+                         timeout: float = BGP_ESTABLISH_TIMEOUT_S) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if set(names) <= self.established():
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise BirdError(f"BGP in {self.host.name} not established after {timeout:.0f} s: "
+                        f"{self.protocols()}")
+
+    def route_sources(self, prefix: str) -> set[str]:
+        """The protocols BIRD learned `prefix` from (the router: one per LB host session)."""
+        out = self.birdc("show", "route", prefix, check=False).stdout
+        return set(re.findall(r"unicast \[(\S+)\s", out))
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def lb_bird_config(i: int, include_dir: Path, local_as: int = LB_AS) -> str:
+    """BIRD on LB host i: lbd's include files in two static protocols, exported over eBGP."""
+    return f"""\
+# BIRD on LB host lb{i + 1}, written by xdplb.lab_bgp. lbd rewrites the two
+# include files (route P blackhole; lines) and runs `birdc configure`.
+router id {lb_v4(i)};
+protocol device {{ scan time 10; }}
+protocol static vips4 {{
+  ipv4;
+  include "{include_dir}/vips4.conf";
+}}
+protocol static vips6 {{
+  ipv6;
+  include "{include_dir}/vips6.conf";
+}}
+template bgp uplink {{
+  local as {local_as};
+{BGP_TIMERS}
+}}
+protocol bgp router4 from uplink {{
+  local {lb_v4(i)} as {local_as};
+  neighbor {router_lb_v4(i)} as {ROUTER_AS};
+  ipv4 {{ import none; export where proto = "vips4"; }};
+}}
+protocol bgp router6 from uplink {{
+  local {lb_v6(i)} as {local_as};
+  neighbor {router_lb_v6(i)} as {ROUTER_AS};
+  ipv6 {{ import none; export where proto = "vips6"; }};
+}}
+"""
+
+
+def router_bird_config(n_lbs: int, lb_as: Sequence[int]) -> str:
+    """BIRD on the router: a session per LB host and family; ECMP into the kernel."""
+    sessions = "".join(f"""\
+protocol bgp lb{i + 1}v4 from lbhost {{
+  local {router_lb_v4(i)} as {ROUTER_AS};
+  neighbor {lb_v4(i)} as {lb_as[i]};
+  ipv4 {{ import all; export none; }};
+}}
+protocol bgp lb{i + 1}v6 from lbhost {{
+  local {router_lb_v6(i)} as {ROUTER_AS};
+  neighbor {lb_v6(i)} as {lb_as[i]};
+  ipv6 {{ import all; export none; next hop prefer global; }};
+}}
+""" for i in range(n_lbs))
+    return f"""\
+# BIRD on the router, written by xdplb.lab_bgp.
+router id {ROUTER_CLIENT_V4};
+protocol device {{ scan time 10; }}
+# merge paths: the VIP learned from every LB host becomes one ECMP route.
+protocol kernel kernel4 {{
+  ipv4 {{ import none; export all; }};
+  merge paths on;
+}}
+protocol kernel kernel6 {{
+  ipv6 {{ import none; export all; }};
+  merge paths on;
+}}
+template bgp lbhost {{
+  local as {ROUTER_AS};
+{BGP_TIMERS}
+  check link yes;
+}}
+{sessions}"""
+
+
+# --------------------------------------------------------------------------- lbd per LB host
+
+
+@dataclass
+class _LbView:
+    """What LabLbd reads of a topology: the lab, the LB host and its XDP interface."""
+
+    lab: Lab
+    lb: Host
+    lb_iface: Iface
+
+
+class HostLbd(LabLbd):
+    """The real lbd on one LB host of the multi-host lab: its own name (so its own pin dir,
+    `{runid}-lbN`), state dir, socket, log, and a [bgp] section for its BIRD."""
+
+    def __init__(self, lab: Lab, host: Host, iface: Iface, workdir: Path, bird_socket: Path,
+                 include_dir: Path, sizes: MapSizes = SIZES, config_extra: str = ""):
+        bgp = (f'[bgp]\nenabled = true\nbird_socket = "{bird_socket}"\n'
+               f'include_dir = "{include_dir}"\nbirdc = "{BIRDC}"\n')
+        super().__init__(_LbView(lab, host, iface), workdir, sizes=sizes,  # type: ignore[arg-type]
+                         config_extra=config_extra + "\n" + bgp)
+        self.name = f"{lab.runid}-{host.role}"
+
+
+# --------------------------------------------------------------------------- the topology
+
+
+@dataclass
+class LbHost:
+    """One LB host: namespace, link to the router, its BIRD and its lbd."""
+
+    index: int
+    host: Host
+    iface: Iface  # eth1: XDP runs here and XDP_TXes back to the router
+    router_iface: Iface
+    bird: Bird
+    lbd: HostLbd
+    include_dir: Path
+
+    @property
+    def role(self) -> str:
+        return self.host.role
+
+    @property
+    def v4(self) -> str:
+        return lb_v4(self.index)
+
+    @property
+    def v6(self) -> str:
+        return lb_v6(self.index)
+
+    @property
+    def sessions(self) -> tuple[str, str]:
+        """The router's BGP protocol names for this host's sessions."""
+        return f"lb{self.index + 1}v4", f"lb{self.index + 1}v6"
+
+    def lbctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return self.lbd.lbctl(*args, timeout=timeout)
+
+
+@dataclass
+class BgpLab:
+    """Everything about the multi-host lab; attribute names shared with LbLab where they
+    mean the same (client, router, backends, client_if, ...), so tests.flows works on it."""
+
+    lab: Lab
+    workdir: Path
+    client: Host
+    router: Host
+    lbs: list[LbHost]
+    backends: list[Host]
+    client_if: Iface
+    router_client_if: Iface
+    backend_ifs: list[Iface]
+    router_backend_ifs: list[Iface]
+    router_bird: Bird
+    vip_v4: str = VIP_V4
+    vip_v6: str = VIP_V6
+    extra_pin_dirs: list[Path] = field(default_factory=list)
+    decap: Decapsulator | None = None
+
+    @property
+    def backend_v4(self) -> list[str]:
+        return [labmod.backend_v4(i) for i in range(len(self.backends))]
+
+    @property
+    def backend_v6(self) -> list[str]:
+        return [labmod.backend_v6(i) for i in range(len(self.backends))]
+
+    # -- the router's view --
+
+    def vip_paths(self, prefix: str, ipr: Any = None) -> set[str]:
+        """The LB hosts (roles) the router's kernel route for `prefix` points to now
+        (`ipr`: an open IPRoute in the router's namespace, for fast polling)."""
+        return _paths(self, prefix, ipr)
+
+    def wait_paths(self, prefix: str, roles: set[str], timeout: float = 20.0) -> float:
+        """Until the router's kernel route for `prefix` goes to exactly `roles` (empty: no
+        route); the seconds it took. TimeoutError with what the route is otherwise."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.vip_paths(prefix) == roles:
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise TimeoutError(f"route {prefix} on the router goes to {self.vip_paths(prefix)}, "
+                           f"not {roles}, after {timeout:.0f} s")
+
+    def wait_established(self, timeout: float = BGP_ESTABLISH_TIMEOUT_S) -> float:
+        names = [n for lb in self.lbs for n in lb.sessions]
+        return self.router_bird.wait_established(names, timeout)
+
+    # -- LB host failure and recovery --
+
+    def fail_lb(self, lb: LbHost) -> float:
+        """The LB host dies: its link goes down (nothing more leaves it), then its lbd and
+        BIRD are killed. Returns the monotonic time of the link loss."""
+        with lb.host.ipr() as ipr:
+            failed_at = time.monotonic()
+            ipr.link("set", index=lb.iface.ifindex, state="down")
+        lb.lbd.kill(signal.SIGKILL)
+        lb.bird.stop(signal.SIGKILL)
+        return failed_at
+
+    def restore_lb(self, lb: LbHost) -> None:
+        """Brings a failed LB host back: link up, its routes and neighbours again (a link
+        going down flushes them), BIRD, then lbd on its saved state and pinned maps."""
+        with lb.host.ipr() as ipr:
+            ipr.link("set", index=lb.iface.ifindex, state="up")
+            for ip in (router_lb_v4(lb.index), router_lb_v6(lb.index)):
+                ipr.neigh("replace", dst=ip, lladdr=lb.router_iface.mac,
+                          ifindex=lb.iface.ifindex, state=labmod.NUD_PERMANENT,
+                          family=labmod._family(ip))
+            for dst, via in (("0.0.0.0/0", router_lb_v4(lb.index)),
+                             ("::/0", router_lb_v6(lb.index))):
+                ipr.route("replace", dst=dst, gateway=via, oif=lb.iface.ifindex,
+                          family=labmod._family(via))
+        if not lb.bird.running:
+            lb.bird.start()
+        if lb.lbd.proc is None or lb.lbd.proc.poll() is not None:
+            lb.lbd.start()
+
+    def close(self) -> None:
+        """Stops the lbds, removes the lab (processes, namespaces, the run's pin dir) and
+        every per-LB-host pin dir."""
+        for lb in self.lbs:
+            with contextlib.suppress(Exception):
+                lb.lbd.close()
+        self.lab.close()
+        for path in self.extra_pin_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _paths(topo: BgpLab, prefix: str, ipr: Any = None) -> set[str]:
+    if ipr is None:
+        with topo.router.ipr() as own:
+            return _paths(topo, prefix, own)
+    by_ifindex = {lb.router_iface.ifindex: lb.role for lb in topo.lbs}
+    dst, plen = prefix.split("/")
+    # A dump, filtered: `get_routes(dst=...)` asks for a lookup, which picks one path.
+    routes = [r for r in ipr.get_routes(family=labmod._family(dst), table=254)
+              if r.get_attr("RTA_DST") == dst and r["dst_len"] == int(plen)]
+    roles: set[str] = set()
+    for route in routes:
+        multipath = route.get_attr("RTA_MULTIPATH")
+        oifs = ([hop["oif"] for hop in multipath] if multipath
+                else [route.get_attr("RTA_OIF")])
+        roles |= {by_ifindex.get(oif, f"ifindex {oif}") for oif in oifs}
+    return roles
+
+
+def build_bgp_lab(lab: Lab, workdir: Path, n_backends: int = 3, sizes: MapSizes = SIZES,
+                  lb_as: Sequence[int] = (LB_AS, LB_AS), config_extra: str = "") -> BgpLab:
+    """Namespaces, links, addresses, routes and BIRD configs; nothing started yet."""
+    if not 1 <= n_backends <= labmod.MAX_BACKENDS:
+        raise ValueError(f"n_backends must be 1..{labmod.MAX_BACKENDS}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    client, router = lab.add_host("client"), lab.add_host("router")
+    lb_hosts = [lab.add_host(f"lb{i + 1}") for i in range(N_LB_HOSTS)]
+    for host in lb_hosts:
+        # A failed LB host's link goes down and comes back: keep its IPv6 address.
+        host.sysctl("net.ipv6.conf.all.keep_addr_on_down", 1)
+    backends = [lab.add_host(f"backend{i}") for i in range(n_backends)]
+    client_if, r_client_if = lab.connect(client, router, "eth0", "eth0")
+    lb_links = [lab.connect(h, router, "eth1", f"eth{i + 1}") for i, h in enumerate(lb_hosts)]
+    pairs = [lab.connect(b, router, "eth0", f"ethB{i}") for i, b in enumerate(backends)]
+    links = [(client_if, r_client_if, _CLIENT_PLAN)]
+    links += [(a, b, _lb_plan(i)) for i, (a, b) in enumerate(lb_links)]
+    links += [(b, r, _backend_plan(i)) for i, (b, r) in enumerate(pairs)]
+    for host_end, router_end, plan in links:
+        _address_link(host_end, router_end, plan)
+        _default_via_router(host_end, plan)
+    router_ends = [r_client_if, *(b for _, b in lb_links), *(r for _, r in pairs)]
+    router.sysctls({
+        "net.ipv4.ip_forward": 1,
+        "net.ipv6.conf.all.forwarding": 1,
+        # ECMP on the 5-tuple: flows of one client spread over the LB hosts.
+        "net.ipv4.fib_multipath_hash_policy": 1,
+        "net.ipv6.fib_multipath_hash_policy": 1,
+        # DSR replies come from backends with the VIP as source; encapsulated packets
+        # come from the LB hosts with any outer source.
+        "net.ipv4.conf.all.rp_filter": 0,
+        "net.ipv4.conf.default.rp_filter": 0,
+        **{f"net.ipv4.conf.{e.name}.rp_filter": 0 for e in router_ends},
+    })
+    for _, r_lb_if in lb_links:
+        enable_gro(router, r_lb_if.name)  # start_bgp_lab also attaches the pass program
+    for backend, (b_if, _) in zip(backends, pairs, strict=True):
+        _configure_backend(backend, b_if)
+    set_offloads(client, "eth0", tx=False)  # see build_lb_lab: full checksums from the client
+
+    lbs = []
+    for i, (host, (lb_if, r_lb_if)) in enumerate(zip(lb_hosts, lb_links, strict=True)):
+        hostdir = workdir / host.role
+        include_dir = hostdir / "bird-include"
+        bird = Bird(host, hostdir / "bird", lb_bird_config(i, include_dir, lb_as[i]))
+        lbd = HostLbd(lab, host, lb_if, hostdir / "lbd", bird.socket, include_dir, sizes,
+                      config_extra)
+        lbs.append(LbHost(i, host, lb_if, r_lb_if, bird, lbd, include_dir))
+    router_bird = Bird(router, workdir / "router" / "bird",
+                       router_bird_config(len(lbs), list(lb_as)))
+    return BgpLab(lab=lab, workdir=workdir, client=client, router=router, lbs=lbs,
+                  backends=backends, client_if=client_if, router_client_if=r_client_if,
+                  backend_ifs=[p[0] for p in pairs], router_backend_ifs=[p[1] for p in pairs],
+                  router_bird=router_bird, extra_pin_dirs=[PIN_ROOT / lb.lbd.name for lb in lbs])
+
+
+def start_backends(topo: BgpLab, port: int = 80) -> Decapsulator:
+    """Like lab.start_http_backends, with one decapsulator (one compile) shared by every
+    backend: it accepts every backend's addresses, each backend only receives its own."""
+    decap = Decapsulator()
+    for address in (*topo.backend_v4, *topo.backend_v6):
+        decap.accept(address)
+    for i, host in enumerate(topo.backends):
+        decap.attach("eth0", netns=host.name)
+        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+                    "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for host in topo.backends:
+        wait_port(host, port, ip="::1")
+    return decap
+
+
+def start_bgp_lab(topo: BgpLab) -> None:
+    """Every BIRD, both lbds, the router's pass programs and the backends, then waits for
+    lbd to answer and every BGP session to be established. The lbds compile their
+    programs while this process compiles the lab's own."""
+    for lb in topo.lbs:
+        # BIRD's config includes lbd's files: they must exist (empty) before BIRD parses it.
+        BirdAnnouncer(lb.include_dir, lb.bird.socket).prepare()
+        lb.bird.start()
+    topo.router_bird.start()
+    for lb in topo.lbs:
+        lb.lbd.start(wait=False)
+    for lb in topo.lbs:
+        # XDP_TX'd frames from an LB host are received only if the router's end has NAPI.
+        attach_pass(lb.router_iface.name, netns=topo.router.name)
+    topo.decap = start_backends(topo)
+    for lb in topo.lbs:
+        lb.lbd.wait_ready()
+    topo.wait_established()
+
+
+def _remove_stale_pins(prefix: str) -> list[str]:
+    """Per-LB-host pin dirs ({runid}-lbN) of runs under `prefix` that have no namespace left."""
+    live = {_runid_of(n) for n in netns.listnetns()}
+    removed = []
+    if PIN_ROOT.is_dir():
+        for path in PIN_ROOT.iterdir():
+            runid = _runid_of(path.name)
+            if path.name.startswith(prefix) and "-" in path.name and runid not in live \
+                    and not (labmod.MARKER_DIR / runid).exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(str(path))
+    return removed
+
+
+# --------------------------------------------------------------------------- make bgp-lab
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def lab_document(topo: BgpLab, check_interval_ms: int = 500) -> dict[str, Any]:
+    """The desired state both lbds get: the same document, so the same rings."""
+    check = {"kind": "tcp", "interval_ms": check_interval_ms,
+             "timeout_ms": min(300, check_interval_ms), "rise": 2, "fall": 2}
+    return {"version": 1, "vips": [
+        {"vip": f"{topo.vip_v4}:80/tcp", "check": check,
+         "backends": [{"address": a} for a in topo.backend_v4]},
+        {"vip": f"[{topo.vip_v6}]:80/tcp", "check": check,
+         "backends": [{"address": a} for a in topo.backend_v6]},
+    ]}
+
+
+def apply_everywhere(topo: BgpLab, document: dict[str, Any]) -> None:
+    path = topo.workdir / "lb.json"
+    path.write_text(json.dumps(document, indent=2))
+    for lb in topo.lbs:
+        result = lb.lbctl("apply", "-f", str(path))
+        if result.returncode != 0:
+            raise LabError(f"lbctl apply on {lb.role}: {result.stderr.strip()}")
+
+
+def up() -> None:
+    down(quiet=True)
+    lab = Lab(prefix=PREFIX)
+    topo = None
+    try:
+        topo = build_bgp_lab(lab, WORKDIR)
+        say(f"lab {lab.runid}: client, router, lb1, lb2 and {len(topo.backends)} backends")
+        start_bgp_lab(topo)
+        say("BIRD on the router (AS 65000) and on each LB host (AS 65001): sessions up")
+        apply_everywhere(topo, lab_document(topo))
+        for vip in (topo.vip_v4, topo.vip_v6):
+            took = topo.wait_paths(host_prefix(vip), {"lb1", "lb2"})
+            say(f"router: {host_prefix(vip)} is an ECMP route over lb1 and lb2 "
+                f"({took:.1f} s after the VIPs were configured)")
+        say()
+        say(topo.router_bird.birdc("show", "protocols").stdout.rstrip())
+        for family in ("-4", "-6"):
+            say(topo.router.run(["ip", family, "route", "show", "proto", "bird"]).stdout.rstrip())
+        say()
+        compare = topo.lbs[0].lbctl("compare", *(str(lb.lbd.socket) for lb in topo.lbs))
+        say("$ lbctl compare " + " ".join(str(lb.lbd.socket) for lb in topo.lbs))
+        say(compare.stdout.rstrip() + compare.stderr.rstrip())
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: labmod.http_get(topo, topo.vip_v4), range(60)))
+        say(f"\n60 HTTP requests to {topo.vip_v4}: "
+            + ", ".join(f"{b} {answers.count(b)}" for b in sorted(set(answers))))
+        lab.keep()
+    except BaseException:
+        if topo is not None:
+            topo.close()
+        else:
+            lab.close()
+        raise
+    lbctl = console_script("lbctl")
+    lines = [f"  {lbctl} --socket {lb.lbd.socket} status" for lb in topo.lbs]
+    say(f"""
+The lab stays up. Try:
+{chr(10).join(lines)}
+  {lbctl} --socket {topo.lbs[0].lbd.socket} drain-host --wait 30 --quiet 2
+  {BIRDC} -s {topo.router_bird.socket} show route all
+  ip netns exec {topo.router.name} ip route show proto bird
+  ip netns exec {topo.client.name} curl -s http://{topo.vip_v4}/
+Remove it with: make bgp-lab-down""")
+
+
+def down(quiet: bool = False) -> None:
+    removed = labmod.remove_stale(PREFIX)
+    removed += _remove_stale_pins(PREFIX)
+    if WORKDIR.exists():
+        shutil.rmtree(WORKDIR)
+        removed.append(str(WORKDIR))
+    if not quiet:
+        say("removed: " + (", ".join(removed) if removed else "nothing (no BGP lab was up)"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["up"]:
+        up()
+    elif args == ["down"]:
+        down()
+    else:
+        raise SystemExit("usage: python -m xdplb.lab_bgp up|down")
+
+
+if __name__ == "__main__":
+    main()
