@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down clean proto
+.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,8 @@ bench: setup
 	@$(PY) benchmarks/bench_datapath.py --json bench-results/datapath.json
 	@$(PY) benchmarks/bench_maglev.py --json bench-results/maglev.json
 	@$(PY) benchmarks/bench_reconcile.py --json bench-results/reconcile.json
+	@$(PY) benchmarks/bench_health.py --json bench-results/health.json
+	@$(PY) benchmarks/bench_linerate.py --json bench-results/linerate.json
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
 # tests/test_api_proto.py checks they match the proto).
@@ -35,5 +37,13 @@ demo: setup
 demo-down: setup
 	@$(PY) -m xdplb.demo down
 
-clean: demo-down
+# Two LB hosts behind a router, each with its own BIRD and lbd; the router's
+# BIRD merges their announcements into ECMP routes (see xdplb/lab_bgp.py).
+bgp-lab: setup
+	@$(PY) -m xdplb.lab_bgp up
+
+bgp-lab-down: setup
+	@$(PY) -m xdplb.lab_bgp down
+
+clean: demo-down bgp-lab-down
 	rm -rf $(VENV) bench-results

@@ -171,16 +171,23 @@ def _bgp_rows(status: lb_pb2.StatusResponse) -> list[tuple[str, str]]:
     return rows
 
 
+def _majority(values: list[str | None]) -> str | None:
+    """The most common value; ties go to the one seen first."""
+    counts: dict[str | None, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
 def render_fingerprints(rings: dict[str, dict[str, str]], fmt: str) -> tuple[str, list[str]]:
     """Per VIP, each host's ring fingerprint; and the hosts that disagree with the
-    first host on any VIP (a VIP missing on a host counts as a difference).
+    majority on any VIP (ties: with the first host; a missing VIP differs).
 
     JSON: {"vips": {VIP: {HOST: fingerprint or null}}, "differing": [HOST, ...]}."""
     hosts = list(rings)
     vips = sorted({vip for ring in rings.values() for vip in ring})
-    reference = rings[hosts[0]]
-    differing = [h for h in hosts[1:]
-                 if any(rings[h].get(v) != reference.get(v) for v in vips)]
+    majority = {v: _majority([rings[h].get(v) for h in hosts]) for v in vips}
+    differing = [h for h in hosts if any(rings[h].get(v) != majority[v] for v in vips)]
     if fmt == "json":
         table = {v: {h: rings[h].get(v) for h in hosts} for v in vips}
         return dump_json({"vips": table, "differing": differing}), differing

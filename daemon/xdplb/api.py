@@ -44,6 +44,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (st.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (st.StateError, grpc.StatusCode.INVALID_ARGUMENT),
     (ReconcileError, grpc.StatusCode.FAILED_PRECONDITION),
+    (bgp.AnnounceError, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.INTERNAL),
     (DatapathError, grpc.StatusCode.INTERNAL),
 ]

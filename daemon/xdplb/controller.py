@@ -230,21 +230,28 @@ class Controller:
         return {bgp.host_prefix(key.address) for key, plan in self.reconciler.plans.items()
                 if plan.healthy > 0}
 
-    def _announce(self) -> None:
+    def _announce(self) -> str:
+        """Tells BIRD what to announce; the error ("" if none): lbd retries every 5 s."""
         if self.announcer is None:
-            return
+            return ""
         wanted = self.announceable()
         before = set(self.announcer.announced)
         try:
             changed = self.announcer.announce(wanted)
         except bgp.AnnounceError as exc:
             self.publish("bgp", f"announcing failed: {exc}")
-            return
+            return str(exc)
         if changed:
             for prefix in sorted(wanted - before):
                 self.publish("bgp", f"announce {prefix}")
             for prefix in sorted(before - wanted):
                 self.publish("bgp", f"withdraw {prefix}")
+        return ""
+
+    def retry_announce(self) -> None:
+        """Every few seconds: an announcement BIRD did not take is tried again."""
+        if self.announcer is not None and self.announcer.last_error:
+            self._announce()
 
     def set_host_drained(self, drained: bool) -> None:
         """Persisted, then applied: a drained host withdraws every VIP from BGP."""
@@ -254,7 +261,11 @@ class Controller:
         self.host_drained = drained
         self.publish("change", "drain host: withdraw every VIP" if drained
                      else "undrain host: announce VIPs again")
-        self._announce()
+        error = self._announce()
+        if error:
+            state = "drained" if drained else "undrained"
+            raise bgp.AnnounceError(f"host {state}, but BIRD did not take it ({error}); "
+                                    "lbd retries every 5 s")
 
     async def wait_idle(self, wait_s: float, quiet_s: float) -> tuple[bool, float, int]:
         """Until no new flow arrived for quiet_s, at most wait_s: (idle, waited, new flows)."""

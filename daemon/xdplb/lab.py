@@ -210,6 +210,9 @@ def pin_dir_of(runid: str) -> Path:
 
 
 def _remove_pins(runid: str) -> None:
+    """The pinned maps and instance locks of a run's lbd instances (named after it)."""
+    for lock in Path("/run/xdplb").glob(f"{runid}*.lock"):
+        lock.unlink(missing_ok=True)
     pin_dir = pin_dir_of(runid)
     shutil.rmtree(pin_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the shared root, once no instance is left

@@ -29,6 +29,7 @@ targets `bgp-lab` and `bgp-lab-down` run these.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import re
@@ -37,9 +38,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from xdplb.lab import (
     _LinkPlan,
     _runid_of,
     enable_gro,
+    router_sysctls,
     set_offloads,
     wait_port,
 )
@@ -225,6 +227,8 @@ def lb_bird_config(i: int, include_dir: Path, local_as: int = LB_AS) -> str:
     return f"""\
 # BIRD on LB host lb{i + 1}, written by xdplb.lab_bgp. lbd rewrites the two
 # include files (route P blackhole; lines) and runs `birdc configure`.
+log stderr all;
+timeformat log iso long ms;
 router id {lb_v4(i)};
 protocol device {{ scan time 10; }}
 protocol static vips4 {{
@@ -268,6 +272,8 @@ protocol bgp lb{i + 1}v6 from lbhost {{
 """ for i in range(n_lbs))
     return f"""\
 # BIRD on the router, written by xdplb.lab_bgp.
+log stderr all;
+timeformat log iso long ms;
 router id {ROUTER_CLIENT_V4};
 protocol device {{ scan time 10; }}
 # merge paths: the VIP learned from every LB host becomes one ECMP route.
@@ -304,9 +310,10 @@ class HostLbd(LabLbd):
     `{runid}-lbN`), state dir, socket, log, and a [bgp] section for its BIRD."""
 
     def __init__(self, lab: Lab, host: Host, iface: Iface, workdir: Path, bird_socket: Path,
-                 include_dir: Path, sizes: MapSizes = SIZES, config_extra: str = ""):
+                 include_dir: Path, sizes: MapSizes = SIZES, config_extra: str = "",
+                 birdc: str = BIRDC):
         bgp = (f'[bgp]\nenabled = true\nbird_socket = "{bird_socket}"\n'
-               f'include_dir = "{include_dir}"\nbirdc = "{BIRDC}"\n')
+               f'include_dir = "{include_dir}"\nbirdc = "{birdc}"\n')
         super().__init__(_LbView(lab, host, iface), workdir, sizes=sizes,  # type: ignore[arg-type]
                          config_extra=config_extra + "\n" + bgp)
         self.name = f"{lab.runid}-{host.role}"
@@ -366,7 +373,6 @@ class BgpLab:
     router_bird: Bird
     vip_v4: str = VIP_V4
     vip_v6: str = VIP_V6
-    extra_pin_dirs: list[Path] = field(default_factory=list)
     decap: Decapsulator | None = None
 
     @property
@@ -403,9 +409,9 @@ class BgpLab:
 
     def fail_lb(self, lb: LbHost) -> float:
         """The LB host dies: its link goes down (nothing more leaves it), then its lbd and
-        BIRD are killed. Returns the monotonic time of the link loss."""
+        BIRD are killed. Returns when the link went down (wall clock, time.time())."""
         with lb.host.ipr() as ipr:
-            failed_at = time.monotonic()
+            failed_at = time.time()
             ipr.link("set", index=lb.iface.ifindex, state="down")
         lb.lbd.kill(signal.SIGKILL)
         lb.bird.stop(signal.SIGKILL)
@@ -430,14 +436,13 @@ class BgpLab:
             lb.lbd.start()
 
     def close(self) -> None:
-        """Stops the lbds, removes the lab (processes, namespaces, the run's pin dir) and
-        every per-LB-host pin dir."""
+        """Stops the lbds, removes the lab (processes, namespaces, the run's pin dir), every
+        per-LB-host pin dir and lbd's instance lock files."""
         for lb in self.lbs:
             with contextlib.suppress(Exception):
                 lb.lbd.close()
         self.lab.close()
-        for path in self.extra_pin_dirs:
-            shutil.rmtree(path, ignore_errors=True)
+        _remove_instances(lb.lbd.name for lb in self.lbs)
 
 
 def _paths(topo: BgpLab, prefix: str, ipr: Any = None) -> set[str]:
@@ -459,8 +464,10 @@ def _paths(topo: BgpLab, prefix: str, ipr: Any = None) -> set[str]:
 
 
 def build_bgp_lab(lab: Lab, workdir: Path, n_backends: int = 3, sizes: MapSizes = SIZES,
-                  lb_as: Sequence[int] = (LB_AS, LB_AS), config_extra: str = "") -> BgpLab:
-    """Namespaces, links, addresses, routes and BIRD configs; nothing started yet."""
+                  lb_as: Sequence[int] = (LB_AS, LB_AS), config_extra: str = "",
+                  birdc: str = BIRDC) -> BgpLab:
+    """Namespaces, links, addresses, routes and BIRD configs; nothing started yet.
+    `birdc`: the client the lbds run (a test may put a wrapper there to inject faults)."""
     if not 1 <= n_backends <= labmod.MAX_BACKENDS:
         raise ValueError(f"n_backends must be 1..{labmod.MAX_BACKENDS}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -481,16 +488,10 @@ def build_bgp_lab(lab: Lab, workdir: Path, n_backends: int = 3, sizes: MapSizes 
         _default_via_router(host_end, plan)
     router_ends = [r_client_if, *(b for _, b in lb_links), *(r for _, r in pairs)]
     router.sysctls({
-        "net.ipv4.ip_forward": 1,
-        "net.ipv6.conf.all.forwarding": 1,
+        **router_sysctls([e.name for e in router_ends]),
         # ECMP on the 5-tuple: flows of one client spread over the LB hosts.
         "net.ipv4.fib_multipath_hash_policy": 1,
         "net.ipv6.fib_multipath_hash_policy": 1,
-        # DSR replies come from backends with the VIP as source; encapsulated packets
-        # come from the LB hosts with any outer source.
-        "net.ipv4.conf.all.rp_filter": 0,
-        "net.ipv4.conf.default.rp_filter": 0,
-        **{f"net.ipv4.conf.{e.name}.rp_filter": 0 for e in router_ends},
     })
     for _, r_lb_if in lb_links:
         enable_gro(router, r_lb_if.name)  # start_bgp_lab also attaches the pass program
@@ -504,14 +505,14 @@ def build_bgp_lab(lab: Lab, workdir: Path, n_backends: int = 3, sizes: MapSizes 
         include_dir = hostdir / "bird-include"
         bird = Bird(host, hostdir / "bird", lb_bird_config(i, include_dir, lb_as[i]))
         lbd = HostLbd(lab, host, lb_if, hostdir / "lbd", bird.socket, include_dir, sizes,
-                      config_extra)
+                      config_extra, birdc)
         lbs.append(LbHost(i, host, lb_if, r_lb_if, bird, lbd, include_dir))
     router_bird = Bird(router, workdir / "router" / "bird",
                        router_bird_config(len(lbs), list(lb_as)))
     return BgpLab(lab=lab, workdir=workdir, client=client, router=router, lbs=lbs,
                   backends=backends, client_if=client_if, router_client_if=r_client_if,
                   backend_ifs=[p[0] for p in pairs], router_backend_ifs=[p[1] for p in pairs],
-                  router_bird=router_bird, extra_pin_dirs=[PIN_ROOT / lb.lbd.name for lb in lbs])
+                  router_bird=router_bird)
 
 
 def start_backends(topo: BgpLab, port: int = 80) -> Decapsulator:
@@ -549,18 +550,37 @@ def start_bgp_lab(topo: BgpLab) -> None:
     topo.wait_established()
 
 
-def _remove_stale_pins(prefix: str) -> list[str]:
-    """Per-LB-host pin dirs ({runid}-lbN) of runs under `prefix` that have no namespace left."""
-    live = {_runid_of(n) for n in netns.listnetns()}
+def _remove_instances(names: Iterable[str]) -> list[str]:
+    """An lbd instance's pin dir and its instance lock file (lbd is gone)."""
+    from xdplb.lbd import LOCK_DIR
+
     removed = []
-    if PIN_ROOT.is_dir():
-        for path in PIN_ROOT.iterdir():
-            runid = _runid_of(path.name)
-            if path.name.startswith(prefix) and "-" in path.name and runid not in live \
-                    and not (labmod.MARKER_DIR / runid).exists():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(str(path))
+    for name in names:
+        pins, lock = PIN_ROOT / name, LOCK_DIR / f"{name}.lock"
+        if pins.exists():
+            shutil.rmtree(pins, ignore_errors=True)
+            removed.append(str(pins))
+        if lock.exists():
+            lock.unlink(missing_ok=True)
+            removed.append(str(lock))
+    with contextlib.suppress(OSError):  # the shared root, once no instance is left
+        PIN_ROOT.rmdir()
     return removed
+
+
+def _remove_stale_instances(prefix: str) -> list[str]:
+    """The LB hosts' lbd instances ({runid}-lbN: pin dirs, lock files) of runs under
+    `prefix` that have neither a namespace nor a marker left (remove_stale went first)."""
+    from xdplb.lbd import LOCK_DIR
+
+    live = {_runid_of(n) for n in netns.listnetns()}
+    found = [p.name for p in PIN_ROOT.iterdir()] if PIN_ROOT.is_dir() else []
+    found += [p.name.removesuffix(".lock") for p in LOCK_DIR.glob(f"{prefix}*-lb*.lock")]
+    stale = {name for name in found
+             if name.startswith(prefix) and re.fullmatch(r"[a-z0-9]+-lb\d+", name)
+             and _runid_of(name) not in live
+             and not (labmod.MARKER_DIR / _runid_of(name)).exists()}
+    return _remove_instances(sorted(stale))
 
 
 # --------------------------------------------------------------------------- make bgp-lab
@@ -591,31 +611,35 @@ def apply_everywhere(topo: BgpLab, document: dict[str, Any]) -> None:
             raise LabError(f"lbctl apply on {lb.role}: {result.stderr.strip()}")
 
 
-def up() -> None:
-    down(quiet=True)
-    lab = Lab(prefix=PREFIX)
+def up(prefix: str = PREFIX, workdir: Path = WORKDIR) -> BgpLab:
+    """Builds and starts the lab, configures both lbds, shows what runs; leaves it up."""
+    down(prefix, workdir, quiet=True)  # running twice works: the previous lab goes first
+    lab = Lab(prefix=prefix)
     topo = None
     try:
-        topo = build_bgp_lab(lab, WORKDIR)
-        say(f"lab {lab.runid}: client, router, lb1, lb2 and {len(topo.backends)} backends")
+        topo = build_bgp_lab(lab, workdir)
+        say(f"lab {lab.runid}: client, router, lb1, lb2 and {len(topo.backends)} backends "
+            "in network namespaces")
         start_bgp_lab(topo)
-        say("BIRD on the router (AS 65000) and on each LB host (AS 65001): sessions up")
+        say(f"BIRD on the router (AS {ROUTER_AS}) and on lb1 and lb2 (AS {LB_AS}): "
+            "BGP sessions established")
         apply_everywhere(topo, lab_document(topo))
         for vip in (topo.vip_v4, topo.vip_v6):
             took = topo.wait_paths(host_prefix(vip), {"lb1", "lb2"})
-            say(f"router: {host_prefix(vip)} is an ECMP route over lb1 and lb2 "
+            say(f"router: {host_prefix(vip)} is one ECMP route over lb1 and lb2 "
                 f"({took:.1f} s after the VIPs were configured)")
         say()
         say(topo.router_bird.birdc("show", "protocols").stdout.rstrip())
         for family in ("-4", "-6"):
             say(topo.router.run(["ip", family, "route", "show", "proto", "bird"]).stdout.rstrip())
-        say()
-        compare = topo.lbs[0].lbctl("compare", *(str(lb.lbd.socket) for lb in topo.lbs))
-        say("$ lbctl compare " + " ".join(str(lb.lbd.socket) for lb in topo.lbs))
-        say(compare.stdout.rstrip() + compare.stderr.rstrip())
+        sockets = [str(lb.lbd.socket) for lb in topo.lbs]
+        compare = topo.lbs[0].lbctl("compare", *sockets)
+        say(f"\n$ lbctl compare {' '.join(sockets)}")
+        say((compare.stdout + compare.stderr).rstrip())
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: labmod.http_get(topo, topo.vip_v4), range(60)))
-        say(f"\n60 HTTP requests to {topo.vip_v4}: "
+        say(f"\n60 HTTP requests to {topo.vip_v4} (new connections, spread over lb1 and "
+            "lb2 by the router): "
             + ", ".join(f"{b} {answers.count(b)}" for b in sorted(set(answers))))
         lab.keep()
     except BaseException:
@@ -629,31 +653,39 @@ def up() -> None:
     say(f"""
 The lab stays up. Try:
 {chr(10).join(lines)}
+  {lbctl} compare {' '.join(sockets)}
   {lbctl} --socket {topo.lbs[0].lbd.socket} drain-host --wait 30 --quiet 2
   {BIRDC} -s {topo.router_bird.socket} show route all
   ip netns exec {topo.router.name} ip route show proto bird
   ip netns exec {topo.client.name} curl -s http://{topo.vip_v4}/
 Remove it with: make bgp-lab-down""")
+    return topo
 
 
-def down(quiet: bool = False) -> None:
-    removed = labmod.remove_stale(PREFIX)
-    removed += _remove_stale_pins(PREFIX)
-    if WORKDIR.exists():
-        shutil.rmtree(WORKDIR)
-        removed.append(str(WORKDIR))
+def down(prefix: str = PREFIX, workdir: Path = WORKDIR, quiet: bool = False) -> list[str]:
+    """Removes what `up` left: processes, namespaces, pinned maps, the work directory."""
+    removed = labmod.remove_stale(prefix)
+    removed += _remove_stale_instances(prefix)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+        removed.append(str(workdir))
     if not quiet:
         say("removed: " + (", ".join(removed) if removed else "nothing (no BGP lab was up)"))
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args == ["up"]:
-        up()
-    elif args == ["down"]:
-        down()
+    parser = argparse.ArgumentParser(prog="python -m xdplb.lab_bgp",
+                                     description="The multi-host BGP lab: up or down.")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--prefix", default=PREFIX, help=f"lab prefix (default {PREFIX})")
+    parser.add_argument("--workdir", type=Path, default=WORKDIR,
+                        help=f"configs, sockets and logs (default {WORKDIR})")
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        up(args.prefix, args.workdir)
     else:
-        raise SystemExit("usage: python -m xdplb.lab_bgp up|down")
+        down(args.prefix, args.workdir)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ async def _follow_nexthop(controller: Controller) -> None:
 
 
 async def _refresh_bgp(controller: Controller) -> None:
+    controller.retry_announce()
     await asyncio.to_thread(controller.bgp_state)
 
 
