@@ -1,0 +1,478 @@
+"""Packets per second through the balancer beside a MAC-swap XDP_TX program (issue 6).
+
+Topology (a Lab, prefix "xbrate", torn down on exit or failure): two network
+namespaces joined by one veth pair, gen:eth0 <-> lb:eth1.
+
+  - gen: the generator (bpf/trafficgen.c) runs under BPF_PROG_TEST_RUN in
+    live-frames mode with gen:eth0 as its ingress device, so every frame it
+    returns XDP_TX for is transmitted into lb:eth1. It writes a 66-byte IPv4
+    TCP ACK to the VIP into each frame and makes it one of F distinct flows
+    (source address and port from a per-CPU frame counter modulo F).
+  - lb: the program under test, native XDP on lb:eth1, XDP_TXes each frame
+    back out of lb:eth1: the balancer encapsulates it (IPIP) towards one of
+    N backends; the baseline (bench_harness.c's bench_mac_swap, the one
+    bench_datapath.py uses) swaps the MACs.
+  - back on gen:eth0 a counter program counts what arrives, by kind
+    (IPIP-encapsulated or plain TCP), in a per-CPU array, and drops it.
+
+Per case (F flows, N backends) three programs take turns on lb:eth1, with the
+same frames and frame count, interleaved in a rotating order for --rounds
+rounds (medians are reported): the balancer, the MAC swap, and the "floor",
+a counting XDP_DROP program (generator + one veth hop, nothing forwarded).
+
+What "per core" means here: a veth has no interrupt of its own. The
+generator's transmit raises lb:eth1's receive softirq on the sending CPU,
+whose XDP_TX raises gen:eth0's on the same CPU, and the kernel runs both when
+the generator's loop re-enables softirqs. So one CPU (--cpu; the process is
+pinned to it) does all the work of a frame: generating it, two veth hops,
+the program under test and the counting. The kernel times that loop itself
+(BPF_PROG_TEST_RUN's duration, paused whenever the thread gives up the CPU,
+so other processes on a shared machine are not counted):
+
+    Mpps per core = frames received / (duration x frames sent)
+
+The generator's and the veths' fixed cost per frame dilutes this ratio, so
+the table also estimates the LB side alone by taking the floor away:
+
+    LB-side Mpps = 1000 / (ns per frame - floor ns per frame)
+
+which leaves the program, its XDP_TX and one veth receive (the counter's,
+standing in for the LB's own receive, which the floor contains). Wall-clock
+Mpps (including other processes' share of the CPU and ~30 ms of fixed cost
+per live-frames syscall) and the thread's CPU time are in the JSON.
+
+Established flows: before a case is measured every flow is sent through the
+balancer, pass after pass, until a whole pass finds all F in the connection
+table; the balancer's own counters show the measured runs are hits too
+("conn hits" = conn_hit / tx_forwarded). Every run is bounded in frames
+(--frames) and time (--max-seconds); sent, received and lost frames, and the
+veths' XDP counters that say where a loss happened, are in the JSON. Writes
+the table to stdout and JSON to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes as ct
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Lets the benchmark run from a checkout without an install.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from xdplb import maglev
+from xdplb import structs as s
+from xdplb.datapath import (
+    Balancer,
+    BenchHarness,
+    MapSizes,
+    TrafficGenerator,
+    attach_xdp,
+)
+from xdplb.lab import Host, Lab, remove_stale
+
+PREFIX = "xbrate"
+VIP, VIP_PORT = "10.200.0.10", 80
+CLIENT_BASE, SPORT_BASE = "198.18.1.0", 1024  # flow f: +f>>14 on the address, +f&0x3fff port
+FLOWS = (1, 1000, 1_000_000)
+BACKENDS = (3, 100)
+RING_SIZE = 65537
+TARGET_RATIO = 0.7
+WARMUP_PASSES = 5
+VETH_KEYS = {  # (namespace role, interface, ethtool -S counter)
+    "gen_xmit": ("gen", "eth0", "tx_queue_0_xdp_xmit"),
+    "gen_xmit_errors": ("gen", "eth0", "tx_queue_0_xdp_xmit_errors"),
+    "lb_rx": ("lb", "eth1", "rx_queue_0_xdp_packets"),
+    "lb_tx": ("lb", "eth1", "rx_queue_0_xdp_tx"),
+    "lb_tx_errors": ("lb", "eth1", "rx_queue_0_xdp_tx_errors"),
+    "lb_drops": ("lb", "eth1", "rx_queue_0_xdp_drops"),
+    "gen_rx": ("gen", "eth0", "rx_queue_0_xdp_packets"),
+}
+
+
+@dataclass
+class Sample:
+    """One measured run of one program."""
+
+    program: str
+    sent: int
+    received: int
+    kernel_ns: int      # sum over syscalls of duration x frames: this CPU's work
+    wall_ns: int
+    thread_cpu_ns: int  # the generator thread's CPU time (softirqs included)
+    ksoftirqd_ns: int   # work the kernel deferred to ksoftirqd on this CPU
+    veth: dict[str, int]
+    other: int = 0      # frames of other kinds that came back (not ours)
+    lb_counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.received
+
+    @property
+    def mpps_core(self) -> float:
+        return self.received / self.kernel_ns * 1e3
+
+    @property
+    def mpps_wall(self) -> float:
+        return self.received / self.wall_ns * 1e3
+
+    @property
+    def mpps_cpu(self) -> float:
+        return self.received / (self.thread_cpu_ns + self.ksoftirqd_ns) * 1e3
+
+    @property
+    def ns_per_frame(self) -> float:
+        return self.kernel_ns / self.sent
+
+
+@dataclass
+class CaseResult:
+    flows: int
+    backends: int
+    ours_mpps: float        # per core, median of rounds
+    mac_swap_mpps: float
+    ratio: float
+    ours_ns: float          # ns of this CPU per frame, median
+    mac_swap_ns: float
+    extra_ns: float
+    floor_ns: float         # generator + one veth hop + counting drop, median
+    ours_lb_mpps: float     # LB side alone, estimated: 1e3 / (ns - floor_ns)
+    mac_swap_lb_mpps: float
+    lb_ratio: float
+    ours_wall_mpps: float
+    mac_swap_wall_mpps: float
+    ours_cpu_mpps: float    # received / (thread + ksoftirqd CPU time), cross-check
+    mac_swap_cpu_mpps: float
+    sent: dict[str, int]    # summed over rounds
+    lost: dict[str, int]
+    conn_hit_fraction: float
+    backends_used: int
+    warmup_passes: int
+    rounds: list[dict] = field(default_factory=list)
+
+
+def conn_entries(flows: list[int], backends: list[int]) -> int:
+    """A connection table that keeps every flow of the run established.
+
+    All flows are recorded on one CPU, and the per-CPU LRU lists
+    (BPF_F_NO_COMMON_LRU) give each CPU conn_entries / ncpus entries; each
+    backend configuration has a vip_id of its own and so flows of its own:
+    one CPU holds len(backends) x sum(flows) entries by the end of the run
+    (2 x 1,001,001 with the defaults: 1 << 22 entries).
+    """
+    needed = _possible_cpus() * len(backends) * sum(flows)
+    return max(1 << 16, 1 << (needed - 1).bit_length())
+
+
+# --- the lab ------------------------------------------------------------------
+
+
+class Rig:
+    """The lab, the programs, and how a run is measured."""
+
+    def __init__(self, lab: Lab, cpu: int, frames: int, chunk: int, max_seconds: float,
+                 flows: list[int], backends: list[int]):
+        self.cpu, self.frames, self.chunk, self.max_seconds = cpu, frames, chunk, max_seconds
+        self.gen_host, self.lb_host = lab.add_host("gen"), lab.add_host("lb")
+        self.gen_if, self.lb_if = lab.connect(self.gen_host, self.lb_host, "eth0", "eth1")
+        self.hosts = {"gen": self.gen_host, "lb": self.lb_host}
+        self.gen = TrafficGenerator()
+        self.harness = BenchHarness()
+        self.conn_entries = conn_entries(flows, backends)
+        self.bal = Balancer(MapSizes(max_vips=len(backends) + 1,
+                                     max_backends=sum(backends) + 1,
+                                     ring_entries=len(backends) * RING_SIZE,
+                                     conn_entries=self.conn_entries))
+        # The counter gives gen:eth0 the NAPI that XDP_TX'd frames need.
+        self.gen.attach_counter("eth0", netns=self.gen_host.name)
+        self.frame = bytes(
+            Ether(src=self.gen_if.mac, dst=self.lb_if.mac)
+            / IP(src=CLIENT_BASE, dst=VIP)
+            / TCP(sport=SPORT_BASE, dport=VIP_PORT, flags="A",
+                  options=[("NOP", None), ("NOP", None), ("Timestamp", (2, 1))]))
+        self.ksoftirqd = _find_ksoftirqd(cpu)
+        self.vip_id = 0
+        self.next_backend = 1  # index 0 means "no backend"
+
+    def close(self) -> None:
+        for part in (self.bal, self.harness, self.gen):
+            with contextlib.suppress(Exception):
+                part.close()
+
+    def attach(self, program: str) -> None:
+        fd = {"xdplb": self.bal.prog_fd, "mac_swap": self.harness.mac_swap_fd,
+              "floor": self.gen.counter_fd}[program]
+        attach_xdp(fd, "eth1", netns=self.lb_host.name)
+
+    def program_backends(self, n: int) -> tuple[int, int]:
+        """One VIP over n backends on a Maglev ring; a new vip_id per
+        configuration so its flows start with an empty connection table."""
+        cfg = s.LbConfig(mtu=1500, flags=s.CONFIG_F_READY, gue_port=s.port_be(6080))
+        cfg.nexthop_mac[:] = [int(x, 16) for x in self.gen_if.mac.split(":")]
+        cfg.encap_src4 = s.be_u32(bytes([172, 16, 0, 0]))
+        cfg.encap_src4_hostmask = s.be_u32(bytes([0, 0, 255, 255]))
+        cfg.encap_src6 = s.Addr16.of("fd00:ec::")
+        cfg.encap_src6_hostmask = s.be_u32(bytes([0, 0, 255, 255]))
+        self.bal.write_config(cfg)
+        self.vip_id += 1
+        first, self.next_backend = self.next_backend, self.next_backend + n
+        addrs = {f"10.1.{i // 250}.{i % 250 + 1}": first + i for i in range(n)}
+        for addr, index in addrs.items():
+            self.bal.backends.put(ct.c_uint32(index), s.Backend(
+                addr=s.Addr16.of(addr), flags=s.BACKEND_F_AVAILABLE, vip_id=self.vip_id))
+        ring = maglev.build_ring(dict.fromkeys(addrs, 100), RING_SIZE)
+        offset = (self.vip_id - 1) * RING_SIZE
+        self.bal.write_ring(range(offset, offset + RING_SIZE),
+                            [addrs[ring.order[i]] for i in ring.table])
+        self.bal.vip_addrs.put(s.Addr16.of(VIP), s.VipAddrMeta(0))
+        self.bal.write_addr_filter([VIP])
+        self.bal.vips.put(s.VipKey(addr=s.Addr16.of(VIP), port=s.port_be(VIP_PORT), proto=6),
+                          s.VipMeta(vip_id=self.vip_id, ring_offset=offset,
+                                    ring_size=RING_SIZE))
+        return first, first + n
+
+    def send(self, count: int) -> tuple[int, int, int, int]:
+        """count frames in chunks, bounded by max_seconds: (sent, kernel ns,
+        wall ns, thread CPU ns)."""
+        sent = kernel = wall = cpu = 0
+        deadline = time.monotonic() + self.max_seconds
+        while sent < count and time.monotonic() < deadline:
+            run = self.gen.send(self.gen_if.ifindex, min(self.chunk, count - sent),
+                                netns=self.gen_host.name)
+            sent += run.frames
+            kernel += run.duration_ns * run.frames
+            wall += run.wall_ns
+            cpu += run.cpu_ns
+        return sent, kernel, wall, cpu
+
+    def warm_up(self, flows: int) -> int:
+        """Sends every flow through the balancer, a pass at a time, until a
+        whole pass finds each of them in the connection table."""
+        per_pass = -(-10_000 // flows) * flows  # each flow the same number of times
+        for passes in range(1, WARMUP_PASSES + 1):
+            self.bal.global_stats.clear(0)
+            self.send(per_pass)
+            counters = self.bal.counters()
+            if counters["conn_hit"] == per_pass and not counters["conn_miss"]:
+                return passes
+        sys.exit(f"warm-up: flows still missing from the connection table after "
+                 f"{WARMUP_PASSES} passes: {counters}")
+
+    def measure(self, program: str) -> Sample:
+        self.gen.clear_received()
+        if program == "xdplb":
+            self.bal.global_stats.clear(0)
+        veth0 = self.veth_counters()
+        soft0 = _runtime_ns(self.ksoftirqd)
+        sent, kernel, wall, cpu = self.send(self.frames)
+        time.sleep(0.05)  # anything the kernel deferred to ksoftirqd
+        soft1 = _runtime_ns(self.ksoftirqd)
+        veth1 = self.veth_counters()
+        rx = self.gen.received()
+        received = {"xdplb": rx["encap"], "mac_swap": rx["plain"], "floor": rx["plain"]}[program]
+        sample = Sample(program, sent, received, kernel, wall, cpu, soft1 - soft0,
+                        {k: veth1[k] - veth0[k] for k in veth0})
+        # "other" is the stack's own chatter on the veths (IPv6 ND and the like).
+        if program == "xdplb" and rx["plain"]:
+            sys.exit(f"{program}: frames came back unencapsulated: {rx}")
+        sample.other = rx["other"]
+        if program == "xdplb":
+            sample.lb_counters = {k: v for k, v in self.bal.counters().items() if v}
+        return sample
+
+    def veth_counters(self) -> dict[str, int]:
+        stats = {role: _ethtool_stats(host, "eth0" if role == "gen" else "eth1")
+                 for role, host in self.hosts.items()}
+        return {k: stats[role].get(key, 0) for k, (role, _, key) in VETH_KEYS.items()}
+
+    def backends_used(self, first: int, end: int) -> int:
+        return sum(1 for i in range(first, end) if self.bal.backend_stats.read(i)["packets"])
+
+    def clear_backend_stats(self, first: int, end: int) -> None:
+        for i in range(first, end):
+            self.bal.backend_stats.clear(i)
+
+
+def _ethtool_stats(host: Host, ifname: str) -> dict[str, int]:
+    out = host.run(["ethtool", "-S", ifname]).stdout
+    stats = {}
+    for line in out.splitlines()[1:]:
+        key, _, value = line.partition(":")
+        with contextlib.suppress(ValueError):
+            stats[key.strip()] = int(value)
+    return stats
+
+
+def _possible_cpus() -> int:
+    count = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+def _find_ksoftirqd(cpu: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == f"ksoftirqd/{cpu}":
+                    return int(entry.name)
+    return None
+
+
+def _runtime_ns(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+# --- the cases ----------------------------------------------------------------
+
+
+def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, int],
+             rounds: int) -> CaseResult:
+    rig.gen.configure(rig.frame, flows)
+    rig.attach("xdplb")
+    passes = rig.warm_up(flows)
+    rig.clear_backend_stats(*backend_range)
+    programs = ("floor", "mac_swap", "xdplb")
+    samples: dict[str, list[Sample]] = {p: [] for p in programs}
+    for r in range(rounds):  # interleaved, in a rotating order
+        for program in programs[r % 3:] + programs[: r % 3]:
+            rig.attach(program)
+            samples[program].append(rig.measure(program))
+    ours, base, floor = samples["xdplb"], samples["mac_swap"], samples["floor"]
+    forwarded = sum(x.lb_counters.get("tx_forwarded", 0) for x in ours)
+    hits = sum(x.lb_counters.get("conn_hit", 0) for x in ours)
+
+    def med(xs: list[Sample], attr: str) -> float:
+        return statistics.median(getattr(x, attr) for x in xs)
+
+    ours_mpps, base_mpps = med(ours, "mpps_core"), med(base, "mpps_core")
+    ours_ns, base_ns = med(ours, "ns_per_frame"), med(base, "ns_per_frame")
+    floor_ns = med(floor, "ns_per_frame")
+    ours_lb, base_lb = 1e3 / (ours_ns - floor_ns), 1e3 / (base_ns - floor_ns)
+    return CaseResult(
+        flows=flows, backends=n_backends,
+        ours_mpps=ours_mpps, mac_swap_mpps=base_mpps, ratio=ours_mpps / base_mpps,
+        ours_ns=ours_ns, mac_swap_ns=base_ns, extra_ns=ours_ns - base_ns,
+        floor_ns=floor_ns, ours_lb_mpps=ours_lb, mac_swap_lb_mpps=base_lb,
+        lb_ratio=ours_lb / base_lb,
+        ours_wall_mpps=med(ours, "mpps_wall"), mac_swap_wall_mpps=med(base, "mpps_wall"),
+        ours_cpu_mpps=med(ours, "mpps_cpu"), mac_swap_cpu_mpps=med(base, "mpps_cpu"),
+        sent={p: sum(x.sent for x in xs) for p, xs in samples.items()},
+        lost={p: sum(x.lost for x in xs) for p, xs in samples.items()},
+        conn_hit_fraction=hits / forwarded if forwarded else 0.0,
+        backends_used=rig.backends_used(*backend_range),
+        warmup_passes=passes,
+        rounds=[_sample_json(x) for xs in samples.values() for x in xs],
+    )
+
+
+def _sample_json(x: Sample) -> dict:
+    d = asdict(x)
+    d.update(lost=x.lost, mpps_core=x.mpps_core, mpps_wall=x.mpps_wall, mpps_cpu=x.mpps_cpu,
+             ns_per_frame=x.ns_per_frame)
+    return d
+
+
+def print_table(results: list[CaseResult]) -> None:
+    print(f"{'':19}{'whole path on one core':^26}{'LB side (path - floor)':^26}")
+    print(f"{'flows':>9}{'backends':>10}{'xdplb':>9}{'swap':>9}{'ratio':>8}"
+          f"{'xdplb':>9}{'swap':>9}{'ratio':>8}{'extra':>7}{'floor':>7}{'lost':>7}{'conn':>8}")
+    print(f"{'':19}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'Mpps':>9}{'':8}{'ns':>7}"
+          f"{'ns':>7}{'':7}{'hits':>8}")
+    for r in results:
+        lost = sum(r.lost.values())
+        verdict = "ok" if r.ratio >= TARGET_RATIO else "MISSED"
+        print(f"{r.flows:>9}{r.backends:>10}{r.ours_mpps:>9.2f}{r.mac_swap_mpps:>9.2f}"
+              f"{r.ratio:>8.3f}{r.ours_lb_mpps:>9.2f}{r.mac_swap_lb_mpps:>9.2f}"
+              f"{r.lb_ratio:>8.3f}{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>7}"
+              f"{r.conn_hit_fraction:>8.1%}  {verdict}")
+    print(f"Mpps per core: frames received / the kernel's time for all the work on the one "
+          f"CPU.\nLB side: 1000 / (ns per frame - floor ns), floor = generator + one veth "
+          f"hop + counting drop.\nTarget: whole-path ratio >= {TARGET_RATIO} for "
+          f"established flows (the LB-side ratio is the stricter reading).")
+
+
+_MAIN_PID = os.getpid()
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a child pyroute2 forked: die as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    sys.exit("terminated")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", type=int, default=1, help="the one CPU that does all the work")
+    parser.add_argument("--frames", type=int, default=1_000_000, help="frames per measured run")
+    parser.add_argument("--chunk", type=int, default=1_000_000,
+                        help="frames per syscall (each costs ~30 ms of fixed wall time)")
+    parser.add_argument("--max-seconds", type=float, default=5.0,
+                        help="time bound of one run (no new syscall after it)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flows", type=int, nargs="+", default=list(FLOWS))
+    parser.add_argument("--backends", type=int, nargs="+", default=list(BACKENDS))
+    parser.add_argument("--json", type=Path, default=Path("bench-results/linerate.json"))
+    args = parser.parse_args()
+    if max(args.flows) > 1_000_000 or min(args.flows) < 1 or min(args.backends) < 1:
+        sys.exit("flows: 1 to 1,000,000; backends: at least 1")
+    if os.geteuid() != 0:
+        sys.exit("needs root (network namespaces, XDP)")
+
+    # SIGTERM unwinds like Ctrl-C, so the lab is torn down either way.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    os.sched_setaffinity(0, {args.cpu})
+    remove_stale(PREFIX)
+    started = time.monotonic()
+    results: list[CaseResult] = []
+    with Lab(PREFIX) as lab:
+        rig = Rig(lab, args.cpu, args.frames, args.chunk, args.max_seconds,
+                  args.flows, args.backends)
+        try:
+            for n_backends in args.backends:
+                backend_range = rig.program_backends(n_backends)
+                for flows in args.flows:
+                    results.append(run_case(rig, flows, n_backends, backend_range, args.rounds))
+                    r = results[-1]
+                    print(f"  flows={flows} backends={n_backends}: {r.ours_mpps:.2f} vs "
+                          f"{r.mac_swap_mpps:.2f} Mpps per core", file=sys.stderr)
+        finally:
+            rig.close()
+    elapsed = time.monotonic() - started
+    print_table(results)
+    print(f"took {elapsed:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "method": "live-frames generator -> veth -> program under test (XDP_TX) -> veth -> "
+                  "counter, all on one CPU; Mpps per core = received / kernel-timed CPU work",
+        "cpu": args.cpu, "frames_per_run": args.frames, "chunk": args.chunk,
+        "max_seconds": args.max_seconds, "rounds": args.rounds,
+        "frame_len": len(rig.frame), "ring_size": RING_SIZE, "conn_entries": rig.conn_entries,
+        "kernel": platform.release(), "target_ratio": TARGET_RATIO,
+        "elapsed_s": round(elapsed, 1),
+    }
+    args.json.write_text(json.dumps({"meta": meta, "cases": [asdict(r) for r in results]},
+                                    indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
