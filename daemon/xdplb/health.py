@@ -1,7 +1,10 @@
 """Health checking: lbd's check loops decide who gets traffic.
 
-One asyncio scheduler runs every check. A check is identified by what it
-probes and how (kind, address, port, HTTP/gRPC details, timing, rise/fall),
+One scheduler in lbd's event loop runs every check: a heap of due times
+and a single timer. TCP checks are non-blocking connects watched by one
+epoll, closed with a reset (no task, no TIME_WAIT); HTTP(S) and gRPC checks
+run as tasks, gRPC over a channel kept per check. A check is identified by
+what it probes and how (kind, address, port, HTTP/gRPC details, timing, rise/fall),
 so identical checks of a backend serving several VIPs run once and share
 their verdict. Each check follows HAProxy's rise/fall rule: `fall`
 consecutive failures take an up backend down, `rise` consecutive successes
@@ -18,21 +21,29 @@ Verdict changes are not applied one by one: they are collected and handed
 to the controller in batches (at most one reconcile per batch interval),
 and a backend that keeps flapping is held down by a damping penalty that
 grows with every transition and decays with time, so neither a flapping
-backend nor a storm of failures can thrash the rings. Every verdict change,
-hold-down and release is reported (logged and published) with its reason.
+backend nor a storm of failures can thrash the rings (the penalty's
+half-life is counted in check intervals). Every verdict change, hold-down
+and release is reported (logged and published) with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import heapq
+import itertools
 import logging
 import math
+import os
 import random
+import select
 import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -202,20 +213,21 @@ class GrpcChannels:
     long after it answers again; the next check connects afresh instead."""
 
     def __init__(self) -> None:
-        self._channels: dict[Probe, grpc.aio.Channel] = {}
+        self._channels: dict[Probe, tuple[grpc.aio.Channel, health_pb2_grpc.HealthStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def get(self, probe: Probe) -> grpc.aio.Channel:
-        channel = self._channels.get(probe)
-        if channel is None:
+    def stub(self, probe: Probe) -> health_pb2_grpc.HealthStub:
+        kept = self._channels.get(probe)
+        if kept is None:
             host = f"[{probe.address}]" if ":" in probe.address else probe.address
             channel = grpc.aio.insecure_channel(f"{host}:{probe.port}")
-            self._channels[probe] = channel
-        return channel
+            kept = self._channels[probe] = (channel, health_pb2_grpc.HealthStub(channel))
+        return kept[1]
 
     def discard(self, probe: Probe) -> None:
-        channel = self._channels.pop(probe, None)
-        if channel is not None:
+        kept = self._channels.pop(probe, None)
+        if kept is not None:
+            channel = kept[0]
             task = asyncio.ensure_future(channel.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -231,10 +243,10 @@ class GrpcChannels:
 
 
 async def _probe_grpc(probe: Probe, channels: GrpcChannels) -> str:
-    stub = health_pb2_grpc.HealthStub(channels.get(probe))
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=probe.grpc_service),
-                                 timeout=probe.timeout_ms / 1000)
+        reply = await channels.stub(probe).Check(
+            health_pb2.HealthCheckRequest(service=probe.grpc_service),
+            timeout=probe.timeout_ms / 1000)
     except grpc.aio.AioRpcError as exc:
         channels.discard(probe)
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -337,51 +349,170 @@ class Verdict:
         return "flapping: held down" if self.suppressed else self.last.reason
 
 
+# --- TCP checks without a task each ------------------------------------------------------
+
+
+def _errno_reason(err: int) -> str:
+    return {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset",
+            errno.ETIMEDOUT: "timeout"}.get(err) or os.strerror(err).lower()
+
+
+class _TcpProber:
+    """Non-blocking connects watched by one epoll (itself watched by the event loop):
+    a TCP check costs a socket and a few dict operations, no task, future or timer.
+    Results go to `done(verdict, result, started)`; `expire` times out the overdue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 done: Callable[[Verdict, Result, float], None]):
+        self._loop, self._done = loop, done
+        self._epoll = select.epoll()
+        self._pending: dict[int, tuple[socket.socket, Verdict, float]] = {}
+        # One queue per timeout value: deadlines in each come in order.
+        self._deadlines: dict[float, deque[tuple[float, socket.socket]]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def start(self, verdict: Verdict, now: float) -> bool:
+        """Starts a check; False when no socket could be had (retry later)."""
+        probe = verdict.probe
+        family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE and the like: a fault of ours, not the backend's
+            log.warning("%s: no socket for a check: %s", probe.describe(), exc)
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            err = sock.connect_ex((probe.address, probe.port))
+        except OSError as exc:  # an address the kernel refuses outright
+            err = exc.errno or errno.EINVAL
+        if err != errno.EINPROGRESS:
+            sock.close()
+            self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
+                                       time.monotonic() - now), now)
+            return True
+        fd = sock.fileno()
+        self._epoll.register(fd, select.EPOLLOUT)
+        self._pending[fd] = (sock, verdict, now)
+        timeout = probe.timeout_ms / 1000
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = deque()
+        queue.append((now + timeout, sock))
+        return True
+
+    def _ready(self) -> None:
+        events = self._epoll.poll(0)
+        now = time.monotonic()
+        for fd, event in events:
+            entry = self._pending.pop(fd, None)
+            if entry is None:
+                continue
+            sock, verdict, started = entry
+            err = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                   if event & (select.EPOLLERR | select.EPOLLHUP) else 0)
+            sock.close()  # with SO_LINGER 0: a reset; closing also leaves the epoll
+            self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
+                                       now - started), started)
+
+    def expire(self, now: float) -> None:
+        for queue in self._deadlines.values():
+            while queue and queue[0][0] <= now:
+                _, sock = queue.popleft()
+                fd = sock.fileno()
+                entry = self._pending.get(fd) if fd >= 0 else None
+                if entry is None or entry[0] is not sock:
+                    continue  # answered already
+                del self._pending[fd]
+                sock.close()
+                self._done(entry[1], Result(False, "timeout", now - entry[2]), entry[2])
+
+    def next_deadline(self) -> float:
+        return min((q[0][0] for q in self._deadlines.values() if q), default=math.inf)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        for sock, _, _ in self._pending.values():
+            sock.close()
+        self._pending.clear()
+        self._deadlines.clear()
+        self._epoll.close()
+
+
 # --- the scheduler --------------------------------------------------------------------------
 
 
 Apply = Callable[[dict[MemberId, bool]], None]
 Notify = Callable[[str, str], None]  # (message, backend address)
+Observe = Callable[[str, float], None]  # (check kind, latency in seconds), every check
+TICK_S = 0.002  # the scheduler's timer granularity: checks due within it start together
+MAX_STARTS_PER_TICK = 256  # then the event loop gets a turn
 
 
 class HealthChecker:
-    """Runs every check of the desired state and reports verdicts in batches."""
+    """Runs every check of the desired state and reports verdicts in batches.
 
-    def __init__(self, apply: Apply, notify: Notify, batch_interval_s: float = 0.2):
-        self.apply, self.notify = apply, notify
+    One scheduler: a heap of (due time, verdict) and one event-loop timer for
+    the earliest. A check's next run is due `interval` after its start, less
+    a jitter of up to 10%; TCP checks run through _TcpProber, HTTP(S) and gRPC
+    checks as tasks. At most MAX_CONCURRENT_PROBES run at once."""
+
+    def __init__(self, apply: Apply, notify: Notify, batch_interval_s: float = 0.2,
+                 observe: Observe | None = None):
+        self.apply, self.notify, self.observe = apply, notify, observe
         self.batch_interval_s = batch_interval_s
         self.members: dict[MemberId, Probe | None] = {}  # None: kind none, always up
         self.verdicts: dict[Probe, Verdict] = {}
-        self._tasks: dict[Probe, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
-        self._limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
         self.channels = GrpcChannels()
         self.checks_run = 0
         self.batches_applied = 0
+        self._due: list[tuple[float, int, Verdict]] = []
+        self._order = itertools.count()  # ties in the heap: first pushed, first run
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._running = 0
+        self._tasks: dict[Probe, asyncio.Task[None]] = {}  # HTTP(S) and gRPC checks in flight
+        self._tcp: _TcpProber | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def update(self, state: DesiredState, known: Mapping[MemberId, bool]) -> None:
         """Follows the desired state: new checks start, unused ones stop. A new check
         of a backend whose health is `known` (a restart: the maps' marks; a changed
-        check: the old verdict) starts from it rather than from "unchecked"."""
+        check: the old verdict) starts from it rather than from "unchecked", its first
+        run somewhere in its first interval; an unknown one is checked at once."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         members: dict[MemberId, Probe | None] = {}
+        wanted: dict[Probe, list[MemberId]] = {}  # each check and whom it serves
         for key, vip in state.vips.items():
             for address, backend in vip.backends.items():
                 check = vip.check_for(backend)
-                members[(key, address)] = (None if check.kind == "none"
-                                           else Probe.of(check, address, key.port))
+                probe = None if check.kind == "none" else Probe.of(check, address, key.port)
+                members[(key, address)] = probe
+                if probe is not None:
+                    wanted.setdefault(probe, []).append((key, address))
         self.members = members
-        wanted = {p for p in members.values() if p is not None}
-        for probe in wanted - set(self._tasks):
+        now = time.monotonic()
+        for probe in wanted.keys() - self.verdicts.keys():
             verdict = Verdict(probe)
-            seeded = [known[m] for m, p in members.items() if p == probe and m in known]
+            seeded = [known[m] for m in wanted[probe] if m in known]
+            first = now
             if seeded:
                 verdict.up = all(seeded)
+                first += random.uniform(0, probe.interval_ms / 1000)
             self.verdicts[probe] = verdict
-            self._tasks[probe] = asyncio.create_task(self._loop(probe))
-        for probe in set(self._tasks) - wanted:
-            self._tasks.pop(probe).cancel()
-            self.verdicts.pop(probe, None)
+            heapq.heappush(self._due, (first, next(self._order), verdict))
+        for probe in self.verdicts.keys() - wanted.keys():  # their heap entries are skipped
+            del self.verdicts[probe]
+            task = self._tasks.pop(probe, None)
+            if task is not None:
+                task.cancel()
             self.channels.discard(probe)
+        self._arm(now)
 
     def healthy(self) -> dict[MemberId, bool]:
         out = {}
@@ -409,31 +540,104 @@ class HealthChecker:
         probe = self.members.get(member)
         return self.verdicts.get(probe) if probe else None
 
-    async def _loop(self, probe: Probe) -> None:
-        interval = probe.interval_ms / 1000
-        verdict = self.verdicts[probe]
-        if verdict.up is not None:  # known already: spread checks over the interval
-            await asyncio.sleep(random.uniform(0, interval))
-        while self.verdicts.get(probe) is verdict:
-            due = time.monotonic() + interval * (1 - JITTER * random.random())
-            async with self._limit:
-                result = await run_probe(probe, self.channels)
-            self.checks_run += 1
-            try:
-                self._judge(verdict, result, time.monotonic())
-            except Exception:  # nothing may silence this check for good
-                log.exception("%s: judging a result failed", probe.describe())
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+    @property
+    def in_flight(self) -> int:
+        return self._running
+
+    # -- the scheduler --
+
+    def _arm(self, now: float) -> None:
+        """Sets the timer for the earliest due check or TCP deadline, if sooner than set."""
+        if self._loop is None or self._closed:
+            return
+        runnable = self._due and self._running < MAX_CONCURRENT_PROBES
+        at = min(self._due[0][0] if runnable else math.inf,
+                 self._tcp.next_deadline() if self._tcp else math.inf)
+        if at == math.inf or at >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        at = max(at, now + TICK_S) if at > now else now
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = time.monotonic()
+        if self._tcp is not None:
+            self._tcp.expire(now)
+        started, due = 0, self._due
+        horizon = now + TICK_S  # due within a tick: now (their due times allow for it)
+        while due and due[0][0] <= horizon and started < MAX_STARTS_PER_TICK:
+            verdict = due[0][2]
+            if self.verdicts.get(verdict.probe) is not verdict:
+                heapq.heappop(due)  # its check was removed
+                continue
+            if self._running >= MAX_CONCURRENT_PROBES:
+                break  # a finishing check re-arms the timer
+            heapq.heappop(due)
+            if not self._start(verdict, now):
+                heapq.heappush(due, (now + 0.1, next(self._order), verdict))
+            started += 1
+        self._arm(now)  # with more due already, the timer fires a tick later
+
+    def _start(self, verdict: Verdict, now: float) -> bool:
+        probe = verdict.probe
+        if probe.kind == "tcp":
+            if self._tcp is None:
+                assert self._loop is not None
+                self._tcp = _TcpProber(self._loop, self._finish)
+            self._running += 1
+            if not self._tcp.start(verdict, now):
+                self._running -= 1
+                return False
+            return True
+        self._running += 1
+        task = asyncio.create_task(self._check(verdict, now))
+        task.add_done_callback(functools.partial(self._check_done, verdict, now))
+        self._tasks[probe] = task
+        return True
+
+    async def _check(self, verdict: Verdict, started: float) -> None:
+        self._finish(verdict, await run_probe(verdict.probe, self.channels), started)
+
+    def _check_done(self, verdict: Verdict, started: float, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(verdict.probe) is task:
+            del self._tasks[verdict.probe]
+        if task.cancelled():  # its check was removed (or lbd stops)
+            self._running -= 1
+        elif (exc := task.exception()) is not None:  # run_probe does not raise: a bug
+            log.error("%s: the check failed: %r", verdict.probe.describe(), exc)
+            self._finish(verdict, Result(False, f"check failed: {exc!r}", 0.0), started)
+
+    def _finish(self, verdict: Verdict, result: Result, started: float) -> None:
+        """A check's result: judged, and its next run scheduled."""
+        self._running -= 1
+        self.checks_run += 1
+        if self._closed or self.verdicts.get(verdict.probe) is not verdict:
+            return  # removed while it ran
+        now = time.monotonic()
+        try:
+            self._judge(verdict, result, now)
+            if self.observe is not None:
+                self.observe(verdict.probe.kind, result.latency_s)
+        except Exception:  # nothing may silence this check for good
+            log.exception("%s: judging a result failed", verdict.probe.describe())
+        # Never later than the interval: the timer's tick is taken off the jitter's range.
+        interval = verdict.probe.interval_ms / 1000
+        due = max(started + interval * (1 - JITTER * random.random()) - TICK_S, now)
+        heapq.heappush(self._due, (due, next(self._order), verdict))
+        if due < self._timer_at or self._running == MAX_CONCURRENT_PROBES - 1:
+            self._arm(now)
 
     def _judge(self, verdict: Verdict, result: Result, now: float) -> None:
         """One result: verdict, hold-down and release reported; the batcher woken when
         whether the backend may serve changed."""
         was_serving = verdict.serving()
-        what = verdict.probe.describe()
         if verdict.release(now):
             state = "up" if verdict.up else "down"
-            self._tell(f"{what} is {state}: released from the flapping hold-down (penalty "
-                       f"below {DAMPING_REUSE:.0f})", verdict.probe)
+            self._tell(f"{verdict.probe.describe()} is {state}: released from the flapping "
+                       f"hold-down (penalty below {DAMPING_REUSE:.0f})", verdict.probe)
         first = verdict.up is None
         was_suppressed = verdict.suppressed
         if verdict.observe(result, now):
@@ -445,7 +649,7 @@ class HealthChecker:
                 noun = "success" if verdict.up else "failure"
                 plural = ("es" if verdict.up else "s") if n > 1 else ""
                 why = f"{n} {noun}{plural} in a row"
-            line = f"{what} is {state}: {result.reason} ({why})"
+            line = f"{verdict.probe.describe()} is {state}: {result.reason} ({why})"
             if verdict.suppressed and not was_suppressed:
                 line += (f"; flapping ({verdict.transitions} transitions): held down for "
                          f"{verdict.held_for(now):.1f} s or more")
@@ -477,9 +681,19 @@ class HealthChecker:
             await asyncio.sleep(pause)
 
     async def close(self) -> None:
+        """Stops every check; the last verdicts stay readable."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        self._due.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         self._tasks.clear()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._tcp is not None:
+            self._running -= len(self._tcp)
+            self._tcp.close()
+            self._tcp = None
         await self.channels.close()
