@@ -57,10 +57,10 @@ static __always_inline void count_backend(__u32 idx, __u32 bytes)
 
 static __always_inline int may_be_vip_addr(const struct packet *pkt)
 {
-	__u32 h = addr_filter_hash(&pkt->dst, pkt->ipv6);
-	__u32 word = (h >> 6) & (ADDR_FILTER_WORDS - 1);
+	__u64 h = addr_filter_hash(&pkt->dst, pkt->ipv6);
+	__u32 word = FILTER_WORD(h);
 	__u64 *bits = addr_filter.lookup(&word);
-	return bits && (*bits & (1ULL << (h & 63)));
+	return bits && (*bits & (1ULL << FILTER_BIT(h)));
 }
 
 /* The exact (address, port, protocol) VIP, else the port-less one. The
@@ -122,22 +122,25 @@ static __always_inline int is_usable(const struct backend *be)
 }
 
 /* Chooses the flow's backend: the connection table for a known flow whose
- * backend is still available, the ring otherwise (and then records it). */
+ * backend is still available, the ring otherwise (and then records it).
+ * Returns the backend's index (0 = none) and sets *be to its entry. */
 static __always_inline __u32 choose_backend(const struct vip_meta *vip, const struct packet *pkt,
 					    __u32 hash, const struct lb_config *cfg,
-					    struct global_counters *gc)
+					    struct global_counters *gc, struct backend **be)
 {
 	struct flow_key key = {
 		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
 	};
 	int syn = pkt->proto == IPPROTO_TCP &&
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	__u32 idx;
 
 	if (!syn) {
 		struct flow_state *st = conns.lookup(&key);
 		if (st) {
-			__u32 idx = st->backend;
-			if (is_usable(backends.lookup(&idx))) {
+			idx = st->backend;
+			*be = backends.lookup(&idx);
+			if (is_usable(*be)) {
 				gc->conn_hit++;
 				if (st->last_seen_s != cfg->now_s) /* a store only once a second */
 					st->last_seen_s = cfg->now_s;
@@ -147,12 +150,14 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 			idx = ring_pick(vip, hash);
 			st->backend = idx;
 			st->last_seen_s = cfg->now_s;
+			*be = backends.lookup(&idx);
 			return idx;
 		}
 		gc->conn_miss++;
 	}
 
-	__u32 idx = ring_pick(vip, hash);
+	idx = ring_pick(vip, hash);
+	*be = backends.lookup(&idx);
 	if (!idx)
 		return 0;
 	gc->new_flows++;
@@ -168,11 +173,11 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 /* Encapsulates the whole packet to backend `idx`. Too-big packets are
  * answered or dropped, and every outcome is counted. */
 static __always_inline int send_to_backend(struct xdp_md *ctx, const struct packet *pkt,
-					   __u32 idx, __u32 hash, int gue,
-					   const struct lb_config *cfg, struct global_counters *gc,
-					   int icmp_error, __u32 frame_len)
+					   __u32 idx, const struct backend *be, __u32 hash,
+					   int gue, const struct lb_config *cfg,
+					   struct global_counters *gc, int icmp_error,
+					   __u32 frame_len)
 {
-	struct backend *be = backends.lookup(&idx);
 	if (!idx || !be) {
 		gc->drop_no_backend++;
 		return XDP_DROP;
@@ -226,9 +231,12 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 	};
 	struct flow_state *st = conns.lookup(&key);
 	__u32 idx = st ? st->backend : 0;
-	if (!is_usable(backends.lookup(&idx)))
+	struct backend *be = backends.lookup(&idx);
+	if (!is_usable(be)) {
 		idx = ring_pick(vip, hash);
-	return send_to_backend(ctx, pkt, idx, hash, vip->flags & VIP_F_GUE, cfg, gc,
+		be = backends.lookup(&idx);
+	}
+	return send_to_backend(ctx, pkt, idx, be, hash, vip->flags & VIP_F_GUE, cfg, gc,
 			       1, frame_len);
 }
 
@@ -256,8 +264,9 @@ static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 {
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, pkt);
-	__u32 idx = choose_backend(vip, pkt, hash, cfg, gc);
-	return send_to_backend(ctx, pkt, idx, hash, vip->flags & VIP_F_GUE, cfg, gc,
+	struct backend *be = NULL;
+	__u32 idx = choose_backend(vip, pkt, hash, cfg, gc, &be);
+	return send_to_backend(ctx, pkt, idx, be, hash, vip->flags & VIP_F_GUE, cfg, gc,
 			       0, frame_len);
 }
 

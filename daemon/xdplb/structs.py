@@ -160,57 +160,57 @@ def be_u32(packed: bytes) -> int:
 
 # --- the flow hash: a line-for-line port of bpf/hash.h -----------------------
 
-FLOW_HASH_SEED = 0x7864706C
-ADDR_FILTER_SEED = 0x61646472
+FLOW_HASH_SEED = 0x7864706C7864706C
+HASH_K_SRC_LO = 0x9E3779B97F4A7C15
+HASH_K_SRC_HI = 0xBF58476D1CE4E5B9
+HASH_K_DST_LO = 0x94D049BB133111EB
+HASH_K_DST_HI = 0xD6E8FEB86659FD93
+HASH_K_PORTS = 0xA0761D6478BD642F
+FILTER_K_LO = 0xE7037ED1A0B428DB
+FILTER_K_HI = 0x8EBC6AF09C88C6E3
+FILTER_K_MIX = 0x589965CC75374CC3
 ADDR_FILTER_WORDS = 1024
-_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 
-def _rotl32(x: int, r: int) -> int:
-    return ((x << r) | (x >> (32 - r))) & _M32
+def _fmix64(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _M64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _M64
+    return h ^ (h >> 33)
 
 
-def _mix(h: int, k: int) -> int:
-    k = (k * 0xCC9E2D51) & _M32
-    k = _rotl32(k, 15)
-    k = (k * 0x1B873593) & _M32
-    h ^= k
-    h = _rotl32(h, 13)
-    return (h * 5 + 0xE6546B64) & _M32
-
-
-def _final(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def _hash_addr(h: int, ip: IPAddress) -> int:
-    words = struct.unpack("<4I", bytes(Addr16.of(ip)))
-    for w in words if ip.version == 6 else words[3:]:
-        h = _mix(h, w)
-    return h
+def _lanes(ip: IPAddress) -> tuple[int, int]:
+    """An address as the BPF side's two u64 lanes (words 0-1 and 2-3 of its
+    mapped form, each word read as a little-endian u32)."""
+    return struct.unpack("<2Q", bytes(Addr16.of(ip)))
 
 
 def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
     """The hash the balancer computes for a client-to-VIP 5-tuple."""
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    h = _hash_addr(_hash_addr(FLOW_HASH_SEED, s), d)
-    h = _mix(h, port_be(sport) | (port_be(dport) << 16))
-    return _final(_mix(h, proto))
+    (s_lo, s_hi), (d_lo, d_hi) = (_lanes(ipaddress.ip_address(a)) for a in (src, dst))
+    h = FLOW_HASH_SEED
+    for lane, k in ((s_lo, HASH_K_SRC_LO), (d_lo, HASH_K_DST_LO),
+                    (s_hi, HASH_K_SRC_HI), (d_hi, HASH_K_DST_HI),
+                    (proto << 32 | port_be(sport) | port_be(dport) << 16, HASH_K_PORTS)):
+        h ^= (lane * k) & _M64
+    return _fmix64(h) & 0xFFFFFFFF
 
 
 def source_hash(src: str) -> int:
     """The hash of a client-affinity VIP: the source address alone."""
-    return _final(_hash_addr(FLOW_HASH_SEED, ipaddress.ip_address(src)))
+    lo, hi = _lanes(ipaddress.ip_address(src))
+    h = FLOW_HASH_SEED ^ ((lo * HASH_K_SRC_LO) & _M64) ^ ((hi * HASH_K_SRC_HI) & _M64)
+    return _fmix64(h) & 0xFFFFFFFF
 
 
 def addr_filter_slot(address: str) -> tuple[int, int]:
-    """(word, bit) of an address in the VIP address filter (bpf/balancer.c)."""
-    h = _final(_hash_addr(ADDR_FILTER_SEED, ipaddress.ip_address(address)))
-    return (h >> 6) & (ADDR_FILTER_WORDS - 1), h & 63
+    """(word, bit) of an address in the VIP address filter (bpf/hash.h)."""
+    lo, hi = _lanes(ipaddress.ip_address(address))
+    h = (lo * FILTER_K_LO + hi * FILTER_K_HI) & _M64
+    h = ((h ^ (h >> 32)) * FILTER_K_MIX) & _M64
+    return (h >> 54) & (ADDR_FILTER_WORDS - 1), (h >> 48) & 63
 
 
 def ring_slot(hash_value: int, ring_size: int) -> int:
