@@ -722,7 +722,9 @@ def test_json_logs_carry_every_event(env, lbd, vips):
     start = index("start", rf"lbd \S+ forwarding on {topo.lb_iface.name} \(native XDP\), "
                            r"next hop .*, \d+ VIPs")
     assert len(changes) == 3
-    at = [index("change", re.escape(line)) for line in changes]
+    subjects = [(vip, ""), (vip, backend), (vip, "")]  # change events name what they change
+    at = [index("change", re.escape(line), *subject)
+          for line, subject in zip(changes, subjects, strict=True)]
     assert start < at[0] < at[1] < at[2]
     up = index("health", rf"{probe} is up: ok( \(.*\))?", backend_=backend)
     ring = index("reconcile", rf"ring of {re.escape(vip)}: 65537 positions written", vip)

@@ -101,7 +101,8 @@ class Controller:
 
     def start_health(self) -> HealthChecker:
         """Starts the check loops (inside the event loop); verdicts come back in batches."""
-        self.health = HealthChecker(self.apply_health, self._health_event)
+        self.health = HealthChecker(self.apply_health, self._health_event,
+                                    observe=self._observe_check)
         self.health.update(self.state, self.runtime.healthy)
         self.apply_health(self.health.healthy())
         return self.health
@@ -116,6 +117,10 @@ class Controller:
     def apply_health(self, healthy: dict[MemberId, bool]) -> None:
         if healthy != self.runtime.healthy:
             self.set_runtime(replace(self.runtime, healthy=healthy), "health")
+
+    def _observe_check(self, kind: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.check_seconds.labels(kind).observe(seconds)
 
     def _health_event(self, message: str, backend: str) -> None:
         if self.metrics is not None:

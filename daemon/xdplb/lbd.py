@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -156,10 +157,19 @@ def instance_lock(name: str) -> Iterator[None]:
         yield
 
 
+def raise_open_files_limit() -> None:
+    """Up to a thousand check sockets may be open at once: the soft limit goes to
+    the hard one (the unit file also sets LimitNOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: DaemonConfig) -> None:
     # Refusals first, before any map is touched: another lbd on the socket or on
     # this instance's maps, a bad state file (Controller loads it before the maps).
     api.claim_socket(config.api.socket)
+    raise_open_files_limit()
     with instance_lock(config.name):
         fresh_maps = not config.pin_dir.exists()
         controller = Controller(config)
