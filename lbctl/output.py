@@ -47,7 +47,10 @@ Tables
 ------
 Like `ipvsadm -Ln`: two header lines (VIP columns, then the indented backend
 columns), then each VIP on one line followed by its backends, each kind of
-line aligned on its own. A backend's STATE is drained, or its health: up, down,
+line aligned on its own. WEIGHT is the configured weight, EFF the one the ring
+uses (0 when down or drained; scaled by load feedback and slow start); LOAD is
+the smoothed load and its age, or why there is none. A backend's STATE is
+drained, or its health: up, down,
 unchecked (no verdict yet), held-down (flapping) or not-checked (check none);
 LAST is its last check's result and latency, SINCE how long its verdict holds;
 AVAIL says whether the datapath may pick it; RING is its number of ring
@@ -70,8 +73,8 @@ from xdplb.v1 import lb_pb2
 
 VIP_COLUMNS = ("VIP", "HASH", "ENCAP", "RING", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES",
                "CHECK")
-BACKEND_COLUMNS = ("ADDRESS", "WEIGHT", "STATE", "AVAIL", "RING", "SHARE", "PACKETS", "BYTES",
-                   "LAST", "SINCE", "CHECK")
+BACKEND_COLUMNS = ("ADDRESS", "WEIGHT", "EFF", "STATE", "AVAIL", "RING", "SHARE", "PACKETS",
+                   "BYTES", "LOAD", "LAST", "SINCE", "CHECK")
 ARROW = "  -> "
 FORMATS = ("table", "json")
 
@@ -237,11 +240,21 @@ def _vip_row(vip: lb_pb2.Vip) -> tuple[str, ...]:
 
 def _backend_row(vip: lb_pb2.Vip, backend: lb_pb2.Backend) -> tuple[str, ...]:
     status = backend.status
-    return (backend.address, _optional(backend, "weight"), backend_state(backend),
-            "yes" if status.available else "no", str(status.ring_positions),
-            _share(status.ring_positions, vip.ring_size), str(status.packets), str(status.bytes),
+    return (backend.address, _optional(backend, "weight"), str(status.effective_weight),
+            backend_state(backend), "yes" if status.available else "no",
+            str(status.ring_positions), _share(status.ring_positions, vip.ring_size),
+            str(status.packets), str(status.bytes), load_cell(status),
             last_check(status), since(status.since),
             short_check(backend.check) if backend.HasField("check") else "-")
+
+
+def load_cell(status: lb_pb2.BackendStatus) -> str:
+    """The smoothed load and its age when load feedback is on; else why not."""
+    if status.load_state in ("", "none"):
+        return "-"
+    if status.load_state == "ok":
+        return f"{status.load:.3g} ({status.load_age_s:.0f}s)"
+    return status.load_state
 
 
 def last_check(status: lb_pb2.BackendStatus) -> str:

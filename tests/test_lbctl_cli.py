@@ -439,10 +439,10 @@ def test_deletes_and_reads_send_canonical_names() -> None:
 
 VIP_TABLE = """\
 VIP               HASH    ENCAP  RING   MODE    HEALTHY  SERVING  PACKETS  BYTES  CHECK
-  -> ADDRESS   WEIGHT  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LAST           SINCE  CHECK
+  -> ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
 10.0.0.10:80/tcp  5tuple  ipip   65537  normal  1/2      1        300      45000  http:8080/healthz
-  -> 10.1.0.1  100     up     yes    43691  66.7%  200            30000             ok 0.4ms       -      -
-  -> 10.1.0.2  50      down   no     21846  33.3%  1099511627776  1125899906842624  refused 0.2ms  -      tcp:22
+  -> 10.1.0.1  100     100  up     yes    43691  66.7%  200            30000             -     ok 0.4ms       -      -
+  -> 10.1.0.2  50      50   down   no     21846  33.3%  1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
 """
 
 
@@ -456,7 +456,8 @@ def test_vip_list_table() -> None:
 def test_vip_list_table_without_vips_is_the_headers() -> None:
     assert output.render_vip_list(lb_pb2.ListVipsResponse(), "table") == (
         "VIP  HASH  ENCAP  RING  MODE  HEALTHY  SERVING  PACKETS  BYTES  CHECK\n"
-        "  -> ADDRESS  WEIGHT  STATE  AVAIL  RING  SHARE  PACKETS  BYTES  LAST  SINCE  CHECK\n")
+        "  -> ADDRESS  WEIGHT  EFF  STATE  AVAIL  RING  SHARE  PACKETS  BYTES  LOAD  LAST  SINCE  "
+        "CHECK\n")
 
 
 @pytest.mark.parametrize(("age", "shown"), [
@@ -464,6 +465,15 @@ def test_vip_list_table_without_vips_is_the_headers() -> None:
 def test_since_shows_the_age_of_a_verdict(age: float, shown: str) -> None:
     assert output.since(1_000_000.0, now=1_000_000.0 + age) == shown
     assert output.since(0.0) == "-"
+
+
+@pytest.mark.parametrize(("state", "load", "age", "shown"), [
+    ("", 0.0, 0.0, "-"), ("none", 0.0, 0.0, "-"), ("ok", 12.345, 3.2, "12.3 (3s)"),
+    ("stale", 5.0, 40.0, "stale"), ("unreachable: refused", 0.0, 0.0, "unreachable: refused")])
+def test_load_cell_shows_load_and_age_or_why_not(state: str, load: float, age: float,
+                                                 shown: str) -> None:
+    status = lb_pb2.BackendStatus(load_state=state, load=load, load_age_s=age)
+    assert output.load_cell(status) == shown
 
 
 def test_drained_wins_over_health() -> None:
@@ -536,9 +546,9 @@ check of 10.1.0.2  tcp, port 22, every 2000 ms, timeout 1000 ms, rise 2, fall 3
 def test_backend_list() -> None:
     vip = sample_vip()
     assert output.render_backend_list(vip, "table") == """\
-ADDRESS   WEIGHT  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LAST           SINCE  CHECK
-10.1.0.1  100     up     yes    43691  66.7%  200            30000             ok 0.4ms       -      -
-10.1.0.2  50      down   no     21846  33.3%  1099511627776  1125899906842624  refused 0.2ms  -      tcp:22
+ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
+10.1.0.1  100     100  up     yes    43691  66.7%  200            30000             -     ok 0.4ms       -      -
+10.1.0.2  50      50   down   no     21846  33.3%  1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
 """
     assert json.loads(output.render_backend_list(vip, "json")) == {
         "vip": VIP_TEXT, "backends": VIP_JSON["backends"]}

@@ -138,7 +138,21 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
             packets=counters["packets"], bytes=counters["bytes"])
         self._fill_health(status, member)
+        self._fill_load(status, member)
         backend.status.CopyFrom(status)
+
+    def _fill_load(self, status: pb.BackendStatus, member: tuple[st.VipKey, str]) -> None:
+        if self.ctl.capacity is None:
+            return
+        try:
+            load = self.ctl.capacity.status(member)
+        except KeyError:  # added a moment ago: not followed yet
+            return
+        status.load = load.load or 0.0
+        status.load_age_s = load.age_s or 0.0
+        status.load_state = load.state
+        status.capacity_factor = load.factor
+        status.slow_start_factor = load.slow_start
 
     def _fill_health(self, status: pb.BackendStatus, member: tuple[st.VipKey, str]) -> None:
         checker = self.ctl.health
@@ -310,6 +324,24 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
                    f"still receiving new flows after {waited:.1f} s")
         return pb.DrainHostResponse(drained=idle, waited_s=waited, new_flows=flows,
                                     message=message)
+
+    async def ReportLoad(self, request, context):
+        return await self._run(context, "ReportLoad", lambda: self._report_load(request))
+
+    def _report_load(self, request: pb.ReportLoadRequest) -> pb.ReportLoadResponse:
+        address = _address(request.address)
+        key = _vip_key(request.vip) if request.vip else None
+        if key is not None:
+            self.ctl.state.vip(key)
+        if self.ctl.capacity is None:
+            raise st.StateError("load feedback is not running")
+        try:
+            accepted = self.ctl.capacity.report(address, request.value, key)
+        except ValueError as exc:
+            raise st.StateError(f"load {request.value!r}: {exc}") from None
+        if not accepted:
+            raise st.NotFound(f"backend {address}: no VIP with capacity source push has it")
+        return pb.ReportLoadResponse(accepted=accepted)
 
     async def CountFlows(self, request, context):
         within = request.active_within_s or 60.0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb import bgp, datapath, nexthop
+from xdplb.capacity import CapacityController
 from xdplb.config import DaemonConfig
 from xdplb.health import HealthChecker
 from xdplb.metrics import ControlPlaneMetrics
@@ -75,6 +76,7 @@ class Controller:
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
         self.health: HealthChecker | None = None
+        self.capacity: CapacityController | None = None
         self.metrics: ControlPlaneMetrics | None = None
         self.host_drained = self.store.load_host_drained()
         self.last_bgp_state = bgp.BgpState(config.bgp.enabled)
@@ -115,8 +117,28 @@ class Controller:
             self.apply_health(self.health.healthy())
 
     def apply_health(self, healthy: dict[MemberId, bool]) -> None:
-        if healthy != self.runtime.healthy:
-            self.set_runtime(replace(self.runtime, healthy=healthy), "health")
+        """Health verdicts; a backend back up also starts its slow start."""
+        weights = self.runtime.weights
+        if self.capacity is not None:
+            self.capacity.update(self.state, healthy)
+            weights = self.capacity.effective_weights()
+        if healthy != self.runtime.healthy or weights != self.runtime.weights:
+            self.set_runtime(replace(self.runtime, healthy=healthy, weights=weights), "health")
+
+    def start_capacity(self) -> CapacityController:
+        """Load feedback and slow start (inside the event loop)."""
+        self.capacity = CapacityController(self.apply_capacity, self._capacity_event)
+        self.capacity.update(self.state, self.runtime.healthy)
+        self.apply_capacity(self.capacity.effective_weights())
+        return self.capacity
+
+    def apply_capacity(self, weights: dict[MemberId, int]) -> None:
+        if weights != self.runtime.weights:
+            self.set_runtime(replace(self.runtime, weights=weights), "capacity")
+
+    def _capacity_event(self, message: str, backend: str) -> None:
+        vip = message.split(": ", 1)[0] if ": " in message else ""
+        self.publish("capacity", message, vip=vip, backend=backend)
 
     def _observe_check(self, kind: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -189,6 +211,9 @@ class Controller:
         if self.health is not None:
             self.health.update(new, self.runtime.healthy)
             self.runtime = replace(self.runtime, healthy=self.health.healthy())
+        if self.capacity is not None:
+            self.capacity.update(new, self.runtime.healthy)
+            self.runtime = replace(self.runtime, weights=self.capacity.effective_weights())
         lines = [c.describe() for c in changes]
         for change, line in zip(changes, lines, strict=True):
             vip, backend = change_subject(change)

@@ -114,8 +114,10 @@ async def serve_until_stopped(controller: Controller) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     health = controller.start_health()
+    capacity = controller.start_capacity()
     tasks = [
         asyncio.create_task(health.run_batches()),
+        asyncio.create_task(capacity.run()),
         asyncio.create_task(_every(1.0, lambda: _tick(controller), "clock tick")),
         asyncio.create_task(_every(config.nexthop.refresh_s,
                                    lambda: _follow_nexthop(controller), "next hop refresh")),
@@ -129,6 +131,7 @@ async def serve_until_stopped(controller: Controller) -> None:
     for task in tasks:
         task.cancel()
     await health.close()
+    await capacity.close()
     if metrics_server is not None:
         metrics_server.close()
     await api.stop(server, config.api.socket)

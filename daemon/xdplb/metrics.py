@@ -135,6 +135,12 @@ class DatapathCollector:
         effective = GaugeMetricFamily("xdplb_backend_effective_weight",
                                       "Weight the ring is built with (0: drained or down).",
                                       labels=["vip", "backend"])
+        load = GaugeMetricFamily("xdplb_backend_load",
+                                 "Smoothed load a backend reports (VIPs with load feedback).",
+                                 labels=["vip", "backend"])
+        factor = GaugeMetricFamily("xdplb_backend_capacity_factor",
+                                   "Weight multiplier from load feedback and slow start.",
+                                   labels=["vip", "backend"])
         positions = GaugeMetricFamily("xdplb_backend_ring_positions",
                                       "Positions the backend holds in its VIP's ring.",
                                       labels=["vip", "backend"])
@@ -149,7 +155,21 @@ class DatapathCollector:
                 weight.add_metric(labels, backend.weight)
                 effective.add_metric(labels, plan.ring_weights.get(address, 0) if plan else 0)
                 positions.add_metric(labels, held.get(address, 0))
-        yield from (healthy, available, weight, effective, positions)
+                member_load = self._load((key, address))
+                if member_load is not None:
+                    if member_load.load is not None:
+                        load.add_metric(labels, member_load.load)
+                    factor.add_metric(labels, member_load.factor * member_load.slow_start)
+        yield from (healthy, available, weight, effective, positions, load, factor)
+
+    def _load(self, member: tuple) -> object | None:
+        capacity = self.ctl.capacity
+        if capacity is None:
+            return None
+        try:
+            return capacity.status(member)
+        except KeyError:
+            return None
 
     def _bgp(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
