@@ -63,6 +63,8 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_backend_weight": ("gauge", VB),
     "xdplb_backend_effective_weight": ("gauge", VB),
     "xdplb_backend_ring_positions": ("gauge", VB),
+    "xdplb_backend_load": ("gauge", VB),
+    "xdplb_backend_capacity_ratio": ("gauge", VB),
     "xdplb_vip_ring_info": ("gauge", frozenset({"vip", "fingerprint"})),
     "xdplb_vip_mode": ("gauge", frozenset({"vip", "mode"})),
     "xdplb_map_entries_used": ("gauge", frozenset({"map"})),
@@ -81,7 +83,8 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
 # xdplb_<thing>_<unit>: the unit (or counted thing) is one of these words, in base
 # units and plural; a gauge without one must be a 0/1 state (healthy, mode, info).
 UNITS = frozenset({"packets", "bytes", "seconds", "events", "writes", "requests",
-                   "transitions", "positions", "entries", "weight"})
+                   "transitions", "positions", "entries", "weight", "ratio",
+                   "load"})  # load: in the unit of the VIP's capacity target
 NON_BASE_UNITS = frozenset({"milliseconds", "microseconds", "nanoseconds", "minutes", "hours",
                             "ms", "us", "kilobytes", "megabytes", "kb", "mb", "bits"})
 TYPE_WORDS = frozenset({"counter", "gauge", "histogram", "summary", "metric"})

@@ -136,10 +136,12 @@ class DatapathCollector:
                                       "Weight the ring is built with (0: drained or down).",
                                       labels=["vip", "backend"])
         load = GaugeMetricFamily("xdplb_backend_load",
-                                 "Smoothed load a backend reports (VIPs with load feedback).",
+                                 "Smoothed load a backend reports, in the unit of its VIP's "
+                                 "capacity target (VIPs with load feedback).",
                                  labels=["vip", "backend"])
-        factor = GaugeMetricFamily("xdplb_backend_capacity_factor",
-                                   "Weight multiplier from load feedback and slow start.",
+        factor = GaugeMetricFamily("xdplb_backend_capacity_ratio",
+                                   "Weight multiplier from load feedback and slow start "
+                                   "(1: the configured weight).",
                                    labels=["vip", "backend"])
         positions = GaugeMetricFamily("xdplb_backend_ring_positions",
                                       "Positions the backend holds in its VIP's ring.",
