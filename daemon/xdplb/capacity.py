@@ -914,14 +914,14 @@ class CapacityController:
             f0, r0, w0 = before[address]
             w1 = m.effective()
             changed |= w0 != w1
-            if w0 == w1 and abs(f0 - m.factor) <= _EPS:
-                continue  # a ramp's progress within one weight unit: nothing to say
+            if w0 == w1:
+                continue  # progress within one weight unit changes no ring: nothing to say
             load = ("" if vip.source == "none" or m.load is None
                     else f"load {m.load:.3g} target {cap.target:g}, ")
             self.notify(
                 f"{vip.spec.key}: {address} weight {w0} -> {w1} of {m.weight} "
-                f"({want.why}; {load}factor {f0:.3g} -> {m.factor:.3g}, "
-                f"slow start {r0:.3g} -> {m.ramp:.3g}; ring {moved} positions moved, budget "
+                f"({want.why}; {load}factor {f0:.4g} -> {m.factor:.4g}, "
+                f"slow start {r0:.4g} -> {m.ramp:.4g}; ring {moved} positions moved, budget "
                 f"{left}/{vip.budget} left in {vip.window_s:g} s"
                 + (f"; {note}" if note else "") + ")", address)
         return changed
