@@ -58,6 +58,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
+from tests.lbd_helpers import EMPTY_STATE, apply_doc, ok, running_and_empty
 from tests.test_e2e import LongLived, http_from
 from xdplb import maglev
 from xdplb import structs as s
@@ -153,28 +154,15 @@ def cap(tmp_path_factory):
 @pytest.fixture
 def lbd(cap):
     """lbd running with an empty state before each test, and left empty after it."""
-    daemon = cap.lbd
-    if daemon.proc is None or daemon.proc.poll() is not None:
-        daemon.start()
-    apply_doc(daemon, {"version": 1, "vips": []})
+    daemon = running_and_empty(cap.lbd)
     yield daemon
     if daemon.proc is not None and daemon.proc.poll() is None:
-        apply_doc(daemon, {"version": 1, "vips": []})
+        apply_doc(daemon, EMPTY_STATE)
 
 
 # --- lbctl, the maps, files -----------------------------------------------------------------
 
 
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def apply_doc(lbd, doc: dict) -> None:
-    path = lbd.workdir / "caplab-apply.json"
-    path.write_text(json.dumps(doc))
-    ok(lbd, "apply", "-f", str(path))
 
 
 def backends(lbd, vip: str) -> dict[str, dict[str, Any]]:

@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
+from tests.lbd_helpers import EMPTY_STATE, apply_doc, ok, running_and_empty
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
@@ -101,28 +102,15 @@ def start_traffic_server(host, i: int) -> subprocess.Popen[Any]:
 @pytest.fixture
 def lbd(e2e):
     """lbd running with an empty state before each test, and left empty after it."""
-    daemon = e2e.lbd
-    if daemon.proc is None or daemon.proc.poll() is not None:
-        daemon.start()
-    apply_doc(daemon, {"version": 1, "vips": []})
+    daemon = running_and_empty(e2e.lbd)
     yield daemon
     if daemon.proc is not None and daemon.proc.poll() is None:
-        apply_doc(daemon, {"version": 1, "vips": []})
+        apply_doc(daemon, EMPTY_STATE)
 
 
 # --- lbctl and the maps ---------------------------------------------------------------
 
 
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def apply_doc(lbd, doc: dict) -> None:
-    path = lbd.workdir / "e2e-apply.json"
-    path.write_text(json.dumps(doc))
-    ok(lbd, "apply", "-f", str(path))
 
 
 def maps_view(lbd) -> dict[str, Any]:

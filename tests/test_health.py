@@ -54,6 +54,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import require_root
+from tests.lbd_helpers import EMPTY_STATE, apply_doc, ok
 from xdplb import health
 from xdplb.health import (
     DAMPING_HALF_LIFE_CHECKS,
@@ -797,17 +798,9 @@ def lbd(lab):
     _, daemon, servers, _ = lab
     assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_tail()
     servers.reset()
-    empty = daemon.workdir / "empty.json"
-    empty.write_text('{"version": 1, "vips": []}')
-    result = daemon.lbctl("apply", "-f", str(empty))
-    assert result.returncode == 0, result.stderr
+    apply_doc(daemon, EMPTY_STATE)
     return daemon
 
-
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
 
 
 def backend_status(lbd, vip_text: str) -> dict[str, dict]:

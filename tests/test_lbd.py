@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.flows import BackendCounters, FlowTraffic
+from tests.lbd_helpers import ok, running_and_empty
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
@@ -53,19 +54,8 @@ def lab(tmp_path_factory):
 def lbd(lab):
     """lbd running with an empty state before each test."""
     _, daemon = lab
-    if daemon.proc is None or daemon.proc.poll() is not None:
-        daemon.start()
-    empty = daemon.workdir / "empty.json"
-    empty.write_text('{"version": 1, "vips": []}')
-    result = daemon.lbctl("apply", "-f", str(empty))
-    assert result.returncode == 0, result.stderr
-    return daemon
+    return running_and_empty(daemon)
 
-
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
 
 
 def exported(lbd) -> dict:

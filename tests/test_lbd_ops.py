@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
+from tests.lbd_helpers import ok
 from xdplb.datapath import PIN_ROOT, MapSizes
 from xdplb.lab_daemon import console_script
 
@@ -228,11 +229,6 @@ def reset(lbd):
     ok(lbd, "apply", "-f", str(empty))
     return lbd
 
-
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
 
 
 def status(lbd) -> dict:

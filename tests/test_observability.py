@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.flows import BackendCounters, FlowTraffic
+from tests.lbd_helpers import ok
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
@@ -158,11 +159,6 @@ def vips(lbd) -> Iterator[list[str]]:
         for vip in added:
             lbd.lbctl("vip", "del", vip)
 
-
-def ok(lbd, *args: str) -> str:
-    result = lbd.lbctl(*args)
-    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
 
 
 def add_vip(lbd, vips: list[str], vip: str, backends: list[str], *options: str) -> None:

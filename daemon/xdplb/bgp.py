@@ -12,13 +12,13 @@ An example BIRD configuration is in the README.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from xdplb.store import write_atomically
 
 BIRDC_TIMEOUT_S = 5.0
 # `show protocols`: Name Proto Table State Since Info; Since is a time, or a date and a time.
@@ -62,19 +62,6 @@ def _prefix_key(prefix: str) -> tuple[int, int]:
     return net.version, int(net.network_address)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class BirdAnnouncer:
     """Writes include files of static routes and makes BIRD reload them."""
 
@@ -95,7 +82,7 @@ class BirdAnnouncer:
         self.include_dir.mkdir(parents=True, exist_ok=True)
         for path, version in zip(self.files, (4, 6), strict=True):
             if not path.exists():
-                _write_atomically(path, route_lines((), version))
+                write_atomically(path, route_lines((), version))
 
     def announce(self, prefixes: set[str]) -> bool:
         """Makes BIRD announce exactly `prefixes`; False when nothing changed."""
@@ -103,7 +90,7 @@ class BirdAnnouncer:
             return False
         self.include_dir.mkdir(parents=True, exist_ok=True)
         for path, version in zip(self.files, (4, 6), strict=True):
-            _write_atomically(path, route_lines(prefixes, version))
+            write_atomically(path, route_lines(prefixes, version))
         try:
             out = self._birdc("configure")
         except AnnounceError as exc:

@@ -196,6 +196,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdplb import maglev
+from xdplb.health import connect_reason
 from xdplb.reconciler import Runtime, plan_vip
 from xdplb.state import (
     NO_CAPACITY,
@@ -305,17 +306,7 @@ def parse_load(text: str, metric: str, matchers: Mapping[str, str]) -> float:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, ConnectionResetError):
-        return "reset"
-    if isinstance(exc, ScrapeError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
+    return str(exc) if isinstance(exc, ScrapeError) else connect_reason(exc)
 
 
 def _dechunk(body: bytes) -> bytes:

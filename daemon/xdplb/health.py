@@ -116,7 +116,8 @@ class Result:
 # --- the probes ---------------------------------------------------------------------------
 
 
-def _connect_reason(exc: BaseException) -> str:
+def connect_reason(exc: BaseException) -> str:
+    """A failed connection in a word or two: timeout, refused, reset, tls: ..."""
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -273,7 +274,7 @@ async def run_probe(probe: Probe, channels: GrpcChannels) -> Result:
             else:
                 reason = f"unknown check kind {probe.kind!r}"
     except Exception as exc:
-        reason = _connect_reason(exc)
+        reason = connect_reason(exc)
         if probe.kind == "grpc":
             channels.discard(probe)
     return Result(reason == "ok", reason, time.monotonic() - started)

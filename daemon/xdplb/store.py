@@ -62,25 +62,29 @@ class StateStore:
         self._write(self.host_path, json.dumps({"drained": drained}) + "\n")
 
     def _write(self, path: Path, text: str) -> None:
-        """Temp file, fsync, rename over the old file, fsync the directory:
-        after a crash the file holds either the old content or the new one."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomically(path, text)
         except OSError as exc:
             raise StoreError(f"{path}: cannot write it: {exc}") from exc
         self.writes += 1
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Temp file, fsync, rename over the old file, fsync the directory: after a
+    crash the file holds either the old content or the new one, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

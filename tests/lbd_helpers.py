@@ -1,0 +1,31 @@
+"""What the tests that drive the real lbd share: running lbctl, applying a document,
+and an lbd that starts each test empty."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+EMPTY_STATE: dict[str, Any] = {"version": 1, "vips": []}
+
+
+def ok(lbd: Any, *args: str) -> str:
+    """lbctl's output, asserting it succeeded."""
+    result = lbd.lbctl(*args)
+    assert result.returncode == 0, f"lbctl {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def apply_doc(lbd: Any, doc: dict[str, Any]) -> None:
+    """`lbctl apply -f` of a document written to lbd's work dir."""
+    path = lbd.workdir / "apply.json"
+    path.write_text(json.dumps(doc))
+    ok(lbd, "apply", "-f", str(path))
+
+
+def running_and_empty(lbd: Any) -> Any:
+    """lbd started if it is not running, with no VIP."""
+    if lbd.proc is None or lbd.proc.poll() is not None:
+        lbd.start()
+    apply_doc(lbd, EMPTY_STATE)
+    return lbd
