@@ -372,3 +372,36 @@ def test_sigterm_keeps_forwarding_and_restart_reuses_everything(lab, lbd):
     lbd.start()
     assert maps_view(lbd) == maps_before
     assert Path(lbd.pin_dir).is_dir()
+
+
+# --- drain until idle -------------------------------------------------------------------
+
+
+def test_backend_drain_wait_reports_flows_until_idle(lab, lbd):
+    """Draining keeps established flows on the backend (connection table) and
+    `--wait` counts them down: busy while they send, idle once they stop."""
+    topo, _ = lab
+    backend = topo.backend_v4[0]
+    ok(lbd, "vip", "add", VIP4, "--check", "none")
+    ok(lbd, "backend", "add", VIP4, backend)
+    flows = FlowTraffic(topo, "10.200.0.10", 80, sports=list(range(42000, 42025)))
+    flows.send_rounds(1, 0.0)  # 25 flows, all on the only backend, now in the table
+    stop = threading.Event()
+    busy_sender = threading.Thread(target=flows.send_rounds, args=(400, 0.05, stop))
+    busy_sender.start()
+    try:
+        busy = lbd.lbctl("backend", "drain", VIP4, backend, "--wait", "--timeout", "2",
+                         "--active-within", "2")
+    finally:
+        stop.set()
+        busy_sender.join(timeout=30)
+    assert busy.returncode == 1, busy.stderr
+    assert f"lbctl: {backend} still has 25 active flows after 2 s" in busy.stderr
+    assert "25 flows in the connection table, 25 active within 2 s" in busy.stdout
+    assert maps_view(lbd)["vips"][VIP4]["ring"] == [None] * 65537  # drained: no new flows
+    idle = lbd.lbctl("backend", "drain", VIP4, backend, "--wait", "--timeout", "20",
+                     "--active-within", "2")
+    assert idle.returncode == 0, idle.stderr
+    lines = idle.stdout.splitlines()
+    assert lines[-1] == f"{backend} is idle"
+    assert lines[-2].endswith("25 flows in the connection table, 0 active within 2 s")
