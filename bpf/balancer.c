@@ -3,9 +3,17 @@
  * Only this file touches maps: bcc rewrites map calls in the main file, and
  * keeping every lookup here makes the per-packet map traffic easy to audit.
  * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
- *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES, CONN_ENTRIES,
+ *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES,
+ *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
+ *   CONN_SET_BITS (the flow table has 2^bits sets of FLOW_WAYS per CPU),
  * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
  * daemon restarts.
+ *
+ * Per-packet cost on this machine kind is dominated by kernel calls (every
+ * helper or non-inlined map lookup costs 10-35 ns), so the fast path uses
+ * only maps whose lookups the verifier inlines: arrays and per-CPU arrays.
+ * The `vips` and `vip_addrs` hash maps are consulted only when the VIP index
+ * cannot answer, or for a port-less VIP.
  */
 #include <uapi/linux/bpf.h>
 
@@ -26,11 +34,17 @@
 XDPLB_MAP("array", __u32, __u64, addr_filter, ADDR_FILTER_WORDS, 0);
 XDPLB_MAP("hash", struct addr16, struct vip_addr_meta, vip_addrs, MAX_VIPS, 0);
 XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
+#define VIP_INDEX_SLOTS (1U << VIP_INDEX_BITS)
+XDPLB_MAP("array", __u32, struct vip_index_slot, vip_index, VIP_INDEX_SLOTS, 0);
 XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
 XDPLB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
-/* Per-CPU LRU lists: no lock shared between CPUs on insert. */
-XDPLB_MAP("lru_hash", struct flow_key, struct flow_state, conns, CONN_ENTRIES,
-	  BPF_F_NO_COMMON_LRU);
+/* The flow table, per CPU as in Katran: RSS keeps a flow on one CPU, so
+ * each CPU records and finds its own flows without sharing a cache line or
+ * a lock. A flow that shows up on another CPU (RSS change, a migrating
+ * sender on a veth) misses there and takes the ring, which gives the same
+ * backend while the ring is unchanged. */
+#define CONN_SETS (1U << CONN_SET_BITS)
+XDPLB_MAP("percpu_array", __u32, struct flow_set, conns, CONN_SETS, 0);
 XDPLB_MAP("array", __u32, struct lb_config, config, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, vip_stats, MAX_VIPS, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BACKENDS, 0);
@@ -63,22 +77,83 @@ static __always_inline int may_be_vip_addr(const struct packet *pkt)
 	return bits && (*bits & (1ULL << FILTER_BIT(h)));
 }
 
-/* The exact (address, port, protocol) VIP, else the port-less one. The
- * exact hit, the common case, costs a single hash lookup. */
-static __always_inline struct vip_meta *find_vip(const struct addr16 *addr, __u16 port,
-						 __u8 proto)
+#define xdplb_barrier() asm volatile("" ::: "memory")
+#define VIP_INDEX_ASK_HASH (-1)
+
+/* The VIP index: open addressing over an array, probing at most
+ * VIP_INDEX_PROBES slots from the key's home slot. Returns 1 with the meta
+ * copied to *out, 0 when the key is certainly not a VIP (an EMPTY slot ends
+ * the probe: the control plane keeps every VIP of the hash map before the
+ * first EMPTY slot of its chain), or VIP_INDEX_ASK_HASH: probes exhausted (a
+ * full chain may have overflowed into the hash map alone) or a slot being
+ * rewritten.
+ *
+ * Torn-write safety (the writer is daemon/xdplb/datapath.py VipTable): each
+ * slot is rewritten in three whole-value map updates, each changing either
+ * seq or the content but never both: (1) seq odd, old content; (2) seq odd,
+ * new content; (3) seq even, new content. The reader copies the content
+ * between two reads of seq and accepts it only when both are equal and even:
+ * content read during (2), the only update that changes it, is bracketed by
+ * an odd seq or by two different seqs. x86 keeps loads in order and the
+ * updates' stores in order; the compiler barriers keep clang from moving the
+ * loads across the seq reads. Rejected reads fall back to the hash map,
+ * whose updates replace a whole element. */
+static __always_inline int vip_index_find(const struct vip_key *want, struct vip_meta *out)
+{
+	__u32 home = vip_index_hash(want) >> (64 - VIP_INDEX_BITS);
+#pragma unroll
+	for (int i = 0; i < VIP_INDEX_PROBES; i++) {
+		__u32 k = (home + i) & (VIP_INDEX_SLOTS - 1);
+		struct vip_index_slot *s = vip_index.lookup(&k);
+		if (!s)
+			return VIP_INDEX_ASK_HASH;
+		__u32 seq = *(volatile __u32 *)&s->seq;
+		xdplb_barrier();
+		__u32 state = s->state;
+		int match = s->key.addr.w[0] == want->addr.w[0] &&
+			    s->key.addr.w[1] == want->addr.w[1] &&
+			    s->key.addr.w[2] == want->addr.w[2] &&
+			    s->key.addr.w[3] == want->addr.w[3] && s->key.port == want->port &&
+			    s->key.proto == want->proto;
+		*out = s->meta;
+		xdplb_barrier();
+		if (*(volatile __u32 *)&s->seq != seq || (seq & 1))
+			return VIP_INDEX_ASK_HASH;
+		if (state == VIP_SLOT_EMPTY)
+			return 0;
+		if (state == VIP_SLOT_LIVE && match)
+			return 1;
+	}
+	return VIP_INDEX_ASK_HASH;
+}
+
+static __always_inline int lookup_vip(const struct vip_key *key, struct vip_meta *out)
+{
+	int found = vip_index_find(key, out);
+	if (found != VIP_INDEX_ASK_HASH)
+		return found;
+	struct vip_meta *vip = vips.lookup((struct vip_key *)key);
+	if (!vip)
+		return 0;
+	*out = *vip;
+	return 1;
+}
+
+/* The exact (address, port, protocol) VIP, else the port-less one, copied
+ * to *out. The exact hit, the common case, costs an inlined index probe. */
+static __always_inline int find_vip(const struct addr16 *addr, __u16 port, __u8 proto,
+				    struct vip_meta *out)
 {
 	struct vip_key key = {.addr = *addr, .port = port, .proto = proto};
-	struct vip_meta *vip = vips.lookup(&key);
-	if (vip)
-		return vip;
+	if (lookup_vip(&key, out))
+		return 1;
 	struct vip_addr_meta *am = vip_addrs.lookup(&key.addr);
 	__u32 portless = proto == IPPROTO_TCP ? VIP_ADDR_F_PORTLESS_TCP
 			 : proto == IPPROTO_UDP ? VIP_ADDR_F_PORTLESS_UDP : 0;
 	if (!am || !(am->flags & portless))
-		return NULL;
+		return 0;
 	key.port = 0;
-	return vips.lookup(&key);
+	return lookup_vip(&key, out);
 }
 
 static __always_inline __u32 hash_for_vip(const struct vip_meta *vip, const struct packet *flow)
@@ -121,6 +196,60 @@ static __always_inline int is_usable(const struct backend *be)
 	return be && (be->flags & BACKEND_F_AVAILABLE);
 }
 
+/* This CPU's set of the flow table for a key. */
+static __always_inline struct flow_set *flow_set_of(const struct flow_key *key)
+{
+	__u32 set = flow_set_hash(key) >> (64 - CONN_SET_BITS);
+	return conns.lookup(&set);
+}
+
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+/* The key's entry in the set, or NULL. */
+static __always_inline struct flow_state *flow_find(struct flow_set *set,
+						    const struct flow_key *key)
+{
+#pragma unroll
+	for (int i = 0; i < FLOW_WAYS; i++)
+		if (flow_key_eq(&set->way[i].key, key))
+			return &set->way[i].state;
+	return NULL;
+}
+
+/* Records a flow in the set: in the key's own entry if it has one, else in
+ * an empty one, else in place of the entry seen longest ago (the smallest
+ * last_seen_s; the lowest way among equals). */
+static __always_inline void flow_record(struct flow_set *set, const struct flow_key *key,
+					__u32 backend, __u32 now_s)
+{
+	int way = 0, own = -1, empty = -1;
+	__u32 oldest = set->way[0].state.last_seen_s;
+#pragma unroll
+	for (int i = 0; i < FLOW_WAYS; i++) {
+		struct flow_entry *e = &set->way[i];
+		if (flow_key_eq(&e->key, key))
+			own = i;
+		if (!e->state.backend && empty < 0)
+			empty = i;
+		if (e->state.last_seen_s < oldest) {
+			oldest = e->state.last_seen_s;
+			way = i;
+		}
+	}
+	if (own >= 0)
+		way = own;
+	else if (empty >= 0)
+		way = empty;
+	struct flow_entry *e = &set->way[way & (FLOW_WAYS - 1)];
+	e->key = *key;
+	e->state.backend = backend;
+	e->state.last_seen_s = now_s;
+}
+
 /* Chooses the flow's backend: the connection table for a known flow whose
  * backend is still available, the ring otherwise (and then records it).
  * Returns the backend's index (0 = none) and sets *be to its entry. */
@@ -128,15 +257,18 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 					    __u32 hash, const struct lb_config *cfg,
 					    struct global_counters *gc, struct backend **be)
 {
-	struct flow_key key = {
+	struct flow_key key __attribute__((aligned(8))) = {
 		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
 	};
 	int syn = pkt->proto == IPPROTO_TCP &&
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	__u32 idx;
+	struct flow_set *set = flow_set_of(&key);
+	if (!set)
+		return 0;
 
 	if (!syn) {
-		struct flow_state *st = conns.lookup(&key);
+		struct flow_state *st = flow_find(set, &key);
 		if (st) {
 			idx = st->backend;
 			*be = backends.lookup(&idx);
@@ -162,8 +294,7 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 		return 0;
 	gc->new_flows++;
 	if (may_record_flow(cfg)) {
-		struct flow_state st = {.backend = idx, .last_seen_s = cfg->now_s};
-		conns.update(&key, &st);
+		flow_record(set, &key, idx, cfg->now_s);
 	} else {
 		gc->new_flows_unrecorded++;
 	}
@@ -219,17 +350,19 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
-	struct vip_meta *vip = find_vip(&flow.dst, flow.dport, flow.proto);
-	if (!vip) {
+	struct vip_meta meta;
+	if (!find_vip(&flow.dst, flow.dport, flow.proto, &meta)) {
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
+	const struct vip_meta *vip = &meta;
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, &flow);
-	struct flow_key key = {
+	struct flow_key key __attribute__((aligned(8))) = {
 		.src = flow.src, .sport = flow.sport, .dport = flow.dport, .vip_id = vip->vip_id,
 	};
-	struct flow_state *st = conns.lookup(&key);
+	struct flow_set *set = flow_set_of(&key);
+	struct flow_state *st = set ? flow_find(set, &key) : NULL;
 	__u32 idx = st ? st->backend : 0;
 	struct backend *be = backends.lookup(&idx);
 	if (!is_usable(be)) {
@@ -296,9 +429,9 @@ int xdplb_balancer(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	if (parsed == PARSE_OK && !pkt.fragment) {
-		struct vip_meta *vip = find_vip(&pkt.dst, pkt.dport, pkt.proto);
-		if (vip)
-			return forward(ctx, &pkt, vip, cfg, gc, frame_len);
+		struct vip_meta vip;
+		if (find_vip(&pkt.dst, pkt.dport, pkt.proto, &vip))
+			return forward(ctx, &pkt, &vip, cfg, gc, frame_len);
 	}
 	/* Not a service: the address filter may have matched by chance, so only
 	 * a listed VIP address makes what follows ours to answer or drop. */

@@ -58,9 +58,27 @@ struct backend {
 	__u32 vip_id;
 };
 
-/* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's
- * address, port and protocol are implied by vip_id; dport is kept because a
- * port-less VIP sees many destination ports. */
+/* The VIP index: an array probed inline in front of the `vips` hash map,
+ * which stays the source of truth (bpf/balancer.c explains the probing,
+ * daemon/xdplb/datapath.py VipTable the update protocol). A slot is
+ * rewritten by the control plane in three map updates bracketed by `seq`:
+ *   1. seq odd,  old content;  2. seq odd, new content;  3. seq even, new content.
+ * A reader reads seq, the content, seq again, and uses the content only if
+ * both reads are equal and even; otherwise it asks the hash map. */
+#define VIP_SLOT_EMPTY 0     /* never used since the last clean-up: ends a probe */
+#define VIP_SLOT_LIVE 1      /* holds key -> meta */
+#define VIP_SLOT_TOMBSTONE 2 /* deleted: a probe goes on past it */
+#define VIP_INDEX_PROBES 4   /* slots a lookup probes before asking the hash map */
+struct vip_index_slot {
+	__u32 seq;   /* even: stable; odd: being rewritten */
+	__u32 state; /* VIP_SLOT_* */
+	struct vip_key key;
+	struct vip_meta meta;
+};
+
+/* A client's flow to one VIP. The VIP's address, port and protocol are
+ * implied by vip_id; dport is kept because a port-less VIP sees many
+ * destination ports. */
 struct flow_key {
 	struct addr16 src;
 	__u16 sport;
@@ -71,6 +89,19 @@ struct flow_key {
 struct flow_state {
 	__u32 backend;
 	__u32 last_seen_s; /* lb_config.now_s when the flow last sent a packet */
+};
+
+/* The `conns` flow table: a per-CPU array of sets of FLOW_WAYS entries; a
+ * flow lives in set flow_set_hash(key) >> (64 - CONN_SET_BITS) (bpf/hash.h).
+ * An entry whose backend is 0 is empty. */
+#define FLOW_WAYS 4
+struct flow_entry {
+	struct flow_key key;
+	struct flow_state state;
+};
+
+struct flow_set {
+	struct flow_entry way[FLOW_WAYS];
 };
 
 /* The VIP address filter: a bitmap over a hash of the destination address,

@@ -15,6 +15,7 @@ import importlib.resources
 import os
 import platform
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,19 @@ class DatapathError(Exception):
 
 @dataclass(frozen=True)
 class MapSizes:
-    """Capacities compiled into the maps. Changing one needs new maps."""
+    """Capacities compiled into the maps. Changing one needs new maps.
+
+    conn_entries is the flow table's capacity PER CPU: a power of two, laid
+    out as conn_entries / 4 sets of 4 ways (structs.FLOW_WAYS), each CPU
+    with a table of its own (32 bytes an entry: 32 MiB per CPU for the
+    default). The VIP index has the smallest power of two of slots that is
+    at least 4 x max_vips (and 64), so its probe chains stay short.
+    """
 
     max_vips: int = 512
     max_backends: int = 4096
     ring_entries: int = 64 * 65537  # shared by every VIP's ring
-    conn_entries: int = 1 << 20
+    conn_entries: int = 1 << 20  # per CPU
 
     def __post_init__(self) -> None:
         for name, minimum in (
@@ -60,6 +68,19 @@ class MapSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
+        if self.conn_entries & (self.conn_entries - 1):
+            raise DatapathError(f"map size conn_entries={self.conn_entries!r}: must be a power "
+                                f"of two (entries per CPU: sets x {structs.FLOW_WAYS} ways)")
+
+    @property
+    def conn_set_bits(self) -> int:
+        """log2 of the flow table's sets per CPU."""
+        return (self.conn_entries // structs.FLOW_WAYS).bit_length() - 1
+
+    @property
+    def vip_index_bits(self) -> int:
+        """log2 of the VIP index's slots."""
+        return max(6, (4 * self.max_vips - 1).bit_length())
 
 
 def bpf_source_dir() -> Path:
@@ -240,6 +261,336 @@ def _lib() -> Any:
     return _bcc().libbcc.lib
 
 
+def _possible_cpus() -> int:
+    return len(_bcc().utils.get_possible_cpus())
+
+
+class VipTable:
+    """The `vips` hash map, the source of truth, with the `vip_index` array
+    that the datapath probes inline in front of it (bpf/balancer.c
+    vip_index_find). Reads go to the hash map; writes go to both.
+
+    Index layout: open addressing, a key's chain is the VIP_INDEX_PROBES
+    slots from its home slot (structs.vip_index_home). Invariants the
+    datapath relies on, kept by this class (the only writer):
+    - a VIP of the hash map is LIVE in its chain before any EMPTY slot of
+      the chain, or not in the index at all, and then every slot of its chain
+      is LIVE with other keys (an "overflow": the probe is exhausted and the
+      datapath asks the hash map);
+    - a key is LIVE in at most one slot.
+    Deleting leaves a TOMBSTONE (probes go on past it); overflowed keys move
+    into freed slots of their chain, and a tombstone becomes EMPTY again as
+    soon as no LIVE key's chain passes through it before reaching the key.
+
+    Update protocol, per slot, so a packet never uses a torn entry: three
+    whole-value map updates, (1) seq odd with the old content, (2) the new
+    content with seq still odd, (3) the new content with seq even. Each one
+    changes either seq or the content, never both. The datapath reads seq,
+    the content, seq again and uses the content only if the two reads are
+    equal and even; otherwise it asks the hash map. Content read while (2)
+    is being copied is therefore always bracketed by an odd seq or by two
+    different seqs (seq only grows, by 2 per rewrite). A torn read of seq
+    itself changes nothing: (1) only sets bit 0, so any mix of its old and
+    new bytes is one of the two, and while (1) and (3) are copied the content
+    is not changing. The order against the hash map: a put writes the hash
+    map first and then the index; a delete empties the index slot first and
+    then deletes from the hash map. So a packet sees the old or the new VIP
+    meta, whichever path answers it. If the writer dies between the updates
+    (kill -9), a slot is left with an odd seq: packets use the hash map
+    until the next VipTable (a restarted daemon) repairs it on start.
+    """
+
+    def __init__(self, hash_map: BpfMap, index: BpfMap, bits: int):
+        self.hash, self.index = hash_map, index
+        self.name, self.fd = hash_map.name, hash_map.fd
+        self.key_type, self.value_type = hash_map.key_type, hash_map.value_type
+        self.bits, self.slots = bits, 1 << bits
+        self._lock = threading.Lock()
+        self._mirror: list[structs.VipIndexSlot] = [
+            structs.VipIndexSlot.from_buffer_copy(v) for v in index.read_array(self.slots)]
+        self._overflow: dict[bytes, structs.VipKey] = {}
+        with self._lock:
+            self._repair()
+
+    # -- the hash map's API, as BpfMap has it --
+
+    def get(self, key: structs.VipKey) -> structs.VipMeta | None:
+        return self.hash.get(key)
+
+    def keys(self) -> Iterator[structs.VipKey]:
+        return self.hash.keys()
+
+    def items(self) -> Iterator[tuple[structs.VipKey, structs.VipMeta]]:
+        return self.hash.items()
+
+    def put(self, key: structs.VipKey, meta: structs.VipMeta) -> None:
+        with self._lock:
+            self.hash.put(key, meta)
+            self._index_put(key, meta)
+
+    def delete(self, key: structs.VipKey) -> bool:
+        with self._lock:
+            self._index_remove(key)
+            return self.hash.delete(key)
+
+    # -- the index --
+
+    def chain(self, key: structs.VipKey) -> list[int]:
+        """The slots a lookup of `key` probes, in order."""
+        home = structs.vip_index_home(key, self.bits)
+        return [(home + i) & (self.slots - 1) for i in range(structs.VIP_INDEX_PROBES)]
+
+    def slot(self, index: int) -> structs.VipIndexSlot:
+        """What this writer last wrote to a slot (tests compare it with the map)."""
+        return structs.VipIndexSlot.from_buffer_copy(self._mirror[index])
+
+    def overflowed(self) -> list[structs.VipKey]:
+        """VIPs only the hash map holds: their chains were full."""
+        return list(self._overflow.values())
+
+    def _live_at(self, key: structs.VipKey) -> int | None:
+        raw = bytes(key)
+        for i in self.chain(key):
+            slot = self._mirror[i]
+            if slot.state == structs.VIP_SLOT_LIVE and bytes(slot.key) == raw:
+                return i
+        return None
+
+    def _write(self, i: int, state: int, key: structs.VipKey | None = None,
+               meta: structs.VipMeta | None = None) -> None:
+        """Rewrites slot i with the three-update protocol (class docstring)."""
+        current = self._mirror[i]
+        slot = structs.VipIndexSlot.from_buffer_copy(current)
+        if not slot.seq & 1:  # (1): seq odd, the old content
+            slot.seq = (slot.seq + 1) & 0xFFFFFFFF
+            self.index.put(ct.c_uint32(i), slot)
+        odd = slot.seq
+        slot = structs.VipIndexSlot(seq=odd, state=state)  # (2): the new content
+        if key is not None:
+            slot.key = key
+        if meta is not None:
+            slot.meta = meta
+        self.index.put(ct.c_uint32(i), slot)
+        slot.seq = (odd + 1) & 0xFFFFFFFF  # (3): seq even
+        self.index.put(ct.c_uint32(i), slot)
+        self._mirror[i] = slot
+
+    def _index_put(self, key: structs.VipKey, meta: structs.VipMeta) -> None:
+        at = self._live_at(key)
+        if at is None:
+            at = next((i for i in self.chain(key)
+                       if self._mirror[i].state != structs.VIP_SLOT_LIVE), None)
+        if at is None:  # the chain is full: the hash map alone answers for it
+            self._overflow[bytes(key)] = structs.VipKey.from_buffer_copy(key)
+            return
+        self._overflow.pop(bytes(key), None)
+        self._write(at, structs.VIP_SLOT_LIVE, key, meta)
+
+    def _index_remove(self, key: structs.VipKey) -> None:
+        if self._overflow.pop(bytes(key), None) is not None:
+            return
+        at = self._live_at(key)
+        if at is None:
+            return
+        self._write(at, structs.VIP_SLOT_TOMBSTONE)
+        self._place_overflow()
+        self._reclaim(at)
+
+    def _place_overflow(self) -> None:
+        for raw, key in list(self._overflow.items()):
+            meta = self.hash.get(key)
+            if meta is None:
+                del self._overflow[raw]
+            else:
+                self._index_put(key, meta)
+
+    def _needed(self) -> set[int]:
+        """Slots that some key's lookup must probe past: not to be made EMPTY."""
+        needed: set[int] = set()
+        for i, slot in enumerate(self._mirror):
+            if slot.state == structs.VIP_SLOT_LIVE:
+                chain = self.chain(slot.key)
+                needed.update(chain[:chain.index(i)])
+        for key in self._overflow.values():
+            needed.update(self.chain(key))
+        return needed
+
+    def _reclaim(self, near: int | None = None) -> None:
+        """Turns tombstones that no lookup needs back into EMPTY slots."""
+        span = (range(self.slots) if near is None else
+                [(near + d) & (self.slots - 1) for d in range(-structs.VIP_INDEX_PROBES + 1,
+                                                             structs.VIP_INDEX_PROBES)])
+        needed = self._needed()
+        for i in span:
+            if self._mirror[i].state == structs.VIP_SLOT_TOMBSTONE and i not in needed:
+                self._write(i, structs.VIP_SLOT_EMPTY)
+
+    def _repair(self) -> None:
+        """Makes the index agree with the hash map: on start, with maps that a
+        previous writer may have left mid-update (pinned maps after kill -9)."""
+        truth = {bytes(k): (k, m) for k, m in self.hash.items()}
+        seen: set[bytes] = set()
+        for i, slot in enumerate(self._mirror):
+            raw = bytes(slot.key)
+            if slot.state == structs.VIP_SLOT_LIVE:
+                if (raw in seen or raw not in truth or i not in self.chain(slot.key)):
+                    self._write(i, structs.VIP_SLOT_TOMBSTONE)
+                    continue
+                seen.add(raw)
+                key, meta = truth[raw]
+                if slot.seq & 1 or bytes(slot.meta) != bytes(meta):
+                    self._write(i, structs.VIP_SLOT_LIVE, key, meta)
+            elif slot.seq & 1 or slot.state not in (structs.VIP_SLOT_EMPTY,
+                                                    structs.VIP_SLOT_TOMBSTONE):
+                self._write(i, structs.VIP_SLOT_TOMBSTONE)
+        for raw, (key, meta) in truth.items():
+            if raw not in seen:
+                self._index_put(key, meta)
+        self._reclaim()
+
+
+class FlowTable:
+    """The per-CPU set-associative flow table (`conns`) as a FlowKey ->
+    FlowState map, for the control plane and tests.
+
+    Each CPU has sets of structs.FLOW_WAYS entries; a flow lives in set
+    structs.flow_set_index(key, bits) on the CPU whose datapath recorded it
+    (RSS keeps a flow on one CPU). Reads look at every CPU (a per-CPU array
+    lookup returns every CPU's value) and merge them: one entry per flow, the
+    CPU's that saw it last. Writes go to every CPU, or to the CPU given, into
+    the flow's own entry, else an empty one, else the one seen longest ago,
+    as the datapath does. A write is a read-modify-write of the whole set
+    while the datapath may record another flow in it: a datapath write in
+    between is lost (that flow takes the ring again), so writes are for
+    tests and tools; lbd only reads.
+    """
+
+    def __init__(self, name: str, fd: int, set_bits: int):
+        self.name, self.fd, self.set_bits = name, fd, set_bits
+        self.sets = 1 << set_bits
+        self.ncpus = _possible_cpus()
+        self.key_type, self.value_type = structs.FlowKey, structs.FlowState
+        self._value = structs.FlowSet * self.ncpus  # 128 bytes: no per-CPU padding
+
+    def set_index(self, key: structs.FlowKey) -> int:
+        return structs.flow_set_index(key, self.set_bits)
+
+    def read_set(self, index: int) -> list[structs.FlowSet]:
+        """Set `index` as every CPU holds it, CPU 0 first."""
+        value = self._value()
+        k = ct.c_uint32(index)
+        if _lib().bpf_lookup_elem(self.fd, ct.byref(k), ct.byref(value)) != 0:
+            _raise_errno(f"lookup of {self.name}[{index}]")
+        return list(value)
+
+    def write_set(self, index: int, per_cpu: list[structs.FlowSet]) -> None:
+        value = self._value(*per_cpu)
+        k = ct.c_uint32(index)
+        if _lib().bpf_update_elem(self.fd, ct.byref(k), ct.byref(value), 0) != 0:
+            _raise_errno(f"update of {self.name}[{index}]")
+
+    def _cpus(self, cpu: int | None) -> range:
+        if cpu is None:
+            return range(self.ncpus)
+        if not 0 <= cpu < self.ncpus:
+            raise DatapathError(f"{self.name}: no CPU {cpu} (of {self.ncpus})")
+        return range(cpu, cpu + 1)
+
+    @staticmethod
+    def _merge(per_cpu: Iterable[structs.FlowSet],
+               into: dict[bytes, tuple[structs.FlowKey, structs.FlowState]]) -> None:
+        for flow_set in per_cpu:
+            for entry in flow_set.way:
+                if not entry.state.backend:
+                    continue
+                raw = bytes(entry.key)
+                known = into.get(raw)
+                if known is None or entry.state.last_seen_s > known[1].last_seen_s:
+                    into[raw] = (structs.FlowKey.from_buffer_copy(entry.key),
+                                 structs.FlowState.from_buffer_copy(entry.state))
+
+    def get(self, key: structs.FlowKey, cpu: int | None = None) -> structs.FlowState | None:
+        per_cpu = self.read_set(self.set_index(key))
+        found: dict[bytes, tuple[structs.FlowKey, structs.FlowState]] = {}
+        self._merge((per_cpu[c] for c in self._cpus(cpu)), found)
+        hit = found.get(bytes(key))
+        return hit[1] if hit else None
+
+    def put(self, key: structs.FlowKey, value: structs.FlowState, cpu: int | None = None) -> None:
+        if not value.backend:
+            raise DatapathError(f"{self.name}: backend 0 marks an empty entry")
+        index = self.set_index(key)
+        per_cpu = self.read_set(index)
+        raw = bytes(key)
+        for c in self._cpus(cpu):
+            ways = per_cpu[c].way
+            way = next((i for i, e in enumerate(ways) if bytes(e.key) == raw), None)
+            if way is None:
+                way = next((i for i, e in enumerate(ways) if not e.state.backend), None)
+            if way is None:
+                way = min(range(structs.FLOW_WAYS), key=lambda i: ways[i].state.last_seen_s)
+            ways[way] = structs.FlowEntry(key=key, state=value)
+        self.write_set(index, per_cpu)
+
+    def delete(self, key: structs.FlowKey, cpu: int | None = None) -> bool:
+        index = self.set_index(key)
+        per_cpu = self.read_set(index)
+        raw, found = bytes(key), False
+        for c in self._cpus(cpu):
+            for i, entry in enumerate(per_cpu[c].way):
+                if bytes(entry.key) == raw:
+                    per_cpu[c].way[i] = structs.FlowEntry()
+                    found = True
+        if found:
+            self.write_set(index, per_cpu)
+        return found
+
+    def clear(self) -> None:
+        """Empties every set on every CPU."""
+        empty = [structs.FlowSet() for _ in range(self.ncpus)]
+        for index in range(self.sets):
+            self.write_set(index, empty)
+
+    def _scan(self, chunk: int) -> Iterator[list[tuple[structs.FlowKey, structs.FlowState]]]:
+        """Every flow, one per flow whatever the CPUs holding it: the sets a
+        chunk at a time (one syscall per chunk)."""
+        chunk = max(1, min(chunk, self.sets))
+        keys = (ct.c_uint32 * chunk)()
+        values = (self._value * chunk)()
+        cursor, first = ct.c_uint32(0), True
+        while True:
+            n = ct.c_uint32(chunk)
+            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
+                                         ct.byref(cursor), ct.byref(keys), ct.byref(values),
+                                         ct.byref(n))
+            if rc != 0 and ct.get_errno() != errno.ENOENT:
+                _raise_errno(f"batch scan of {self.name}")
+            first = False
+            flows: list[tuple[structs.FlowKey, structs.FlowState]] = []
+            for s in range(n.value):
+                found: dict[bytes, tuple[structs.FlowKey, structs.FlowState]] = {}
+                self._merge(values[s], found)  # a flow has one set on every CPU
+                flows.extend(found.values())
+            if flows:
+                yield flows
+            if rc != 0 or n.value == 0:
+                return
+
+    def keys(self) -> Iterator[structs.FlowKey]:
+        for flows in self._scan(1024):
+            for key, _ in flows:
+                yield key
+
+    def items(self) -> Iterator[tuple[structs.FlowKey, structs.FlowState]]:
+        for flows in self._scan(1024):
+            yield from flows
+
+    def values_batch(self, chunk: int = 2048) -> Iterator[list[structs.FlowState]]:
+        """Every flow's state (backend, last_seen_s), `chunk` sets per syscall."""
+        for flows in self._scan(chunk):
+            yield [state for _, state in flows]
+
+
 @dataclass(frozen=True)
 class TestRunResult:
     verdict: int
@@ -391,7 +742,8 @@ class Balancer:
             "MAX_VIPS": str(self.sizes.max_vips),
             "MAX_BACKENDS": str(self.sizes.max_backends),
             "RING_ENTRIES": str(self.sizes.ring_entries),
-            "CONN_ENTRIES": str(self.sizes.conn_entries),
+            "VIP_INDEX_BITS": str(self.sizes.vip_index_bits),
+            "CONN_SET_BITS": str(self.sizes.conn_set_bits),
         }
         if pin_dir is not None:
             ensure_bpffs()
@@ -402,10 +754,12 @@ class Balancer:
         s = structs
         self.addr_filter = self._map("addr_filter", ct.c_uint32, ct.c_uint64)
         self.vip_addrs = self._map("vip_addrs", s.Addr16, s.VipAddrMeta)
-        self.vips = self._map("vips", s.VipKey, s.VipMeta)
+        self.vip_index = self._map("vip_index", ct.c_uint32, s.VipIndexSlot)
+        self.vips = VipTable(self._map("vips", s.VipKey, s.VipMeta), self.vip_index,
+                             self.sizes.vip_index_bits)
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        self.conns = self._map("conns", s.FlowKey, s.FlowState)
+        self.conns = FlowTable("conns", self._fd("conns"), self.sizes.conn_set_bits)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
         self.vip_stats = PerCpuArray("vip_stats", self._fd("vip_stats"), s.TrafficCounters)
         self.backend_stats = PerCpuArray(
@@ -486,10 +840,11 @@ class PinnedMaps:
         s = structs
         self.addr_filter = self._map("addr_filter", ct.c_uint32, ct.c_uint64)
         self.vip_addrs = self._map("vip_addrs", s.Addr16, s.VipAddrMeta)
-        self.vips = self._map("vips", s.VipKey, s.VipMeta)
+        self.vips = self._map("vips", s.VipKey, s.VipMeta)  # the hash map, read only
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        self.conns = self._map("conns", s.FlowKey, s.FlowState)
+        conns = self._map("conns", ct.c_uint32, s.FlowSet)
+        self.conns = FlowTable("conns", conns.fd, self.sizes.conn_set_bits)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
 
     def _map(self, name: str, key: type, value: type) -> BpfMap:

@@ -70,6 +70,23 @@ class VipMeta(ct.Structure):
     ]
 
 
+VIP_SLOT_EMPTY = 0
+VIP_SLOT_LIVE = 1
+VIP_SLOT_TOMBSTONE = 2
+VIP_INDEX_PROBES = 4
+
+
+class VipIndexSlot(ct.Structure):
+    """struct vip_index_slot: one slot of the inline-probed VIP index."""
+
+    _fields_: ClassVar = [
+        ("seq", ct.c_uint32),  # even: stable; odd: being rewritten
+        ("state", ct.c_uint32),  # VIP_SLOT_*
+        ("key", VipKey),
+        ("meta", VipMeta),
+    ]
+
+
 class VipAddrMeta(ct.Structure):
     _fields_: ClassVar = [("flags", ct.c_uint32)]
 
@@ -89,6 +106,21 @@ class FlowKey(ct.Structure):
 
 class FlowState(ct.Structure):
     _fields_: ClassVar = [("backend", ct.c_uint32), ("last_seen_s", ct.c_uint32)]
+
+
+FLOW_WAYS = 4
+
+
+class FlowEntry(ct.Structure):
+    """One way of a flow-table set; backend 0 = empty."""
+
+    _fields_: ClassVar = [("key", FlowKey), ("state", FlowState)]
+
+
+class FlowSet(ct.Structure):
+    """struct flow_set: the value of the per-CPU `conns` array."""
+
+    _fields_: ClassVar = [("way", FlowEntry * FLOW_WAYS)]
 
 
 class TrafficCounters(ct.Structure):
@@ -216,3 +248,32 @@ def addr_filter_slot(address: str) -> tuple[int, int]:
 def ring_slot(hash_value: int, ring_size: int) -> int:
     """The ring position a hash selects (bpf/hash.h ring_slot)."""
     return (hash_value * ring_size) >> 32
+
+
+def _fold_mix(h: int) -> int:
+    h ^= h >> 32
+    return (h * FILTER_K_MIX) & _M64
+
+
+def vip_index_hash(key: VipKey) -> int:
+    """bpf/hash.h vip_index_hash: the VIP index's 64-bit slot hash of a key."""
+    lo, hi = struct.unpack("<2Q", bytes(key.addr))
+    h = lo * HASH_K_SRC_LO + hi * HASH_K_SRC_HI + ((key.proto << 16) | key.port) * HASH_K_PORTS
+    return _fold_mix(h & _M64)
+
+
+def vip_index_home(key: VipKey, bits: int) -> int:
+    """The slot where a key's probe starts in a 2^bits-slot VIP index."""
+    return vip_index_hash(key) >> (64 - bits)
+
+
+def flow_set_hash(key: FlowKey) -> int:
+    """bpf/hash.h flow_set_hash: from the FlowKey's fields alone."""
+    lo, hi = struct.unpack("<2Q", bytes(key.src))
+    ports = (key.vip_id << 32) | (key.dport << 16) | key.sport
+    return _fold_mix((lo * HASH_K_SRC_LO + hi * HASH_K_SRC_HI + ports * HASH_K_PORTS) & _M64)
+
+
+def flow_set_index(key: FlowKey, bits: int) -> int:
+    """The flow table set (of 2^bits per CPU) that holds a flow."""
+    return flow_set_hash(key) >> (64 - bits)
