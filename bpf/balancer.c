@@ -5,15 +5,15 @@
  * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
  *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES,
  *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
- *   CONN_SET_BITS (the flow table has 2^bits sets of FLOW_WAYS per CPU),
+ *   CONN_ENTRIES,
  * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
  * daemon restarts.
  *
  * Per-packet cost on this machine kind is dominated by kernel calls (every
  * helper or non-inlined map lookup costs 10-35 ns), so the fast path uses
- * only maps whose lookups the verifier inlines: arrays and per-CPU arrays.
- * The `vips` and `vip_addrs` hash maps are consulted only when the VIP index
- * cannot answer, or for a port-less VIP.
+ * maps whose lookups the verifier inlines (arrays and per-CPU arrays) where
+ * it can: the `vips` and `vip_addrs` hash maps are consulted only when the
+ * VIP index cannot answer, or for a port-less VIP.
  */
 #include <uapi/linux/bpf.h>
 
@@ -38,13 +38,9 @@ XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
 XDPLB_MAP("array", __u32, struct vip_index_slot, vip_index, VIP_INDEX_SLOTS, 0);
 XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
 XDPLB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
-/* The flow table, per CPU as in Katran: RSS keeps a flow on one CPU, so
- * each CPU records and finds its own flows without sharing a cache line or
- * a lock. A flow that shows up on another CPU (RSS change, a migrating
- * sender on a veth) misses there and takes the ring, which gives the same
- * backend while the ring is unchanged. */
-#define CONN_SETS (1U << CONN_SET_BITS)
-XDPLB_MAP("percpu_array", __u32, struct flow_set, conns, CONN_SETS, 0);
+/* Per-CPU LRU lists: no lock shared between CPUs on insert. */
+XDPLB_MAP("lru_hash", struct flow_key, struct flow_state, conns, CONN_ENTRIES,
+	  BPF_F_NO_COMMON_LRU);
 XDPLB_MAP("array", __u32, struct lb_config, config, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, vip_stats, MAX_VIPS, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BACKENDS, 0);
@@ -196,60 +192,6 @@ static __always_inline int is_usable(const struct backend *be)
 	return be && (be->flags & BACKEND_F_AVAILABLE);
 }
 
-/* This CPU's set of the flow table for a key. */
-static __always_inline struct flow_set *flow_set_of(const struct flow_key *key)
-{
-	__u32 set = flow_set_hash(key) >> (64 - CONN_SET_BITS);
-	return conns.lookup(&set);
-}
-
-static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
-{
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
-}
-
-/* The key's entry in the set, or NULL. */
-static __always_inline struct flow_state *flow_find(struct flow_set *set,
-						    const struct flow_key *key)
-{
-#pragma unroll
-	for (int i = 0; i < FLOW_WAYS; i++)
-		if (flow_key_eq(&set->way[i].key, key))
-			return &set->way[i].state;
-	return NULL;
-}
-
-/* Records a flow in the set: in the key's own entry if it has one, else in
- * an empty one, else in place of the entry seen longest ago (the smallest
- * last_seen_s; the lowest way among equals). */
-static __always_inline void flow_record(struct flow_set *set, const struct flow_key *key,
-					__u32 backend, __u32 now_s)
-{
-	int way = 0, own = -1, empty = -1;
-	__u32 oldest = set->way[0].state.last_seen_s;
-#pragma unroll
-	for (int i = 0; i < FLOW_WAYS; i++) {
-		struct flow_entry *e = &set->way[i];
-		if (flow_key_eq(&e->key, key))
-			own = i;
-		if (!e->state.backend && empty < 0)
-			empty = i;
-		if (e->state.last_seen_s < oldest) {
-			oldest = e->state.last_seen_s;
-			way = i;
-		}
-	}
-	if (own >= 0)
-		way = own;
-	else if (empty >= 0)
-		way = empty;
-	struct flow_entry *e = &set->way[way & (FLOW_WAYS - 1)];
-	e->key = *key;
-	e->state.backend = backend;
-	e->state.last_seen_s = now_s;
-}
-
 /* Chooses the flow's backend: the connection table for a known flow whose
  * backend is still available, the ring otherwise (and then records it).
  * Returns the backend's index (0 = none) and sets *be to its entry. */
@@ -257,18 +199,15 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 					    __u32 hash, const struct lb_config *cfg,
 					    struct global_counters *gc, struct backend **be)
 {
-	struct flow_key key __attribute__((aligned(8))) = {
+	struct flow_key key = {
 		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
 	};
 	int syn = pkt->proto == IPPROTO_TCP &&
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	__u32 idx;
-	struct flow_set *set = flow_set_of(&key);
-	if (!set)
-		return 0;
 
 	if (!syn) {
-		struct flow_state *st = flow_find(set, &key);
+		struct flow_state *st = conns.lookup(&key);
 		if (st) {
 			idx = st->backend;
 			*be = backends.lookup(&idx);
@@ -294,7 +233,8 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 		return 0;
 	gc->new_flows++;
 	if (may_record_flow(cfg)) {
-		flow_record(set, &key, idx, cfg->now_s);
+		struct flow_state st = {.backend = idx, .last_seen_s = cfg->now_s};
+		conns.update(&key, &st);
 	} else {
 		gc->new_flows_unrecorded++;
 	}
@@ -358,11 +298,10 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 	const struct vip_meta *vip = &meta;
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, &flow);
-	struct flow_key key __attribute__((aligned(8))) = {
+	struct flow_key key = {
 		.src = flow.src, .sport = flow.sport, .dport = flow.dport, .vip_id = vip->vip_id,
 	};
-	struct flow_set *set = flow_set_of(&key);
-	struct flow_state *st = set ? flow_find(set, &key) : NULL;
+	struct flow_state *st = conns.lookup(&key);
 	__u32 idx = st ? st->backend : 0;
 	struct backend *be = backends.lookup(&idx);
 	if (!is_usable(be)) {

@@ -76,9 +76,9 @@ struct vip_index_slot {
 	struct vip_meta meta;
 };
 
-/* A client's flow to one VIP. The VIP's address, port and protocol are
- * implied by vip_id; dport is kept because a port-less VIP sees many
- * destination ports. */
+/* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's
+ * address, port and protocol are implied by vip_id; dport is kept because a
+ * port-less VIP sees many destination ports. */
 struct flow_key {
 	struct addr16 src;
 	__u16 sport;
@@ -89,19 +89,6 @@ struct flow_key {
 struct flow_state {
 	__u32 backend;
 	__u32 last_seen_s; /* lb_config.now_s when the flow last sent a packet */
-};
-
-/* The `conns` flow table: a per-CPU array of sets of FLOW_WAYS entries; a
- * flow lives in set flow_set_hash(key) >> (64 - CONN_SET_BITS) (bpf/hash.h).
- * An entry whose backend is 0 is empty. */
-#define FLOW_WAYS 4
-struct flow_entry {
-	struct flow_key key;
-	struct flow_state state;
-};
-
-struct flow_set {
-	struct flow_entry way[FLOW_WAYS];
 };
 
 /* The VIP address filter: a bitmap over a hash of the destination address,

@@ -130,17 +130,9 @@ def reset_maps(bal) -> None:
 
 @pytest.fixture
 def bal(balancer_program) -> Iterator:
-    """The balancer with empty maps, the test pinned to one CPU: the flow
-    table is per CPU, and BPF_PROG_TEST_RUN runs the program on the calling
-    thread's CPU, so a test's packets must all run on the same one."""
-    affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(affinity)})
     reset_maps(balancer_program)
-    try:
-        yield balancer_program
-    finally:
-        reset_maps(balancer_program)
-        os.sched_setaffinity(0, affinity)
+    yield balancer_program
+    reset_maps(balancer_program)
 
 
 @pytest.fixture

@@ -46,17 +46,14 @@ class DatapathError(Exception):
 class MapSizes:
     """Capacities compiled into the maps. Changing one needs new maps.
 
-    conn_entries is the flow table's capacity PER CPU: a power of two, laid
-    out as conn_entries / 4 sets of 4 ways (structs.FLOW_WAYS), each CPU
-    with a table of its own (32 bytes an entry: 32 MiB per CPU for the
-    default). The VIP index has the smallest power of two of slots that is
-    at least 4 x max_vips (and 64), so its probe chains stay short.
+    The VIP index has the smallest power of two of slots that is at least
+    4 x max_vips (and 64), so its probe chains stay short.
     """
 
     max_vips: int = 512
     max_backends: int = 4096
     ring_entries: int = 64 * 65537  # shared by every VIP's ring
-    conn_entries: int = 1 << 20  # per CPU
+    conn_entries: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name, minimum in (
@@ -68,14 +65,6 @@ class MapSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
-        if self.conn_entries & (self.conn_entries - 1):
-            raise DatapathError(f"map size conn_entries={self.conn_entries!r}: must be a power "
-                                f"of two (entries per CPU: sets x {structs.FLOW_WAYS} ways)")
-
-    @property
-    def conn_set_bits(self) -> int:
-        """log2 of the flow table's sets per CPU."""
-        return (self.conn_entries // structs.FLOW_WAYS).bit_length() - 1
 
     @property
     def vip_index_bits(self) -> int:
@@ -259,10 +248,6 @@ class PerCpuArray(Generic[V]):
 
 def _lib() -> Any:
     return _bcc().libbcc.lib
-
-
-def _possible_cpus() -> int:
-    return len(_bcc().utils.get_possible_cpus())
 
 
 class VipTable:
@@ -449,148 +434,6 @@ class VipTable:
         self._reclaim()
 
 
-class FlowTable:
-    """The per-CPU set-associative flow table (`conns`) as a FlowKey ->
-    FlowState map, for the control plane and tests.
-
-    Each CPU has sets of structs.FLOW_WAYS entries; a flow lives in set
-    structs.flow_set_index(key, bits) on the CPU whose datapath recorded it
-    (RSS keeps a flow on one CPU). Reads look at every CPU (a per-CPU array
-    lookup returns every CPU's value) and merge them: one entry per flow, the
-    CPU's that saw it last. Writes go to every CPU, or to the CPU given, into
-    the flow's own entry, else an empty one, else the one seen longest ago,
-    as the datapath does. A write is a read-modify-write of the whole set
-    while the datapath may record another flow in it: a datapath write in
-    between is lost (that flow takes the ring again), so writes are for
-    tests and tools; lbd only reads.
-    """
-
-    def __init__(self, name: str, fd: int, set_bits: int):
-        self.name, self.fd, self.set_bits = name, fd, set_bits
-        self.sets = 1 << set_bits
-        self.ncpus = _possible_cpus()
-        self.key_type, self.value_type = structs.FlowKey, structs.FlowState
-        self._value = structs.FlowSet * self.ncpus  # 128 bytes: no per-CPU padding
-
-    def set_index(self, key: structs.FlowKey) -> int:
-        return structs.flow_set_index(key, self.set_bits)
-
-    def read_set(self, index: int) -> list[structs.FlowSet]:
-        """Set `index` as every CPU holds it, CPU 0 first."""
-        value = self._value()
-        k = ct.c_uint32(index)
-        if _lib().bpf_lookup_elem(self.fd, ct.byref(k), ct.byref(value)) != 0:
-            _raise_errno(f"lookup of {self.name}[{index}]")
-        return list(value)
-
-    def write_set(self, index: int, per_cpu: list[structs.FlowSet]) -> None:
-        value = self._value(*per_cpu)
-        k = ct.c_uint32(index)
-        if _lib().bpf_update_elem(self.fd, ct.byref(k), ct.byref(value), 0) != 0:
-            _raise_errno(f"update of {self.name}[{index}]")
-
-    def _cpus(self, cpu: int | None) -> range:
-        if cpu is None:
-            return range(self.ncpus)
-        if not 0 <= cpu < self.ncpus:
-            raise DatapathError(f"{self.name}: no CPU {cpu} (of {self.ncpus})")
-        return range(cpu, cpu + 1)
-
-    @staticmethod
-    def _merge(per_cpu: Iterable[structs.FlowSet],
-               into: dict[bytes, tuple[structs.FlowKey, structs.FlowState]]) -> None:
-        for flow_set in per_cpu:
-            for entry in flow_set.way:
-                if not entry.state.backend:
-                    continue
-                raw = bytes(entry.key)
-                known = into.get(raw)
-                if known is None or entry.state.last_seen_s > known[1].last_seen_s:
-                    into[raw] = (structs.FlowKey.from_buffer_copy(entry.key),
-                                 structs.FlowState.from_buffer_copy(entry.state))
-
-    def get(self, key: structs.FlowKey, cpu: int | None = None) -> structs.FlowState | None:
-        per_cpu = self.read_set(self.set_index(key))
-        found: dict[bytes, tuple[structs.FlowKey, structs.FlowState]] = {}
-        self._merge((per_cpu[c] for c in self._cpus(cpu)), found)
-        hit = found.get(bytes(key))
-        return hit[1] if hit else None
-
-    def put(self, key: structs.FlowKey, value: structs.FlowState, cpu: int | None = None) -> None:
-        if not value.backend:
-            raise DatapathError(f"{self.name}: backend 0 marks an empty entry")
-        index = self.set_index(key)
-        per_cpu = self.read_set(index)
-        raw = bytes(key)
-        for c in self._cpus(cpu):
-            ways = per_cpu[c].way
-            way = next((i for i, e in enumerate(ways) if bytes(e.key) == raw), None)
-            if way is None:
-                way = next((i for i, e in enumerate(ways) if not e.state.backend), None)
-            if way is None:
-                way = min(range(structs.FLOW_WAYS), key=lambda i: ways[i].state.last_seen_s)
-            ways[way] = structs.FlowEntry(key=key, state=value)
-        self.write_set(index, per_cpu)
-
-    def delete(self, key: structs.FlowKey, cpu: int | None = None) -> bool:
-        index = self.set_index(key)
-        per_cpu = self.read_set(index)
-        raw, found = bytes(key), False
-        for c in self._cpus(cpu):
-            for i, entry in enumerate(per_cpu[c].way):
-                if bytes(entry.key) == raw:
-                    per_cpu[c].way[i] = structs.FlowEntry()
-                    found = True
-        if found:
-            self.write_set(index, per_cpu)
-        return found
-
-    def clear(self) -> None:
-        """Empties every set on every CPU."""
-        empty = [structs.FlowSet() for _ in range(self.ncpus)]
-        for index in range(self.sets):
-            self.write_set(index, empty)
-
-    def _scan(self, chunk: int) -> Iterator[list[tuple[structs.FlowKey, structs.FlowState]]]:
-        """Every flow, one per flow whatever the CPUs holding it: the sets a
-        chunk at a time (one syscall per chunk)."""
-        chunk = max(1, min(chunk, self.sets))
-        keys = (ct.c_uint32 * chunk)()
-        values = (self._value * chunk)()
-        cursor, first = ct.c_uint32(0), True
-        while True:
-            n = ct.c_uint32(chunk)
-            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
-                                         ct.byref(cursor), ct.byref(keys), ct.byref(values),
-                                         ct.byref(n))
-            if rc != 0 and ct.get_errno() != errno.ENOENT:
-                _raise_errno(f"batch scan of {self.name}")
-            first = False
-            flows: list[tuple[structs.FlowKey, structs.FlowState]] = []
-            for s in range(n.value):
-                found: dict[bytes, tuple[structs.FlowKey, structs.FlowState]] = {}
-                self._merge(values[s], found)  # a flow has one set on every CPU
-                flows.extend(found.values())
-            if flows:
-                yield flows
-            if rc != 0 or n.value == 0:
-                return
-
-    def keys(self) -> Iterator[structs.FlowKey]:
-        for flows in self._scan(1024):
-            for key, _ in flows:
-                yield key
-
-    def items(self) -> Iterator[tuple[structs.FlowKey, structs.FlowState]]:
-        for flows in self._scan(1024):
-            yield from flows
-
-    def values_batch(self, chunk: int = 2048) -> Iterator[list[structs.FlowState]]:
-        """Every flow's state (backend, last_seen_s), `chunk` sets per syscall."""
-        for flows in self._scan(chunk):
-            yield [state for _, state in flows]
-
-
 @dataclass(frozen=True)
 class TestRunResult:
     verdict: int
@@ -743,7 +586,7 @@ class Balancer:
             "MAX_BACKENDS": str(self.sizes.max_backends),
             "RING_ENTRIES": str(self.sizes.ring_entries),
             "VIP_INDEX_BITS": str(self.sizes.vip_index_bits),
-            "CONN_SET_BITS": str(self.sizes.conn_set_bits),
+            "CONN_ENTRIES": str(self.sizes.conn_entries),
         }
         if pin_dir is not None:
             ensure_bpffs()
@@ -759,7 +602,7 @@ class Balancer:
                              self.sizes.vip_index_bits)
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        self.conns = FlowTable("conns", self._fd("conns"), self.sizes.conn_set_bits)
+        self.conns = self._map("conns", s.FlowKey, s.FlowState)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
         self.vip_stats = PerCpuArray("vip_stats", self._fd("vip_stats"), s.TrafficCounters)
         self.backend_stats = PerCpuArray(
@@ -843,8 +686,7 @@ class PinnedMaps:
         self.vips = self._map("vips", s.VipKey, s.VipMeta)  # the hash map, read only
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        conns = self._map("conns", ct.c_uint32, s.FlowSet)
-        self.conns = FlowTable("conns", conns.fd, self.sizes.conn_set_bits)
+        self.conns = self._map("conns", s.FlowKey, s.FlowState)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
 
     def _map(self, name: str, key: type, value: type) -> BpfMap:

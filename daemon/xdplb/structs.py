@@ -108,21 +108,6 @@ class FlowState(ct.Structure):
     _fields_: ClassVar = [("backend", ct.c_uint32), ("last_seen_s", ct.c_uint32)]
 
 
-FLOW_WAYS = 4
-
-
-class FlowEntry(ct.Structure):
-    """One way of a flow-table set; backend 0 = empty."""
-
-    _fields_: ClassVar = [("key", FlowKey), ("state", FlowState)]
-
-
-class FlowSet(ct.Structure):
-    """struct flow_set: the value of the per-CPU `conns` array."""
-
-    _fields_: ClassVar = [("way", FlowEntry * FLOW_WAYS)]
-
-
 class TrafficCounters(ct.Structure):
     _fields_: ClassVar = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
@@ -265,15 +250,3 @@ def vip_index_hash(key: VipKey) -> int:
 def vip_index_home(key: VipKey, bits: int) -> int:
     """The slot where a key's probe starts in a 2^bits-slot VIP index."""
     return vip_index_hash(key) >> (64 - bits)
-
-
-def flow_set_hash(key: FlowKey) -> int:
-    """bpf/hash.h flow_set_hash: from the FlowKey's fields alone."""
-    lo, hi = struct.unpack("<2Q", bytes(key.src))
-    ports = (key.vip_id << 32) | (key.dport << 16) | key.sport
-    return _fold_mix((lo * HASH_K_SRC_LO + hi * HASH_K_SRC_HI + ports * HASH_K_PORTS) & _M64)
-
-
-def flow_set_index(key: FlowKey, bits: int) -> int:
-    """The flow table set (of 2^bits per CPU) that holds a flow."""
-    return flow_set_hash(key) >> (64 - bits)
