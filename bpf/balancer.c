@@ -3,9 +3,17 @@
  * Only this file touches maps: bcc rewrites map calls in the main file, and
  * keeping every lookup here makes the per-packet map traffic easy to audit.
  * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
- *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES, CONN_ENTRIES,
+ *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES,
+ *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
+ *   CONN_ENTRIES,
  * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
  * daemon restarts.
+ *
+ * Per-packet cost on this machine kind is dominated by kernel calls (every
+ * helper or non-inlined map lookup costs 10-35 ns), so the fast path uses
+ * maps whose lookups the verifier inlines (arrays and per-CPU arrays) where
+ * it can: the `vips` and `vip_addrs` hash maps are consulted only when the
+ * VIP index cannot answer, or for a port-less VIP.
  */
 #include <uapi/linux/bpf.h>
 
@@ -26,6 +34,8 @@
 XDPLB_MAP("array", __u32, __u64, addr_filter, ADDR_FILTER_WORDS, 0);
 XDPLB_MAP("hash", struct addr16, struct vip_addr_meta, vip_addrs, MAX_VIPS, 0);
 XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
+#define VIP_INDEX_SLOTS (1U << VIP_INDEX_BITS)
+XDPLB_MAP("array", __u32, struct vip_index_slot, vip_index, VIP_INDEX_SLOTS, 0);
 XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
 XDPLB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
 /* Per-CPU LRU lists: no lock shared between CPUs on insert. */
@@ -63,22 +73,83 @@ static __always_inline int may_be_vip_addr(const struct packet *pkt)
 	return bits && (*bits & (1ULL << FILTER_BIT(h)));
 }
 
-/* The exact (address, port, protocol) VIP, else the port-less one. The
- * exact hit, the common case, costs a single hash lookup. */
-static __always_inline struct vip_meta *find_vip(const struct addr16 *addr, __u16 port,
-						 __u8 proto)
+#define xdplb_barrier() asm volatile("" ::: "memory")
+#define VIP_INDEX_ASK_HASH (-1)
+
+/* The VIP index: open addressing over an array, probing at most
+ * VIP_INDEX_PROBES slots from the key's home slot. Returns 1 with the meta
+ * copied to *out, 0 when the key is certainly not a VIP (an EMPTY slot ends
+ * the probe: the control plane keeps every VIP of the hash map before the
+ * first EMPTY slot of its chain), or VIP_INDEX_ASK_HASH: probes exhausted (a
+ * full chain may have overflowed into the hash map alone) or a slot being
+ * rewritten.
+ *
+ * Torn-write safety (the writer is daemon/xdplb/datapath.py VipTable): each
+ * slot is rewritten in three whole-value map updates, each changing either
+ * seq or the content but never both: (1) seq odd, old content; (2) seq odd,
+ * new content; (3) seq even, new content. The reader copies the content
+ * between two reads of seq and accepts it only when both are equal and even:
+ * content read during (2), the only update that changes it, is bracketed by
+ * an odd seq or by two different seqs. x86 keeps loads in order and the
+ * updates' stores in order; the compiler barriers keep clang from moving the
+ * loads across the seq reads. Rejected reads fall back to the hash map,
+ * whose updates replace a whole element. */
+static __always_inline int vip_index_find(const struct vip_key *want, struct vip_meta *out)
+{
+	__u32 home = vip_index_hash(want) >> (64 - VIP_INDEX_BITS);
+#pragma unroll
+	for (int i = 0; i < VIP_INDEX_PROBES; i++) {
+		__u32 k = (home + i) & (VIP_INDEX_SLOTS - 1);
+		struct vip_index_slot *s = vip_index.lookup(&k);
+		if (!s)
+			return VIP_INDEX_ASK_HASH;
+		__u32 seq = *(volatile __u32 *)&s->seq;
+		xdplb_barrier();
+		__u32 state = s->state;
+		int match = s->key.addr.w[0] == want->addr.w[0] &&
+			    s->key.addr.w[1] == want->addr.w[1] &&
+			    s->key.addr.w[2] == want->addr.w[2] &&
+			    s->key.addr.w[3] == want->addr.w[3] && s->key.port == want->port &&
+			    s->key.proto == want->proto;
+		*out = s->meta;
+		xdplb_barrier();
+		if (*(volatile __u32 *)&s->seq != seq || (seq & 1))
+			return VIP_INDEX_ASK_HASH;
+		if (state == VIP_SLOT_EMPTY)
+			return 0;
+		if (state == VIP_SLOT_LIVE && match)
+			return 1;
+	}
+	return VIP_INDEX_ASK_HASH;
+}
+
+static __always_inline int lookup_vip(const struct vip_key *key, struct vip_meta *out)
+{
+	int found = vip_index_find(key, out);
+	if (found != VIP_INDEX_ASK_HASH)
+		return found;
+	struct vip_meta *vip = vips.lookup((struct vip_key *)key);
+	if (!vip)
+		return 0;
+	*out = *vip;
+	return 1;
+}
+
+/* The exact (address, port, protocol) VIP, else the port-less one, copied
+ * to *out. The exact hit, the common case, costs an inlined index probe. */
+static __always_inline int find_vip(const struct addr16 *addr, __u16 port, __u8 proto,
+				    struct vip_meta *out)
 {
 	struct vip_key key = {.addr = *addr, .port = port, .proto = proto};
-	struct vip_meta *vip = vips.lookup(&key);
-	if (vip)
-		return vip;
+	if (lookup_vip(&key, out))
+		return 1;
 	struct vip_addr_meta *am = vip_addrs.lookup(&key.addr);
 	__u32 portless = proto == IPPROTO_TCP ? VIP_ADDR_F_PORTLESS_TCP
 			 : proto == IPPROTO_UDP ? VIP_ADDR_F_PORTLESS_UDP : 0;
 	if (!am || !(am->flags & portless))
-		return NULL;
+		return 0;
 	key.port = 0;
-	return vips.lookup(&key);
+	return lookup_vip(&key, out);
 }
 
 static __always_inline __u32 hash_for_vip(const struct vip_meta *vip, const struct packet *flow)
@@ -219,11 +290,12 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
-	struct vip_meta *vip = find_vip(&flow.dst, flow.dport, flow.proto);
-	if (!vip) {
+	struct vip_meta meta;
+	if (!find_vip(&flow.dst, flow.dport, flow.proto, &meta)) {
 		gc->pass_not_vip++;
 		return XDP_PASS;
 	}
+	const struct vip_meta *vip = &meta;
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, &flow);
 	struct flow_key key = {
@@ -296,9 +368,9 @@ int xdplb_balancer(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	if (parsed == PARSE_OK && !pkt.fragment) {
-		struct vip_meta *vip = find_vip(&pkt.dst, pkt.dport, pkt.proto);
-		if (vip)
-			return forward(ctx, &pkt, vip, cfg, gc, frame_len);
+		struct vip_meta vip;
+		if (find_vip(&pkt.dst, pkt.dport, pkt.proto, &vip))
+			return forward(ctx, &pkt, &vip, cfg, gc, frame_len);
 	}
 	/* Not a service: the address filter may have matched by chance, so only
 	 * a listed VIP address makes what follows ours to answer or drop. */

@@ -58,6 +58,24 @@ struct backend {
 	__u32 vip_id;
 };
 
+/* The VIP index: an array probed inline in front of the `vips` hash map,
+ * which stays the source of truth (bpf/balancer.c explains the probing,
+ * daemon/xdplb/datapath.py VipTable the update protocol). A slot is
+ * rewritten by the control plane in three map updates bracketed by `seq`:
+ *   1. seq odd,  old content;  2. seq odd, new content;  3. seq even, new content.
+ * A reader reads seq, the content, seq again, and uses the content only if
+ * both reads are equal and even; otherwise it asks the hash map. */
+#define VIP_SLOT_EMPTY 0     /* never used since the last clean-up: ends a probe */
+#define VIP_SLOT_LIVE 1      /* holds key -> meta */
+#define VIP_SLOT_TOMBSTONE 2 /* deleted: a probe goes on past it */
+#define VIP_INDEX_PROBES 4   /* slots a lookup probes before asking the hash map */
+struct vip_index_slot {
+	__u32 seq;   /* even: stable; odd: being rewritten */
+	__u32 state; /* VIP_SLOT_* */
+	struct vip_key key;
+	struct vip_meta meta;
+};
+
 /* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's
  * address, port and protocol are implied by vip_id; dport is kept because a
  * port-less VIP sees many destination ports. */

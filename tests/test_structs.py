@@ -15,6 +15,7 @@ MAPS = {
     "vip_addrs": (s.Addr16, s.VipAddrMeta),
     "vips": (s.VipKey, s.VipMeta),
     "backends": (ct.c_uint32, s.Backend),
+    "vip_index": (ct.c_uint32, s.VipIndexSlot),
     "conns": (s.FlowKey, s.FlowState),
     "config": (ct.c_uint32, s.LbConfig),
     "vip_stats": (ct.c_uint32, s.TrafficCounters),

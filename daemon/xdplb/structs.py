@@ -70,6 +70,23 @@ class VipMeta(ct.Structure):
     ]
 
 
+VIP_SLOT_EMPTY = 0
+VIP_SLOT_LIVE = 1
+VIP_SLOT_TOMBSTONE = 2
+VIP_INDEX_PROBES = 4
+
+
+class VipIndexSlot(ct.Structure):
+    """struct vip_index_slot: one slot of the inline-probed VIP index."""
+
+    _fields_: ClassVar = [
+        ("seq", ct.c_uint32),  # even: stable; odd: being rewritten
+        ("state", ct.c_uint32),  # VIP_SLOT_*
+        ("key", VipKey),
+        ("meta", VipMeta),
+    ]
+
+
 class VipAddrMeta(ct.Structure):
     _fields_: ClassVar = [("flags", ct.c_uint32)]
 
@@ -216,3 +233,20 @@ def addr_filter_slot(address: str) -> tuple[int, int]:
 def ring_slot(hash_value: int, ring_size: int) -> int:
     """The ring position a hash selects (bpf/hash.h ring_slot)."""
     return (hash_value * ring_size) >> 32
+
+
+def _fold_mix(h: int) -> int:
+    h ^= h >> 32
+    return (h * FILTER_K_MIX) & _M64
+
+
+def vip_index_hash(key: VipKey) -> int:
+    """bpf/hash.h vip_index_hash: the VIP index's 64-bit slot hash of a key."""
+    lo, hi = struct.unpack("<2Q", bytes(key.addr))
+    h = lo * HASH_K_SRC_LO + hi * HASH_K_SRC_HI + ((key.proto << 16) | key.port) * HASH_K_PORTS
+    return _fold_mix(h & _M64)
+
+
+def vip_index_home(key: VipKey, bits: int) -> int:
+    """The slot where a key's probe starts in a 2^bits-slot VIP index."""
+    return vip_index_hash(key) >> (64 - bits)
