@@ -397,11 +397,16 @@ def test_backend_drain_wait_reports_flows_until_idle(lab, lbd):
         busy_sender.join(timeout=30)
     assert busy.returncode == 1, busy.stderr
     assert f"lbctl: {backend} still has 25 active flows after 2 s" in busy.stderr
-    assert "25 flows in the connection table, 25 active within 2 s" in busy.stdout
+    # Earlier tests' flows may still sit in the table under this backend index: the
+    # total can be higher; the active ones are exactly this test's 25.
+    progress = [line for line in busy.stdout.splitlines() if "connection table" in line]
+    assert progress and all(line.endswith(", 25 active within 2 s") for line in progress)
+    assert all(int(line.split()[1]) >= 25 for line in progress)
     assert maps_view(lbd)["vips"][VIP4]["ring"] == [None] * 65537  # drained: no new flows
     idle = lbd.lbctl("backend", "drain", VIP4, backend, "--wait", "--timeout", "20",
                      "--active-within", "2")
     assert idle.returncode == 0, idle.stderr
     lines = idle.stdout.splitlines()
     assert lines[-1] == f"{backend} is idle"
-    assert lines[-2].endswith("25 flows in the connection table, 0 active within 2 s")
+    assert lines[-2].endswith(" flows in the connection table, 0 active within 2 s")
+    assert int(lines[-2].split()[1]) >= 25
