@@ -807,8 +807,9 @@ def test_a_backend_added_with_slow_start_ramps_linearly(cap, lbd):
     and is stamped when published, right then (ms later): it must match s at its
     own time within 0.01 (45 ms of ramp), from the "starts its slow start" event's
     time. Steps come every 0.4 s (slow_start_s / 10), so the listing, read at any
-    moment, shows s of up to one tick (+0.15 s of scheduling) earlier; with the
-    lbctl call's own span, the value must lie in [s(t0 - 0.55 s), s(t1)]."""
+    moment, shows s of up to one tick earlier, plus scheduling: a loaded 2-CPU machine
+    running the whole suite delayed a step by up to 0.3 s, so 0.4 s is allowed; with
+    the lbctl call's own span, the value must lie in [s(t0 - 0.8 s), s(t1)]."""
     b0, b1, b2 = cap.addresses
     vip = cap.vip
     events = EventLog(cap, "slowstart")
@@ -848,7 +849,7 @@ def test_a_backend_added_with_slow_start_ramps_linearly(cap, lbd):
         events.close()
 
     bad = [(round(b - t0, 2), round(a - t0, 2), r, w) for b, a, r, w in seen
-           if not ramp(b - tick - 0.15) - 1e-9 <= r <= ramp(a) + 1e-9
+           if not ramp(b - tick - 0.4) - 1e-9 <= r <= ramp(a) + 1e-9
            or w != round_half_up(100 * r)]
     assert not bad, f"listing off the ramp (t from, t to, factor, weight): {bad}"
     factors = [r for _, _, r, _ in seen]
