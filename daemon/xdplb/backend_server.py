@@ -31,13 +31,17 @@ from typing import Any
 COUNT_PATH = "/_requests"
 
 
-class _DualStackServer(ThreadingHTTPServer):
+class LabHTTPServer(ThreadingHTTPServer):
+    """The lab's HTTP servers: dual-stack on an IPv6 address (:: by default), quiet
+    about connections a check resets, no DNS lookup at start."""
+
     address_family = socket.AF_INET6
     daemon_threads = True
     request_queue_size = 128  # the default 5 drops SYNs under a check plus a load test
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # HTTPServer.server_bind would also resolve "::" with getfqdn: a DNS wait at start.
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
@@ -143,7 +147,7 @@ def serve(name: str, port: int, grpc_port: int = 0, grpc_services: list[str] | N
     # gRPC first (its import takes a while), then HTTP, then the line at once: a
     # test timing a restart from that line sees no listener long before it.
     grpc_server = _grpc_server(grpc_port, grpc_services or [], control) if grpc_port else None
-    with _DualStackServer(("::", port), _handler(name, control)) as server:
+    with LabHTTPServer(("::", port), _handler(name, control)) as server:
         extra = f" and gRPC on [::]:{grpc_port}" if grpc_server else ""
         print(f"{name} listening on [::]:{port}{extra}", flush=True)
         server.serve_forever()

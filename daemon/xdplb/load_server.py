@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import socket
-import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+
+from xdplb.backend_server import LabHTTPServer
 
 COUNT_PATH = "/_requests"
 
@@ -44,10 +44,7 @@ def render(text: str | None, metric: str, labels: str) -> tuple[int, str]:
                 f"# TYPE {metric} gauge\n{selector} {value!r}\n"
 
 
-class LoadServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
+class LoadServer(LabHTTPServer):
     def __init__(self, host: str, port: int, file: Path, path: str = "/metrics",
                  metric: str = "xdplb_load", labels: str = ""):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -55,19 +52,6 @@ class LoadServer(ThreadingHTTPServer):
         self.served = 0
         self._lock = threading.Lock()
         super().__init__((host, port), _Handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
-        self.server_name, self.server_port = "localhost", self.server_address[1]
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return
-        super().handle_error(request, client_address)
 
     def content(self) -> tuple[int, str]:
         try:
