@@ -19,8 +19,6 @@ import platform
 import random
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -29,11 +27,12 @@ import numpy as np
 # Lets the benchmark run from a checkout without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
+from timing import median_ms
+
 from xdplb import maglev
 
 SIZES = (65537, 655373)
 COUNTS = (10, 100, 1000, 10000)
-REPEATS = 5
 DISRUPTION_COUNTS = (10, 100, 1000)
 DISRUPTION_SIZE = 65537
 TRIALS = 10
@@ -50,14 +49,6 @@ def random_weights(n: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     return {identity(i): rng.randint(1, 1000) for i in range(n)}
 
-
-def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def build_times(quick: bool) -> list[dict[str, object]]:

@@ -23,11 +23,12 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 # Lets the benchmark run from a checkout without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
+
+from timing import median_ms
 
 from xdplb import maglev
 from xdplb.datapath import Balancer, MapSizes
@@ -57,14 +58,6 @@ VIP = VipKey("10.200.0.10", 80, "tcp")
 def identity(i: int) -> str:
     return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
 
-
-def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 class Run:

@@ -4,6 +4,7 @@ and an lbd that starts each test empty."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 EMPTY_STATE: dict[str, Any] = {"version": 1, "vips": []}
@@ -21,6 +22,14 @@ def apply_doc(lbd: Any, doc: dict[str, Any]) -> None:
     path = lbd.workdir / "apply.json"
     path.write_text(json.dumps(doc))
     ok(lbd, "apply", "-f", str(path))
+
+
+def empty_for_each_test(lbd: Any) -> Iterator[Any]:
+    """A fixture body: lbd running and empty for the test, and left empty after it."""
+    running_and_empty(lbd)
+    yield lbd
+    if lbd.proc is not None and lbd.proc.poll() is None:
+        apply_doc(lbd, EMPTY_STATE)
 
 
 def running_and_empty(lbd: Any) -> Any:

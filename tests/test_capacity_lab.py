@@ -58,7 +58,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
-from tests.lbd_helpers import EMPTY_STATE, apply_doc, ok, running_and_empty
+from tests.lbd_helpers import apply_doc, empty_for_each_test, ok
 from tests.test_e2e import LongLived, http_from
 from xdplb import maglev
 from xdplb import structs as s
@@ -154,10 +154,7 @@ def cap(tmp_path_factory):
 @pytest.fixture
 def lbd(cap):
     """lbd running with an empty state before each test, and left empty after it."""
-    daemon = running_and_empty(cap.lbd)
-    yield daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        apply_doc(daemon, EMPTY_STATE)
+    yield from empty_for_each_test(cap.lbd)
 
 
 # --- lbctl, the maps, files -----------------------------------------------------------------

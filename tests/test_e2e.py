@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
-from tests.lbd_helpers import EMPTY_STATE, apply_doc, ok, running_and_empty
+from tests.lbd_helpers import apply_doc, empty_for_each_test, ok
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
@@ -102,10 +102,7 @@ def start_traffic_server(host, i: int) -> subprocess.Popen[Any]:
 @pytest.fixture
 def lbd(e2e):
     """lbd running with an empty state before each test, and left empty after it."""
-    daemon = running_and_empty(e2e.lbd)
-    yield daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        apply_doc(daemon, EMPTY_STATE)
+    yield from empty_for_each_test(e2e.lbd)
 
 
 # --- lbctl and the maps ---------------------------------------------------------------
