@@ -385,7 +385,13 @@ def test_backend_drain_wait_reports_flows_until_idle(lab, lbd):
     ok(lbd, "vip", "add", VIP4, "--check", "none")
     ok(lbd, "backend", "add", VIP4, backend)
     flows = FlowTraffic(topo, "10.200.0.10", 80, sports=list(range(42000, 42025)))
-    flows.send_rounds(1, 0.0)  # 25 flows, all on the only backend, now in the table
+    counters = BackendCounters(topo, "10.200.0.10", 80)
+    try:
+        flows.send_rounds(1, 0.0)  # 25 flows, all on the only backend, now in the table
+        counters.settle(25)
+    finally:
+        counters.close()
+    assert [sum(c.values()) for c in counters.counts] == [25, 0, 0]  # forwarded, so recorded
     stop = threading.Event()
     busy_sender = threading.Thread(target=flows.send_rounds, args=(400, 0.05, stop))
     busy_sender.start()
