@@ -5,15 +5,17 @@
  * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
  *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES,
  *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
- *   CONN_ENTRIES,
+ *   CONN_SET_BITS (the flow table has 2^bits sets of FLOW_WAYS flows),
  * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
  * daemon restarts.
  *
  * Per-packet cost on this machine kind is dominated by kernel calls (every
  * helper or non-inlined map lookup costs 10-35 ns), so the fast path uses
- * maps whose lookups the verifier inlines (arrays and per-CPU arrays) where
- * it can: the `vips` and `vip_addrs` hash maps are consulted only when the
- * VIP index cannot answer, or for a port-less VIP.
+ * only maps whose lookups the verifier inlines: arrays and per-CPU arrays.
+ * The `vips` and `vip_addrs` hash maps are consulted only when the VIP index
+ * cannot answer, or for a port-less VIP. The connection table is an array
+ * of sets too, rather than an LRU hash map, whose update costs 150-500 ns
+ * here.
  */
 #include <uapi/linux/bpf.h>
 
@@ -38,9 +40,12 @@ XDPLB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
 XDPLB_MAP("array", __u32, struct vip_index_slot, vip_index, VIP_INDEX_SLOTS, 0);
 XDPLB_MAP("array", __u32, __u32, ring, RING_ENTRIES, 0);
 XDPLB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
-/* Per-CPU LRU lists: no lock shared between CPUs on insert. */
-XDPLB_MAP("lru_hash", struct flow_key, struct flow_state, conns, CONN_ENTRIES,
-	  BPF_F_NO_COMMON_LRU);
+/* The flow table is shared by all CPUs: a flow's packets may arrive on
+ * several (a veth runs XDP on the sender's CPU; RSS tables change), and a
+ * SYN that re-chooses a reused 4-tuple must replace the one entry every CPU
+ * will find. Sets are locked only by writers, for nanoseconds. */
+#define CONN_SETS (1U << CONN_SET_BITS)
+XDPLB_MAP("array", __u32, struct flow_set, conns, CONN_SETS, 0);
 XDPLB_MAP("array", __u32, struct lb_config, config, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, vip_stats, MAX_VIPS, 0);
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BACKENDS, 0);
@@ -192,6 +197,108 @@ static __always_inline int is_usable(const struct backend *be)
 	return be && (be->flags & BACKEND_F_AVAILABLE);
 }
 
+/* The flow table's set for a key. */
+static __always_inline struct flow_set *flow_set_of(const struct flow_key *key)
+{
+	__u32 set = flow_set_hash(key) >> (64 - CONN_SET_BITS);
+	return conns.lookup(&set);
+}
+
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+#define FLOW_NONE (-1)
+#define FLOW_BUSY (-2)
+/* A writer holds a set for a few nanoseconds: a reader that meets one
+ * tries again, a bounded number of times. */
+#define FLOW_READ_TRIES 4
+
+/* The way holding the key, with its backend copied to *backend; FLOW_NONE;
+ * or FLOW_BUSY when every try met a writer. What is read counts only
+ * between two equal even reads of seq; x86 keeps loads in order and the
+ * compiler barriers keep clang from moving them across the seq reads. */
+static __always_inline int flow_find(struct flow_set *set, const struct flow_key *key,
+				     __u32 *backend)
+{
+#pragma unroll
+	for (int t = 0; t < FLOW_READ_TRIES; t++) {
+		__u64 seq = *(volatile __u64 *)&set->seq;
+		xdplb_barrier();
+		int way = FLOW_NONE;
+		__u32 found = 0;
+#pragma unroll
+		for (int i = 0; i < FLOW_WAYS; i++) {
+			if (way == FLOW_NONE && flow_key_eq(&set->key[i], key)) {
+				way = i;
+				found = set->backend[i];
+			}
+		}
+		xdplb_barrier();
+		if (!(seq & 1) && *(volatile __u64 *)&set->seq == seq) {
+			*backend = found;
+			return found ? way : FLOW_NONE;
+		}
+	}
+	return FLOW_BUSY;
+}
+
+/* Takes the set for writing (seq even -> odd). 0 when another CPU holds it:
+ * the caller leaves the set alone rather than wait. */
+static __always_inline int flow_set_lock(struct flow_set *set)
+{
+	__u64 seq = *(volatile __u64 *)&set->seq;
+	if (seq & 1)
+		return 0;
+	return __sync_val_compare_and_swap(&set->seq, seq, seq + 1) == seq;
+}
+
+/* seq odd -> even; a locked add, so every store before it is visible first. */
+static __always_inline void flow_set_unlock(struct flow_set *set)
+{
+	__sync_fetch_and_add(&set->seq, 1);
+}
+
+/* Records key -> backend: in the key's own way if it has one, else in an
+ * empty one, else in place of the flow seen longest ago (the lowest way
+ * among equals). Returns -1, having changed nothing, when another CPU was
+ * rewriting the set. */
+static __always_inline int flow_record(struct flow_set *set, const struct flow_key *key,
+				       __u32 backend, __u16 now)
+{
+	if (!flow_set_lock(set))
+		return -1;
+	int way = 0, own = -1, empty = -1;
+	__u16 oldest_age = 0;
+#pragma unroll
+	for (int i = 0; i < FLOW_WAYS; i++) {
+		if (!set->backend[i]) {
+			if (empty < 0)
+				empty = i;
+			continue;
+		}
+		if (flow_key_eq(&set->key[i], key))
+			own = i;
+		__u16 age = now - set->last_seen[i];
+		if (age > oldest_age) {
+			oldest_age = age;
+			way = i;
+		}
+	}
+	if (own >= 0)
+		way = own;
+	else if (empty >= 0)
+		way = empty;
+	way &= FLOW_WAYS - 1;
+	set->key[way] = *key;
+	set->backend[way] = backend;
+	set->last_seen[way] = now;
+	flow_set_unlock(set);
+	return 0;
+}
+
 /* Chooses the flow's backend: the connection table for a known flow whose
  * backend is still available, the ring otherwise (and then records it).
  * Returns the backend's index (0 = none) and sets *be to its entry. */
@@ -199,32 +306,43 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 					    __u32 hash, const struct lb_config *cfg,
 					    struct global_counters *gc, struct backend **be)
 {
-	struct flow_key key = {
+	struct flow_key key __attribute__((aligned(8))) = {
 		.src = pkt->src, .sport = pkt->sport, .dport = pkt->dport, .vip_id = vip->vip_id,
 	};
 	int syn = pkt->proto == IPPROTO_TCP &&
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	__u16 now = cfg->now_s;
 	__u32 idx;
+	struct flow_set *set = flow_set_of(&key);
+	if (!set)
+		return 0;
 
 	if (!syn) {
-		struct flow_state *st = conns.lookup(&key);
-		if (st) {
-			idx = st->backend;
+		__u32 recorded = 0;
+		int way = flow_find(set, &key, &recorded);
+		if (way >= 0) {
+			idx = recorded;
 			*be = backends.lookup(&idx);
 			if (is_usable(*be)) {
 				gc->conn_hit++;
-				if (st->last_seen_s != cfg->now_s) /* a store only once a second */
-					st->last_seen_s = cfg->now_s;
+				/* A store only once a second, unlocked: at worst it
+				 * freshens a flow that just replaced this one. */
+				__u16 *seen = &set->last_seen[way & (FLOW_WAYS - 1)];
+				if (*seen != now)
+					*seen = now;
 				return idx;
 			}
 			gc->conn_rechosen++;
 			idx = ring_pick(vip, hash);
-			st->backend = idx;
-			st->last_seen_s = cfg->now_s;
 			*be = backends.lookup(&idx);
+			if (idx && flow_record(set, &key, idx, now))
+				gc->conn_busy++;
 			return idx;
 		}
-		gc->conn_miss++;
+		if (way == FLOW_BUSY)
+			gc->conn_busy++;
+		else
+			gc->conn_miss++;
 	}
 
 	idx = ring_pick(vip, hash);
@@ -233,8 +351,8 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 		return 0;
 	gc->new_flows++;
 	if (may_record_flow(cfg)) {
-		struct flow_state st = {.backend = idx, .last_seen_s = cfg->now_s};
-		conns.update(&key, &st);
+		if (flow_record(set, &key, idx, now))
+			gc->conn_busy++;
 	} else {
 		gc->new_flows_unrecorded++;
 	}
@@ -298,11 +416,13 @@ static __always_inline int forward_icmp_error(struct xdp_md *ctx, const struct p
 	const struct vip_meta *vip = &meta;
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, &flow);
-	struct flow_key key = {
+	struct flow_key key __attribute__((aligned(8))) = {
 		.src = flow.src, .sport = flow.sport, .dport = flow.dport, .vip_id = vip->vip_id,
 	};
-	struct flow_state *st = conns.lookup(&key);
-	__u32 idx = st ? st->backend : 0;
+	struct flow_set *set = flow_set_of(&key);
+	__u32 idx = 0;
+	if (set)
+		flow_find(set, &key, &idx); /* a busy set leaves idx 0: the ring answers */
 	struct backend *be = backends.lookup(&idx);
 	if (!is_usable(be)) {
 		idx = ring_pick(vip, hash);

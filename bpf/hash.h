@@ -99,9 +99,10 @@ static __always_inline __u64 addr_filter_hash(const struct addr16 *a, int ipv6)
 	return h * FILTER_K_MIX;
 }
 
-/* The VIP index's slot hash: multiply-add over the key's lanes, folded and
- * multiplied once more; the caller takes the top bits (as many as the index
- * has bits). The control plane computes it too (daemon/xdplb/structs.py). */
+/* The VIP index's and the flow table's slot hashes: multiply-add over the
+ * key's lanes, folded and multiplied once more; the caller takes the top
+ * bits (as many as the table has index bits). The control plane computes
+ * them too (daemon/xdplb/structs.py), from the key alone. */
 static __always_inline __u64 fold_mix(__u64 h)
 {
 	h ^= h >> 32;
@@ -112,6 +113,13 @@ static __always_inline __u64 vip_index_hash(const struct vip_key *k)
 {
 	return fold_mix(lane_lo(&k->addr) * HASH_K_SRC_LO + lane_hi(&k->addr) * HASH_K_SRC_HI +
 			((((__u64)k->proto) << 16) | k->port) * HASH_K_PORTS);
+}
+
+static __always_inline __u64 flow_set_hash(const struct flow_key *k)
+{
+	return fold_mix(lane_lo(&k->src) * HASH_K_SRC_LO + lane_hi(&k->src) * HASH_K_SRC_HI +
+			((((__u64)k->vip_id) << 32) | ((__u32)k->dport << 16) | k->sport) *
+				HASH_K_PORTS);
 }
 
 /* Lemire's multiply-shift maps a 32-bit hash onto [0, size) without a

@@ -76,9 +76,9 @@ struct vip_index_slot {
 	struct vip_meta meta;
 };
 
-/* Key of the `conns` LRU table: a client's flow to one VIP. The VIP's
- * address, port and protocol are implied by vip_id; dport is kept because a
- * port-less VIP sees many destination ports. */
+/* A client's flow to one VIP. The VIP's address, port and protocol are
+ * implied by vip_id; dport is kept because a port-less VIP sees many
+ * destination ports. */
 struct flow_key {
 	struct addr16 src;
 	__u16 sport;
@@ -86,9 +86,22 @@ struct flow_key {
 	__u32 vip_id;
 };
 
-struct flow_state {
-	__u32 backend;
-	__u32 last_seen_s; /* lb_config.now_s when the flow last sent a packet */
+/* The `conns` flow table: one array, shared by every CPU, of sets of
+ * FLOW_WAYS flows; a flow lives in set flow_set_hash(key) >> (64 -
+ * CONN_SET_BITS) (bpf/hash.h). A set is two cache lines. Way i is empty
+ * while backend[i] is 0. last_seen[i] is lb_config.now_s modulo 2^16 when
+ * the flow last sent a packet (ages are taken modulo 2^16 too).
+ *
+ * seq is odd while a writer rewrites the set. A datapath writer takes it
+ * from even to odd with a compare-and-swap, so two CPUs never rewrite one
+ * set at once, and back to even when done; a reader accepts what it read
+ * only between two equal even reads of seq (bpf/balancer.c). */
+#define FLOW_WAYS 4
+struct flow_set {
+	struct flow_key key[FLOW_WAYS];
+	__u32 backend[FLOW_WAYS];
+	__u16 last_seen[FLOW_WAYS];
+	__u64 seq; /* 64 bits: the width of the atomics every BPF target has */
 };
 
 /* The VIP address filter: a bitmap over a hash of the destination address,
@@ -126,6 +139,8 @@ struct global_counters {
 	__u64 conn_rechosen;          /* recorded backend unavailable: flow re-chosen */
 	__u64 new_flows;              /* flows that took the ring */
 	__u64 new_flows_unrecorded;   /* new-flow rate above the limit: not recorded */
+	__u64 conn_busy;              /* the flow's set was being rewritten by another
+				       * CPU: the flow took the ring, or was not recorded */
 };
 
 /* Value of the single-entry `config` array. */

@@ -114,9 +114,10 @@ class Programmer:
 
 
 def reset_maps(bal) -> None:
-    for m in (bal.vip_addrs, bal.vips, bal.conns):
+    for m in (bal.vip_addrs, bal.vips):
         for key in list(m.keys()):
             m.delete(key)
+    bal.conns.clear()
     for index in range(bal.sizes.max_backends):
         bal.backends.put(ct.c_uint32(index), s.Backend())
     bal.write_addr_filter([])

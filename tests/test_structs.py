@@ -16,7 +16,7 @@ MAPS = {
     "vips": (s.VipKey, s.VipMeta),
     "backends": (ct.c_uint32, s.Backend),
     "vip_index": (ct.c_uint32, s.VipIndexSlot),
-    "conns": (s.FlowKey, s.FlowState),
+    "conns": (ct.c_uint32, s.FlowSet),
     "config": (ct.c_uint32, s.LbConfig),
     "vip_stats": (ct.c_uint32, s.TrafficCounters),
     "global_stats": (ct.c_uint32, s.GlobalCounters),

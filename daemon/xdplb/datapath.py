@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -46,8 +46,11 @@ class DatapathError(Exception):
 class MapSizes:
     """Capacities compiled into the maps. Changing one needs new maps.
 
-    The VIP index has the smallest power of two of slots that is at least
-    4 x max_vips (and 64), so its probe chains stay short.
+    conn_entries is the flow table's capacity, shared by every CPU: a power
+    of two, laid out as conn_entries / 4 sets of 4 ways (structs.FLOW_WAYS),
+    32 bytes a flow (32 MiB for the default). The VIP index has the smallest
+    power of two of slots that is at least 4 x max_vips (and 64), so its
+    probe chains stay short.
     """
 
     max_vips: int = 512
@@ -65,6 +68,14 @@ class MapSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
+        if self.conn_entries & (self.conn_entries - 1):
+            raise DatapathError(f"map size conn_entries={self.conn_entries!r}: must be a power "
+                                f"of two (sets x {structs.FLOW_WAYS} ways)")
+
+    @property
+    def conn_set_bits(self) -> int:
+        """log2 of the flow table's sets."""
+        return (self.conn_entries // structs.FLOW_WAYS).bit_length() - 1
 
     @property
     def vip_index_bits(self) -> int:
@@ -434,6 +445,180 @@ class VipTable:
         self._reclaim()
 
 
+def datapath_clock(config: BpfMap) -> Callable[[], int]:
+    """lb_config.now_s as the datapath sees it (0 before the first config)."""
+    def now_s() -> int:
+        value = config.get(ct.c_uint32(0))
+        return value.now_s if value is not None else 0
+    return now_s
+
+
+class FlowTable:
+    """The shared set-associative flow table (`conns`, bpf/balancer.c) as a
+    FlowKey -> FlowState map, for the control plane and tests.
+
+    A flow lives in set structs.flow_set_index(key, bits), in one of its
+    structs.FLOW_WAYS ways. The datapath keeps last_seen modulo 2^16 s; it is
+    read back as the latest lb_config.now_s with that remainder, exact for
+    flows seen within the last 18 hours.
+
+    A write rewrites a whole set in three updates that each change either
+    seq or the content, never both (seq odd with the old content, the new
+    content, seq even), so a datapath reader never accepts a torn set. It is
+    a read-modify-write: a datapath write to the same set in between is lost
+    (that flow takes the ring again), so writes are for tests and tools;
+    lbd only reads.
+    """
+
+    _SEQ_TRIES = 1000
+
+    def __init__(self, name: str, fd: int, set_bits: int, clock: Callable[[], int]):
+        self.name, self.fd, self.set_bits = name, fd, set_bits
+        self.sets = 1 << set_bits
+        self.key_type, self.value_type = structs.FlowKey, structs.FlowState
+        self._clock = clock
+
+    def set_index(self, key: structs.FlowKey) -> int:
+        return structs.flow_set_index(key, self.set_bits)
+
+    def read_set(self, index: int) -> structs.FlowSet:
+        value = structs.FlowSet()
+        k = ct.c_uint32(index)
+        if _lib().bpf_lookup_elem(self.fd, ct.byref(k), ct.byref(value)) != 0:
+            _raise_errno(f"lookup of {self.name}[{index}]")
+        return value
+
+    def _update(self, index: int, value: structs.FlowSet) -> None:
+        k = ct.c_uint32(index)
+        if _lib().bpf_update_elem(self.fd, ct.byref(k), ct.byref(value), 0) != 0:
+            _raise_errno(f"update of {self.name}[{index}]")
+
+    def _stable_set(self, index: int) -> structs.FlowSet:
+        for _ in range(self._SEQ_TRIES):
+            current = self.read_set(index)
+            if not current.seq & 1:
+                return current
+        raise DatapathError(f"{self.name}[{index}]: a writer held the set for "
+                            f"{self._SEQ_TRIES} reads")
+
+    def write_set(self, index: int, new: structs.FlowSet) -> None:
+        """Replaces set `index`'s ways with new's (new.seq is ignored)."""
+        current = self._stable_set(index)
+        seq = current.seq
+        current.seq = seq + 1
+        self._update(index, current)
+        content = structs.FlowSet.from_buffer_copy(new)
+        content.seq = seq + 1
+        self._update(index, content)
+        content.seq = seq + 2
+        self._update(index, content)
+
+    def _seen_s(self, last_seen: int, now: int) -> int:
+        return now - ((now - last_seen) & 0xFFFF)
+
+    def _flows(self, flow_set: structs.FlowSet, now: int,
+               ) -> Iterator[tuple[structs.FlowKey, structs.FlowState]]:
+        for way in range(structs.FLOW_WAYS):
+            backend = flow_set.backend[way]
+            if backend:
+                seen = self._seen_s(flow_set.last_seen[way], now)
+                yield (structs.FlowKey.from_buffer_copy(flow_set.key[way]),
+                       structs.FlowState(backend=backend, last_seen_s=seen))
+
+    @staticmethod
+    def _way_of(flow_set: structs.FlowSet, key: structs.FlowKey) -> int | None:
+        raw = bytes(key)
+        return next((w for w in range(structs.FLOW_WAYS)
+                     if flow_set.backend[w] and bytes(flow_set.key[w]) == raw), None)
+
+    def get(self, key: structs.FlowKey) -> structs.FlowState | None:
+        flow_set = self._stable_set(self.set_index(key))
+        way = self._way_of(flow_set, key)
+        if way is None:
+            return None
+        seen = self._seen_s(flow_set.last_seen[way], self._clock())
+        return structs.FlowState(backend=flow_set.backend[way], last_seen_s=seen)
+
+    def put(self, key: structs.FlowKey, value: structs.FlowState) -> None:
+        """Records a flow as the datapath does: in its own way, else an empty
+        one, else in place of the flow seen longest ago."""
+        if not value.backend:
+            raise DatapathError(f"{self.name}: backend 0 marks an empty way")
+        index = self.set_index(key)
+        flow_set = self._stable_set(index)
+        now = self._clock()
+        way = self._way_of(flow_set, key)
+        if way is None:
+            way = next((w for w in range(structs.FLOW_WAYS) if not flow_set.backend[w]), None)
+        if way is None:
+            ages = [(now - flow_set.last_seen[w]) & 0xFFFF for w in range(structs.FLOW_WAYS)]
+            way = ages.index(max(ages))
+        flow_set.key[way] = key
+        flow_set.backend[way] = value.backend
+        flow_set.last_seen[way] = value.last_seen_s & 0xFFFF
+        self.write_set(index, flow_set)
+
+    def delete(self, key: structs.FlowKey) -> bool:
+        index = self.set_index(key)
+        flow_set = self._stable_set(index)
+        way = self._way_of(flow_set, key)
+        if way is None:
+            return False
+        flow_set.key[way] = structs.FlowKey()
+        flow_set.backend[way] = 0
+        flow_set.last_seen[way] = 0
+        self.write_set(index, flow_set)
+        return True
+
+    def clear(self) -> None:
+        """Empties every set, a batch per syscall: for a table with no traffic
+        (a test's reset); under traffic, use delete."""
+        chunk = min(self.sets, 4096)
+        keys = (ct.c_uint32 * chunk)()
+        empty = (structs.FlowSet * chunk)()
+        bpf_map: BpfMap = BpfMap(self.name, self.fd, ct.c_uint32, structs.FlowSet)
+        for start in range(0, self.sets, chunk):
+            for i in range(chunk):
+                keys[i] = start + i
+            bpf_map.put_batch(keys, empty)
+
+    def _scan(self, chunk: int) -> Iterator[list[tuple[structs.FlowKey, structs.FlowState]]]:
+        """Every flow, `chunk` sets per syscall. A set a datapath writer is
+        rewriting as it is copied may show the flow it is replacing."""
+        chunk = max(1, min(chunk, self.sets))
+        keys = (ct.c_uint32 * chunk)()
+        values = (structs.FlowSet * chunk)()
+        cursor, first = ct.c_uint32(0), True
+        now = self._clock()
+        while True:
+            n = ct.c_uint32(chunk)
+            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
+                                         ct.byref(cursor), ct.byref(keys), ct.byref(values),
+                                         ct.byref(n))
+            if rc != 0 and ct.get_errno() != errno.ENOENT:
+                _raise_errno(f"batch scan of {self.name}")
+            first = False
+            flows = [flow for i in range(n.value) for flow in self._flows(values[i], now)]
+            if flows:
+                yield flows
+            if rc != 0 or n.value == 0:
+                return
+
+    def keys(self) -> Iterator[structs.FlowKey]:
+        for flows in self._scan(1024):
+            for key, _ in flows:
+                yield key
+
+    def items(self) -> Iterator[tuple[structs.FlowKey, structs.FlowState]]:
+        for flows in self._scan(1024):
+            yield from flows
+
+    def values_batch(self, chunk: int = 4096) -> Iterator[list[structs.FlowState]]:
+        """Every flow's state (backend, last_seen_s), `chunk` sets per syscall."""
+        for flows in self._scan(chunk):
+            yield [state for _, state in flows]
+
+
 @dataclass(frozen=True)
 class TestRunResult:
     verdict: int
@@ -586,7 +771,7 @@ class Balancer:
             "MAX_BACKENDS": str(self.sizes.max_backends),
             "RING_ENTRIES": str(self.sizes.ring_entries),
             "VIP_INDEX_BITS": str(self.sizes.vip_index_bits),
-            "CONN_ENTRIES": str(self.sizes.conn_entries),
+            "CONN_SET_BITS": str(self.sizes.conn_set_bits),
         }
         if pin_dir is not None:
             ensure_bpffs()
@@ -602,8 +787,9 @@ class Balancer:
                              self.sizes.vip_index_bits)
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        self.conns = self._map("conns", s.FlowKey, s.FlowState)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
+        self.conns = FlowTable("conns", self._fd("conns"), self.sizes.conn_set_bits,
+                               datapath_clock(self.config))
         self.vip_stats = PerCpuArray("vip_stats", self._fd("vip_stats"), s.TrafficCounters)
         self.backend_stats = PerCpuArray(
             "backend_stats", self._fd("backend_stats"), s.TrafficCounters)
@@ -686,8 +872,10 @@ class PinnedMaps:
         self.vips = self._map("vips", s.VipKey, s.VipMeta)  # the hash map, read only
         self.ring = self._map("ring", ct.c_uint32, ct.c_uint32)
         self.backends = self._map("backends", ct.c_uint32, s.Backend)
-        self.conns = self._map("conns", s.FlowKey, s.FlowState)
         self.config = self._map("config", ct.c_uint32, s.LbConfig)
+        conns = self._map("conns", ct.c_uint32, s.FlowSet)
+        self.conns = FlowTable("conns", conns.fd, self.sizes.conn_set_bits,
+                               datapath_clock(self.config))
 
     def _map(self, name: str, key: type, value: type) -> BpfMap:
         path = self.pin_dir / name

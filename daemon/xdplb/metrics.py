@@ -114,7 +114,7 @@ class DatapathCollector:
         events = CounterMetricFamily(
             "xdplb_datapath_events",
             "Connection-table and flow events: conn_hit, conn_miss, conn_rechosen, "
-            "new_flows, new_flows_unrecorded.", labels=["event"])
+            "new_flows, new_flows_unrecorded, conn_busy.", labels=["event"])
         counters = self.ctl.global_counters()
         for name in s.OUTCOME_COUNTERS:
             action, reason = name.split("_", 1)

@@ -105,7 +105,26 @@ class FlowKey(ct.Structure):
 
 
 class FlowState(ct.Structure):
+    """A flow's entry as the control plane sees it (datapath.FlowTable):
+    its backend, and when it last sent a packet, in lb_config.now_s."""
+
     _fields_: ClassVar = [("backend", ct.c_uint32), ("last_seen_s", ct.c_uint32)]
+
+
+FLOW_WAYS = 4
+
+
+class FlowSet(ct.Structure):
+    """struct flow_set: a value of the shared `conns` array. Way i is empty
+    while backend[i] is 0; last_seen is now_s modulo 2^16; seq is odd while
+    a writer rewrites the set."""
+
+    _fields_: ClassVar = [
+        ("key", FlowKey * FLOW_WAYS),
+        ("backend", ct.c_uint32 * FLOW_WAYS),
+        ("last_seen", ct.c_uint16 * FLOW_WAYS),
+        ("seq", ct.c_uint64),
+    ]
 
 
 class TrafficCounters(ct.Structure):
@@ -132,6 +151,7 @@ EVENT_COUNTERS = (
     "conn_rechosen",
     "new_flows",
     "new_flows_unrecorded",
+    "conn_busy",
 )
 
 
@@ -250,3 +270,15 @@ def vip_index_hash(key: VipKey) -> int:
 def vip_index_home(key: VipKey, bits: int) -> int:
     """The slot where a key's probe starts in a 2^bits-slot VIP index."""
     return vip_index_hash(key) >> (64 - bits)
+
+
+def flow_set_hash(key: FlowKey) -> int:
+    """bpf/hash.h flow_set_hash: from the FlowKey's fields alone."""
+    lo, hi = struct.unpack("<2Q", bytes(key.src))
+    ports = (key.vip_id << 32) | (key.dport << 16) | key.sport
+    return _fold_mix((lo * HASH_K_SRC_LO + hi * HASH_K_SRC_HI + ports * HASH_K_PORTS) & _M64)
+
+
+def flow_set_index(key: FlowKey, bits: int) -> int:
+    """The flow table set (of 2^bits per CPU) that holds a flow."""
+    return flow_set_hash(key) >> (64 - bits)
