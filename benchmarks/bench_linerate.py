@@ -43,7 +43,8 @@ per live-frames syscall) and the thread's CPU time are in the JSON.
 
 Established flows: before a case is measured every flow is sent through the
 balancer, pass after pass, until a whole pass finds all F in the connection
-table; the balancer's own counters show the measured runs are hits too
+table (or a pass finds no more than the one before: see conn_entries); the
+balancer's own counters show how many of the measured frames were hits
 ("conn hits" = conn_hit / tx_forwarded). Every run is bounded in frames
 (--frames) and time (--max-seconds); sent, received and lost frames, and the
 veths' XDP counters that say where a loss happened, are in the JSON. Writes
@@ -77,6 +78,7 @@ from xdplb.datapath import (
     Balancer,
     BenchHarness,
     MapSizes,
+    MemoryProbe,
     TrafficGenerator,
     attach_xdp,
 )
@@ -90,6 +92,7 @@ BACKENDS = (3, 100)
 RING_SIZE = 65537
 TARGET_RATIO = 0.7
 WARMUP_PASSES = 5
+CONN_HEADROOM = 4  # connection-table entries per flow of the run
 VETH_KEYS = {  # (namespace role, interface, ethtool -S counter)
     "gen_xmit": ("gen", "eth0", "tx_queue_0_xdp_xmit"),
     "gen_xmit_errors": ("gen", "eth0", "tx_queue_0_xdp_xmit_errors"),
@@ -155,6 +158,9 @@ class CaseResult:
     mac_swap_wall_mpps: float
     ours_cpu_mpps: float    # received / (thread + ksoftirqd CPU time), cross-check
     mac_swap_cpu_mpps: float
+    one_read_mpps: float    # the MAC swap plus one per-flow memory read (bench_memprobe.c)
+    one_read_ns: float
+    one_read_ratio: float   # ours_mpps / one_read_mpps
     sent: dict[str, int]    # summed over rounds
     lost: dict[str, int]
     conn_hit_fraction: float
@@ -163,16 +169,14 @@ class CaseResult:
     rounds: list[dict] = field(default_factory=list)
 
 
-def conn_entries(flows: list[int], backends: list[int]) -> int:
-    """A connection table that keeps every flow of the run established.
-
-    All flows are recorded on one CPU, and the per-CPU LRU lists
-    (BPF_F_NO_COMMON_LRU) give each CPU conn_entries / ncpus entries; each
-    backend configuration has a vip_id of its own and so flows of its own:
-    one CPU holds len(backends) x sum(flows) entries by the end of the run
-    (2 x 1,001,001 with the defaults: 1 << 22 entries).
+def conn_entries(flows: list[int]) -> int:
+    """A connection table with 4 entries for each flow of a backend
+    configuration (1 << 22 for the default 1,001,001 flows): each
+    configuration starts with an empty table. A flow lives in one 4-way set,
+    so even a quarter full a few sets are asked for a fifth flow (about 0.4%
+    of flows); the warm-up and the "conn hits" column show how many.
     """
-    needed = _possible_cpus() * len(backends) * sum(flows)
+    needed = CONN_HEADROOM * sum(flows)
     return max(1 << 16, 1 << (needed - 1).bit_length())
 
 
@@ -190,7 +194,9 @@ class Rig:
         self.hosts = {"gen": self.gen_host, "lb": self.lb_host}
         self.gen = TrafficGenerator()
         self.harness = BenchHarness()
-        self.conn_entries = conn_entries(flows, backends)
+        self.conn_entries = conn_entries(flows)
+        # As many bytes as the flow table (32 per entry), so as many cache lines and pages.
+        self.probe = MemoryProbe(self.conn_entries * ct.sizeof(s.FlowSet) // s.FLOW_WAYS)
         self.bal = Balancer(MapSizes(max_vips=len(backends) + 1,
                                      max_backends=sum(backends) + 1,
                                      ring_entries=len(backends) * RING_SIZE,
@@ -207,18 +213,19 @@ class Rig:
         self.next_backend = 1  # index 0 means "no backend"
 
     def close(self) -> None:
-        for part in (self.bal, self.harness, self.gen):
+        for part in (self.bal, self.harness, self.gen, self.probe):
             with contextlib.suppress(Exception):
                 part.close()
 
     def attach(self, program: str) -> None:
         fd = {"xdplb": self.bal.prog_fd, "mac_swap": self.harness.mac_swap_fd,
-              "floor": self.gen.counter_fd}[program]
+              "one_read": self.probe.prog_fd, "floor": self.gen.counter_fd}[program]
         attach_xdp(fd, "eth1", netns=self.lb_host.name)
 
     def program_backends(self, n: int) -> tuple[int, int]:
-        """One VIP over n backends on a Maglev ring; a new vip_id per
-        configuration so its flows start with an empty connection table."""
+        """One VIP over n backends on a Maglev ring, with a new vip_id and an
+        empty connection table."""
+        self.bal.conns.clear()
         cfg = s.LbConfig(mtu=1500, flags=s.CONFIG_F_READY, gue_port=s.port_be(6080))
         cfg.nexthop_mac[:] = [int(x, 16) for x in self.gen_if.mac.split(":")]
         cfg.encap_src4 = s.be_u32(bytes([172, 16, 0, 0]))
@@ -259,21 +266,25 @@ class Rig:
 
     def warm_up(self, flows: int) -> int:
         """Sends every flow through the balancer, a pass at a time, until a
-        whole pass finds each of them in the connection table."""
+        whole pass finds each of them in the connection table, or a pass
+        finds no more of them than the one before (flows of an overfull set
+        keep replacing each other)."""
         per_pass = -(-10_000 // flows) * flows  # each flow the same number of times
+        best = -1
         for passes in range(1, WARMUP_PASSES + 1):
             self.bal.global_stats.clear(0)
             self.send(per_pass)
-            counters = self.bal.counters()
-            if counters["conn_hit"] == per_pass and not counters["conn_miss"]:
+            hits = self.bal.counters()["conn_hit"]
+            if hits == per_pass or hits <= best:
                 return passes
-        sys.exit(f"warm-up: flows still missing from the connection table after "
-                 f"{WARMUP_PASSES} passes: {counters}")
+            best = hits
+        return WARMUP_PASSES
 
     def measure(self, program: str) -> Sample:
         self.gen.clear_received()
         if program == "xdplb":
             self.bal.global_stats.clear(0)
+        self.probe.clear()
         veth0 = self.veth_counters()
         soft0 = _runtime_ns(self.ksoftirqd)
         sent, kernel, wall, cpu = self.send(self.frames)
@@ -281,13 +292,16 @@ class Rig:
         soft1 = _runtime_ns(self.ksoftirqd)
         veth1 = self.veth_counters()
         rx = self.gen.received()
-        received = {"xdplb": rx["encap"], "mac_swap": rx["plain"], "floor": rx["plain"]}[program]
+        received = {"xdplb": rx["encap"], "mac_swap": rx["plain"], "one_read": rx["plain"],
+                    "floor": rx["plain"]}[program]
         sample = Sample(program, sent, received, kernel, wall, cpu, soft1 - soft0,
                         {k: veth1[k] - veth0[k] for k in veth0})
         # "other" is the stack's own chatter on the veths (IPv6 ND and the like).
         if program == "xdplb" and rx["plain"]:
             sys.exit(f"{program}: frames came back unencapsulated: {rx}")
         sample.other = rx["other"]
+        if program == "one_read" and self.probe.counts() != (sent, 0):
+            sys.exit(f"one_read: probed and dropped {self.probe.counts()} of {sent} frames")
         if program == "xdplb":
             sample.lb_counters = {k: v for k, v in self.bal.counters().items() if v}
         return sample
@@ -315,14 +329,6 @@ def _ethtool_stats(host: Host, ifname: str) -> dict[str, int]:
     return stats
 
 
-def _possible_cpus() -> int:
-    count = 0
-    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
-        first, _, last = part.partition("-")
-        count += int(last or first) - int(first) + 1
-    return count
-
-
 def _find_ksoftirqd(cpu: int) -> int | None:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -347,13 +353,15 @@ def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, in
     rig.attach("xdplb")
     passes = rig.warm_up(flows)
     rig.clear_backend_stats(*backend_range)
-    programs = ("floor", "mac_swap", "xdplb")
+    programs = ("floor", "mac_swap", "one_read", "xdplb")
     samples: dict[str, list[Sample]] = {p: [] for p in programs}
     for r in range(rounds):  # interleaved, in a rotating order
-        for program in programs[r % 3:] + programs[: r % 3]:
+        k = r % len(programs)
+        for program in programs[k:] + programs[:k]:
             rig.attach(program)
             samples[program].append(rig.measure(program))
     ours, base, floor = samples["xdplb"], samples["mac_swap"], samples["floor"]
+    one_read = samples["one_read"]
     forwarded = sum(x.lb_counters.get("tx_forwarded", 0) for x in ours)
     hits = sum(x.lb_counters.get("conn_hit", 0) for x in ours)
 
@@ -372,6 +380,8 @@ def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, in
         lb_ratio=ours_lb / base_lb,
         ours_wall_mpps=med(ours, "mpps_wall"), mac_swap_wall_mpps=med(base, "mpps_wall"),
         ours_cpu_mpps=med(ours, "mpps_cpu"), mac_swap_cpu_mpps=med(base, "mpps_cpu"),
+        one_read_mpps=med(one_read, "mpps_core"), one_read_ns=med(one_read, "ns_per_frame"),
+        one_read_ratio=ours_mpps / med(one_read, "mpps_core"),
         sent={p: sum(x.sent for x in xs) for p, xs in samples.items()},
         lost={p: sum(x.lost for x in xs) for p, xs in samples.items()},
         conn_hit_fraction=hits / forwarded if forwarded else 0.0,
@@ -389,21 +399,25 @@ def _sample_json(x: Sample) -> dict:
 
 
 def print_table(results: list[CaseResult]) -> None:
-    print(f"{'':19}{'whole path on one core':^26}{'LB side (path - floor)':^26}")
+    print(f"{'':19}{'whole path on one core':^26}{'LB side (path - floor)':^26}"
+          f"{'vs swap + 1 read':^17}")
     print(f"{'flows':>9}{'backends':>10}{'xdplb':>9}{'swap':>9}{'ratio':>8}"
-          f"{'xdplb':>9}{'swap':>9}{'ratio':>8}{'extra':>7}{'floor':>7}{'lost':>7}{'conn':>8}")
-    print(f"{'':19}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'Mpps':>9}{'':8}{'ns':>7}"
-          f"{'ns':>7}{'':7}{'hits':>8}")
+          f"{'xdplb':>9}{'swap':>9}{'ratio':>8}{'1 read':>9}{'ratio':>8}"
+          f"{'extra':>7}{'floor':>7}{'lost':>7}{'conn':>8}")
+    print(f"{'':19}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'':8}"
+          f"{'ns':>7}{'ns':>7}{'':7}{'hits':>8}")
     for r in results:
         lost = sum(r.lost.values())
         verdict = "ok" if r.ratio >= TARGET_RATIO else "MISSED"
         print(f"{r.flows:>9}{r.backends:>10}{r.ours_mpps:>9.2f}{r.mac_swap_mpps:>9.2f}"
               f"{r.ratio:>8.3f}{r.ours_lb_mpps:>9.2f}{r.mac_swap_lb_mpps:>9.2f}"
-              f"{r.lb_ratio:>8.3f}{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>7}"
+              f"{r.lb_ratio:>8.3f}{r.one_read_mpps:>9.2f}{r.one_read_ratio:>8.3f}"
+              f"{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>7}"
               f"{r.conn_hit_fraction:>8.1%}  {verdict}")
     print(f"Mpps per core: frames received / the kernel's time for all the work on the one "
           f"CPU.\nLB side: 1000 / (ns per frame - floor ns), floor = generator + one veth "
-          f"hop + counting drop.\nTarget: whole-path ratio >= {TARGET_RATIO} for "
+          f"hop + counting drop.\n1 read: the MAC swap after one read of a flow-table-sized "
+          f"array at a per-flow slot.\nTarget: whole-path ratio >= {TARGET_RATIO} for "
           f"established flows (the LB-side ratio is the stricter reading).")
 
 

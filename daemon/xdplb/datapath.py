@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from xdplb import structs
 
@@ -931,6 +931,35 @@ def attach_pass(ifname: str, *, netns: str | None = None) -> None:
     if _pass_program is None:
         _pass_program = _compile("pass.c", {})
     attach_xdp(_load_xdp(_pass_program, "xdplb_pass").fd, ifname, netns=netns)
+
+
+class _Count(ct.Structure):
+    _fields_: ClassVar = [("value", ct.c_uint64)]
+
+
+class MemoryProbe:
+    """bpf/bench_memprobe.c: a MAC swap that first reads one word of an array
+    of `table_bytes` at a slot hashed from the flow, the line-rate
+    benchmark's "one per-flow memory read" baseline."""
+
+    def __init__(self, table_bytes: int):
+        bits = max(1, (table_bytes // 8 - 1).bit_length())
+        self.table_bytes = 8 << bits
+        self._bpf = _compile("bench_memprobe.c", {"PROBE_BITS": str(bits)})
+        self.prog_fd: int = _load_xdp(self._bpf, "bench_memprobe").fd
+        self._stats = PerCpuArray("probe_stats", self._bpf.get_table(b"probe_stats").map_fd,
+                                  _Count)
+
+    def counts(self) -> tuple[int, int]:
+        """(frames probed and swapped, frames dropped as not IPv4 TCP)."""
+        return self._stats.read(0)["value"], self._stats.read(1)["value"]
+
+    def clear(self) -> None:
+        for index in (0, 1):
+            self._stats.clear(index)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
 
 
 class BenchHarness:
