@@ -313,13 +313,14 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	__u16 now = cfg->now_s;
 	__u32 idx;
+	int way = FLOW_NONE;
 	struct flow_set *set = flow_set_of(&key);
 	if (!set)
 		return 0;
 
 	if (!syn) {
 		__u32 recorded = 0;
-		int way = flow_find(set, &key, &recorded);
+		way = flow_find(set, &key, &recorded);
 		if (way >= 0) {
 			idx = recorded;
 			*be = backends.lookup(&idx);
@@ -339,23 +340,27 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 				gc->conn_busy++;
 			return idx;
 		}
-		if (way == FLOW_BUSY)
-			gc->conn_busy++;
-		else
+		if (way == FLOW_NONE)
 			gc->conn_miss++;
 	}
 
+	/* A packet counts in conn_busy once, whether its read or its write met
+	 * another CPU's writer. */
+	int busy = way == FLOW_BUSY;
 	idx = ring_pick(vip, hash);
 	*be = backends.lookup(&idx);
-	if (!idx)
+	if (!idx) {
+		gc->conn_busy += busy;
 		return 0;
+	}
 	gc->new_flows++;
 	if (may_record_flow(cfg)) {
 		if (flow_record(set, &key, idx, now))
-			gc->conn_busy++;
+			busy = 1;
 	} else {
 		gc->new_flows_unrecorded++;
 	}
+	gc->conn_busy += busy;
 	return idx;
 }
 

@@ -7,6 +7,7 @@ as a FlowKey -> FlowState map."""
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import threading
 from collections import defaultdict
@@ -17,7 +18,7 @@ from scapy.layers.l2 import Ether
 
 from tests.conftest import CLIENT_MAC, LB_MAC, make_config, nonzero
 from xdplb import structs as s
-from xdplb.datapath import XDP_TX, BenchHarness, DatapathError, MapSizes
+from xdplb.datapath import XDP_TX, BenchHarness, BpfMap, DatapathError, MapSizes
 
 VIP = "10.200.0.10"
 CLIENT = "10.100.1.2"
@@ -228,6 +229,45 @@ def test_concurrent_writers_never_give_a_reader_a_torn_or_foreign_entry(bal, pro
     assert counters["conn_hit"] == runs and counters["conn_miss"] == 0
     assert bal.conns.get(key(vip, established)).backend == 3
     assert sorted(k.sport for k, _ in bal.conns.items()) == sorted(s.port_be(p) for p in ports)
+
+
+def hold_set(bal, index: int, held: bool) -> None:
+    """Makes set `index` look taken by a writer on another CPU (seq odd), or
+    released, without changing its ways."""
+    raw = BpfMap("conns", bal.conns.fd, ct.c_uint32, s.FlowSet)
+    flow_set = bal.conns.read_set(index)
+    flow_set.seq = (flow_set.seq | 1) if held else (flow_set.seq + 1) & ~1
+    raw.put(ct.c_uint32(index), flow_set)
+
+
+def test_a_set_held_by_another_writer_is_neither_read_nor_written(bal, prog, vip):
+    """While another CPU holds a set, a packet of a flow recorded there takes
+    the ring (the entry cannot be trusted), a new flow of that set is
+    forwarded but not recorded, and each such packet counts once in
+    conn_busy. Released, the recorded flow is a hit again."""
+    ports = same_set_ports(bal, vip, 2)
+    recorded, new = ports
+    index = bal.conns.set_index(key(vip, recorded))
+    ring_choice = vip.backend_for(CLIENT, recorded)
+    other = next(i for i in (1, 2, 3) if i != ring_choice)
+    bal.conns.put(key(vip, recorded), s.FlowState(backend=other, last_seen_s=0))
+    hold_set(bal, index, True)
+    try:
+        out = bal.test_run(frame(recorded, flags="A"))
+        assert Ether(out.data)[IP].dst == BACKENDS[ring_choice - 1]
+        assert nonzero(bal.counters()) == {"tx_forwarded": 1, "new_flows": 1, "conn_busy": 1}
+        bal.global_stats.clear(0)
+        out = bal.test_run(frame(new))
+        assert Ether(out.data)[IP].dst == BACKENDS[vip.backend_for(CLIENT, new) - 1]
+        assert nonzero(bal.counters()) == {"tx_forwarded": 1, "new_flows": 1, "conn_busy": 1}
+        flow_set = bal.conns.read_set(index)
+        assert [flow_set.backend[w] for w in range(s.FLOW_WAYS)].count(0) == s.FLOW_WAYS - 1
+    finally:
+        hold_set(bal, index, False)
+    bal.global_stats.clear(0)
+    out = bal.test_run(frame(recorded, flags="A"))
+    assert Ether(out.data)[IP].dst == BACKENDS[other - 1]
+    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_hit": 1}
 
 
 def test_adapter_round_trips(bal, prog, vip):
