@@ -201,8 +201,8 @@ class BpfMap(Generic[K, V]):
         return values
 
     def values_batch(self, chunk: int = 8192) -> Iterator[list[Any]]:
-        """Every value of a hash map, a chunk of entries per syscall: a scan (e.g. of
-        the connection table). Each chunk's values are valid until the next one."""
+        """Every value, a chunk of entries per syscall: a scan (e.g. of the
+        connection table). Each chunk's values are valid until the next one."""
         keys = (self.key_type * chunk)()
         values = (self.value_type * chunk)()
         cursor, first = ct.c_uint32(0), True
@@ -477,21 +477,19 @@ class FlowTable:
         self.sets = 1 << set_bits
         self.key_type, self.value_type = structs.FlowKey, structs.FlowState
         self._clock = clock
+        self._sets: BpfMap = BpfMap(name, fd, ct.c_uint32, structs.FlowSet)
 
     def set_index(self, key: structs.FlowKey) -> int:
         return structs.flow_set_index(key, self.set_bits)
 
     def read_set(self, index: int) -> structs.FlowSet:
-        value = structs.FlowSet()
-        k = ct.c_uint32(index)
-        if _lib().bpf_lookup_elem(self.fd, ct.byref(k), ct.byref(value)) != 0:
-            _raise_errno(f"lookup of {self.name}[{index}]")
+        value = self._sets.get(ct.c_uint32(index))
+        if value is None:
+            raise DatapathError(f"{self.name}: no set {index} (of {self.sets})")
         return value
 
     def _update(self, index: int, value: structs.FlowSet) -> None:
-        k = ct.c_uint32(index)
-        if _lib().bpf_update_elem(self.fd, ct.byref(k), ct.byref(value), 0) != 0:
-            _raise_errno(f"update of {self.name}[{index}]")
+        self._sets.put(ct.c_uint32(index), value)
 
     def _stable_set(self, index: int) -> structs.FlowSet:
         for _ in range(self._SEQ_TRIES):
@@ -576,33 +574,19 @@ class FlowTable:
         chunk = min(self.sets, 4096)
         keys = (ct.c_uint32 * chunk)()
         empty = (structs.FlowSet * chunk)()
-        bpf_map: BpfMap = BpfMap(self.name, self.fd, ct.c_uint32, structs.FlowSet)
         for start in range(0, self.sets, chunk):
             for i in range(chunk):
                 keys[i] = start + i
-            bpf_map.put_batch(keys, empty)
+            self._sets.put_batch(keys, empty)
 
     def _scan(self, chunk: int) -> Iterator[list[tuple[structs.FlowKey, structs.FlowState]]]:
         """Every flow, `chunk` sets per syscall. A set a datapath writer is
         rewriting as it is copied may show the flow it is replacing."""
-        chunk = max(1, min(chunk, self.sets))
-        keys = (ct.c_uint32 * chunk)()
-        values = (structs.FlowSet * chunk)()
-        cursor, first = ct.c_uint32(0), True
         now = self._clock()
-        while True:
-            n = ct.c_uint32(chunk)
-            rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
-                                         ct.byref(cursor), ct.byref(keys), ct.byref(values),
-                                         ct.byref(n))
-            if rc != 0 and ct.get_errno() != errno.ENOENT:
-                _raise_errno(f"batch scan of {self.name}")
-            first = False
-            flows = [flow for i in range(n.value) for flow in self._flows(values[i], now)]
+        for flow_sets in self._sets.values_batch(max(1, min(chunk, self.sets))):
+            flows = [flow for flow_set in flow_sets for flow in self._flows(flow_set, now)]
             if flows:
                 yield flows
-            if rc != 0 or n.value == 0:
-                return
 
     def keys(self) -> Iterator[structs.FlowKey]:
         for flows in self._scan(1024):
