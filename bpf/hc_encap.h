@@ -18,17 +18,14 @@
 
 #include "encap.h"
 
-/* Headers a check packet's parse reads: Ethernet + VLAN + IPv6 + TCP with
- * options fit in 128 bytes; locally built packets have them linear anyway. */
-#define HC_PULL_LEN 128
-
-/* Makes the packet's headers directly readable. 0 on success. */
+/* Makes the whole packet directly readable (0 on success): parse.h checks
+ * the IP header's length against the linear data. Check packets are small
+ * (a SYN, a request line), but the stack may put a payload in page frags. */
 static __always_inline int hc_pull_headers(struct __sk_buff *skb)
 {
-	__u32 want = skb->len < HC_PULL_LEN ? skb->len : HC_PULL_LEN;
-	if ((long)skb->data_end - (long)skb->data >= want)
+	if ((long)skb->data_end - (long)skb->data >= skb->len)
 		return 0;
-	return bpf_skb_pull_data(skb, want);
+	return bpf_skb_pull_data(skb, skb->len);
 }
 
 /* Prepends the outer headers between the link-layer header and the packet,
