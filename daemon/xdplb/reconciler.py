@@ -331,6 +331,12 @@ class Reconciler:
         report.duration_s = time.perf_counter() - started
         return report
 
+    def allocate(self, desired: DesiredState) -> None:
+        """Gives new VIPs and backends their ids and indexes ahead of the reconcile
+        that realises them, for what must know a backend's index first (the marks
+        of checks through the VIP). Writes only their counters' reset."""
+        self._allocate(desired, ReconcileReport())
+
     def _check_ring_space(self, desired: DesiredState) -> None:
         """Plays the region allocations of this reconcile on a copy of the free list."""
         space = RingSpace(self.space.size)
