@@ -98,11 +98,13 @@ class HealthMarks:
                                 "bits (e.g. 0xffff0000); the low bits carry the backend index")
         if not isinstance(self.base, int) or isinstance(self.base, bool) or not (
                 0 < self.base <= 0xFFFFFFFF) or self.base & free:
-            raise DatapathError(f"fwmark {self.base!r}: must be a nonzero 32-bit mark within "
+            shown = f"{self.base:#010x}" if isinstance(self.base, int) else repr(self.base)
+            raise DatapathError(f"fwmark {shown}: must be a nonzero 32-bit mark within "
                                 f"fwmark_mask {self.mask:#010x}")
         if max_backends - 1 > free:
             raise DatapathError(f"fwmark_mask {self.mask:#010x}: leaves room for backend "
-                                f"indexes up to {free}, but maps.max_backends is {max_backends}")
+                                f"indexes up to {free}, but maps.max_backends is "
+                                f"{max_backends} (indexes up to {max_backends - 1})")
 
     def mark(self, index: int) -> int:
         """The mark of backend entry `index`'s checks."""
