@@ -558,6 +558,41 @@ BATCH_S = 0.2
 ALLOWANCE_S = BATCH_S + 0.1
 
 
+def test_marked_probes_connect_from_marked_sockets_and_speak_as_unmarked_ones(certificate):
+    """A check through the VIP (a probe with a mark) opens its own socket, sets the
+    mark, connects, and then speaks exactly as any check: TCP, HTTP and HTTPS (with
+    the Host header as SNI, none without it) against local listeners, where the
+    mark changes nothing."""
+    key, cert = certificate
+    names: list[str | None] = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    tls.sni_callback = lambda sock, name, ctx: names.append(name)
+
+    def marked(kind: str, port: int, **fields) -> Probe:
+        return dataclasses.replace(probe(kind, port=port, timeout_ms=1000, **fields),
+                                   fwmark=0x58440007, backend="10.1.0.1")
+
+    async def scenario():
+        servers = Listeners()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        port = await servers.http(answer)
+        assert (await run_probe(marked("tcp", port), GrpcChannels())).ok
+        result = await run_probe(marked("http", port, path="/healthz"), GrpcChannels())
+        assert result.ok, result
+        assert servers.requests[-1].startswith(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        secure = await servers.http(answer, tls=tls)
+        for host in ("www.test", ""):
+            result = await run_probe(marked("https", secure, host=host), GrpcChannels())
+            assert result.ok, result
+        refused = await run_probe(marked("http", closed_port()), GrpcChannels())
+        assert (refused.ok, refused.reason) == (False, "refused")
+        servers.close()
+
+    asyncio.run(scenario())
+    assert names == ["www.test", None]
+
+
 def wait_for(condition, timeout: float, poll: float = 0.01, what: str = "condition") -> float:
     """Polls until condition() is true; returns time.monotonic() at that moment."""
     deadline = time.monotonic() + timeout
@@ -1181,43 +1216,55 @@ def backend_lo(topo, i: int, action: str) -> float:
 @pytest.mark.netns
 def test_check_through_the_vip_sees_a_broken_vip_path_that_the_own_address_check_cannot(
         lab, lbd):
-    """The same backend on two VIPs: checked through the tunnel to VIP:80 on one,
-    at its own address on the other. With the VIP taken off one backend's
-    loopback (its own address still answers), only the check through the VIP
-    takes it down, within fall x interval + timeout; back on, it returns within
-    rise x interval. Every other backend, and the own-address check, stay up."""
+    """The same backends on two VIPs: checked through the tunnel to VIP:80 on one,
+    at their own address on the other. With the VIP taken off two backends'
+    loopbacks (their own addresses still answer), only the checks through the VIP
+    (TCP for one, HTTP for the other) take them down, within fall x interval +
+    timeout; back on, they return within rise x interval. The third backend, and
+    every own-address check, stay up throughout."""
     topo, _, _, rings = lab
     backends = topo.backend_v4
     via = ["--check", "http", "--check-path", "/healthz", "--check-via", "vip", *TIMING]
     own = ["--check", "http", "--check-port", "80", "--check-path", "/healthz", *TIMING]
     add_vip_with_backends(lbd, VIP_VIA, backends, *via)
     add_vip_with_backends(lbd, VIP_OWN, backends, *own)
+    # backend 0 through the VIP with a plain TCP check (the scheduler's own connects)
+    ok(lbd, "backend", "set", VIP_VIA, backends[0], "--check", "tcp")
     for vip_text in (VIP_VIA, VIP_OWN):
         timed(rings, [vip_text], backends[2], True, time.monotonic(), 5)
         assert rings.view(vip_text) == (set(backends), set(backends))
     status = backend_status(lbd, VIP_VIA)
     assert status[backends[1]]["check"] == f"http {VIP}:80/healthz through the tunnel to " \
                                            f"{backends[1]}"
+    assert status[backends[0]]["check"] == f"tcp {VIP}:80 through the tunnel to {backends[0]}"
     assert {s["health"] for s in status.values()} == {"up"}
-    victim = backends[1]
+    victims = backends[:2]
+    down, up = {}, {}
     try:
-        broken = backend_lo(topo, 1, "del")
-        down = timed(rings, [VIP_VIA], victim, False, broken, 5)[VIP_VIA]
-        assert DOWN_FLOOR_S <= down <= DOWN_BOUND_S + ALLOWANCE_S, down
-        time.sleep(FALL * INTERVAL_MS / 1000)  # the own-address check had its chances
-        assert rings.view(VIP_VIA) == ({backends[0], backends[2]},) * 2
+        for i in (0, 1):
+            broken = backend_lo(topo, i, "del")
+            down[victims[i]] = timed(rings, [VIP_VIA], victims[i], False, broken, 5)[VIP_VIA]
+        time.sleep(FALL * INTERVAL_MS / 1000)  # the own-address checks had their chances
+        assert rings.view(VIP_VIA) == ({backends[2]},) * 2
         assert rings.view(VIP_OWN) == (set(backends), set(backends))
-        status = {v: backend_status(lbd, v)[victim] for v in (VIP_VIA, VIP_OWN)}
-        assert (status[VIP_VIA]["health"], status[VIP_VIA]["last_result"]) == ("down", "timeout")
-        assert (status[VIP_OWN]["health"], status[VIP_OWN]["last_result"]) == ("up", "ok")
-        restored = backend_lo(topo, 1, "add")
+        for victim in victims:
+            status = {v: backend_status(lbd, v)[victim] for v in (VIP_VIA, VIP_OWN)}
+            assert (status[VIP_VIA]["health"], status[VIP_VIA]["last_result"]) == (
+                "down", "timeout")
+            assert (status[VIP_OWN]["health"], status[VIP_OWN]["last_result"]) == ("up", "ok")
+        for i in (0, 1):
+            restored = backend_lo(topo, i, "add")
+            up[victims[i]] = timed(rings, [VIP_VIA], victims[i], True, restored, 5)[VIP_VIA]
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            backend_lo(topo, 1, "add")  # already there after a pass: refused, fine
-    up = timed(rings, [VIP_VIA], victim, True, restored, 5)[VIP_VIA]
-    assert UP_FLOOR_S <= up <= UP_BOUND_S + ALLOWANCE_S, up
+        for i in (0, 1):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                backend_lo(topo, i, "add")  # already there after a pass: refused, fine
+    for victim in victims:
+        assert DOWN_FLOOR_S <= down[victim] <= DOWN_BOUND_S + ALLOWANCE_S, down
+        assert UP_FLOOR_S <= up[victim] <= UP_BOUND_S + ALLOWANCE_S, up
     assert rings.view(VIP_VIA) == (set(backends), set(backends))
     assert rings.view(VIP_OWN) == (set(backends), set(backends))
+    victim = victims[1]
     MEASURED["through the VIP"] = {"down_s": down, "down_bound_s": DOWN_BOUND_S,
                                    "up_s": up, "up_bound_s": UP_BOUND_S}
     log = lbd.log_text()
