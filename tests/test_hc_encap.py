@@ -214,7 +214,7 @@ def test_real_tcp_exchanges_through_the_tunnel_reach_the_marked_backend():
         Balancer,
         MapSizes,
         detach_tc_egress,
-        tc_egress_prog_ids,
+        tc_egress_programs,
     )
     from xdplb.reconciler import DatapathSettings, Reconciler
     from xdplb.state import BackendSpec, DesiredState, HealthCheck, VipKey, VipSpec
@@ -240,7 +240,8 @@ def test_real_tcp_exchanges_through_the_tunnel_reach_the_marked_backend():
             settings = DatapathSettings(nexthop_mac=topo.lb_nexthop_mac)
             lb, ifname = topo.lb, topo.lb_iface.name
             bal.attach_health_encap(ifname, netns=lb.name)
-            assert len(tc_egress_prog_ids(ifname, netns=lb.name)) == 1
+            bal.attach_health_encap(ifname, netns=lb.name)  # again: replaced, not added
+            assert tc_egress_programs(ifname, netns=lb.name) == ["xdplb_hc_encap"]
             for key in cases:
                 desired = DesiredState({key: state(key)})
                 reconciler.reconcile(desired, None, settings)
@@ -260,6 +261,13 @@ def test_real_tcp_exchanges_through_the_tunnel_reach_the_marked_backend():
             counters = bal.hc_counters()
             assert counters["encapsulated"] > 0
             assert nonzero(counters).keys() == {"encapsulated"}
+            # Unmarked, the lb host's connection leaves as it is: the router sends it
+            # back to the VIP's announcer, this lb, whose XDP program balances it.
+            bal.attach(ifname, netns=lb.name)
+            forwarded = bal.counters()["tx_forwarded"]
+            assert _get_marked(lb, topo.vip_v4, 0) in ("backend0", "backend1")
+            assert bal.counters()["tx_forwarded"] > forwarded
+            assert bal.hc_counters() == counters
             # a mark of no backend: the connection fails, nothing reaches anyone
             with pytest.raises(OSError):
                 _get_marked(lb, topo.vip_v4, mark(31), timeout=0.5)

@@ -527,7 +527,7 @@ def test_sigterm_by_default_keeps_the_program_and_the_pins(site, plain):
 
 
 def test_sigterm_with_detach_on_exit_detaches_and_unpins(site):
-    from xdplb.datapath import attached_prog_id, tc_egress_prog_ids
+    from xdplb.datapath import attached_prog_id, tc_egress_programs
 
     topo = site.topo
     lbd = site.daemon("detach", extra_args=["--detach-on-exit"])
@@ -535,16 +535,16 @@ def test_sigterm_with_detach_on_exit_detaches_and_unpins(site):
     ifname, netns = topo.lb_iface.name, topo.lb.name
     try:
         ok(lbd, "vip", "add", VIP4)
-        assert tc_egress_prog_ids(ifname, netns=netns) == []  # only once a check needs it
+        assert tc_egress_programs(ifname, netns=netns) == []  # only once a check needs it
         ok(lbd, "backend", "add", VIP4, topo.backend_v4[0], "--check", "tcp",
            "--check-via", "vip", "--check-timeout", "100")
-        assert len(tc_egress_prog_ids(ifname, netns=netns)) == 1
+        assert tc_egress_programs(ifname, netns=netns) == ["xdplb_hc_encap"]
         assert status(lbd)["interfaces"][0]["prog_id"] > 0
         assert lbd.pin_dir.is_dir()
         assert lbd.socket.is_socket()
         assert lbd.kill(signal.SIGTERM) == 0
         assert attached_prog_id(topo.lb_iface.name, netns=topo.lb.name) == 0
-        assert tc_egress_prog_ids(ifname, netns=netns) == []
+        assert tc_egress_programs(ifname, netns=netns) == []
         assert "clsact" not in topo.lb.run(["tc", "qdisc", "show", "dev", ifname]).stdout
         assert not lbd.pin_dir.exists()
         assert not lbd.socket.exists()

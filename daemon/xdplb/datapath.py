@@ -685,16 +685,17 @@ def detach_tc_egress(ifname: str, *, netns: str | None = None) -> bool:
         return bool(ours)
 
 
-def tc_egress_prog_ids(ifname: str, *, netns: str | None = None) -> list[int]:
-    """Ids of the bpf programs at an interface's egress hook under our preference."""
+def tc_egress_programs(ifname: str, *, netns: str | None = None) -> list[str]:
+    """Names of the bpf programs at an interface's egress hook under our preference
+    (pyroute2 decodes a bpf filter's name, not its program id)."""
     with _ipr(netns) as ipr:
         index = _ifindex(ipr, ifname, netns)
-        ids = []
+        names = []
         for flt in _tc_filters(ipr, index, TC_EGRESS_PARENT):
             options = flt.get_attr("TCA_OPTIONS")
             if _is_ours(flt) and options is not None:
-                ids.append(options.get_attr("TCA_BPF_ID") or -1)
-        return ids
+                names.append(options.get_attr("TCA_BPF_NAME") or "")
+        return names
 
 
 # --- the programs -----------------------------------------------------------
