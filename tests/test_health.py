@@ -1280,6 +1280,34 @@ def test_check_through_the_vip_sees_a_broken_vip_path_that_the_own_address_check
     assert backend_status(lbd, VIP_VIA)[victim]["last_result"] == "ok"
 
 
+@pytest.mark.netns
+def test_checks_through_the_vip_go_on_after_lbd_is_killed_and_restarted(lab, lbd):
+    """kill -9, then a new lbd: it finds the backend entries (same indexes, so the
+    same marks) in the pinned maps, replaces the tc program, and its checks
+    through the VIP see a broken VIP path as before."""
+    topo, _, _, rings = lab
+    backends = topo.backend_v4
+    add_vip_with_backends(lbd, VIP_VIA, backends, "--check", "tcp", "--check-via", "vip",
+                          *TIMING)
+    timed(rings, [VIP_VIA], backends[2], True, time.monotonic(), 5)
+    indexes = [backend_index(lbd, VIP_VIA, a) for a in backends]
+    lbd.kill(signal.SIGKILL)
+    lbd.start()
+    assert [backend_index(lbd, VIP_VIA, a) for a in backends] == indexes
+    assert rings.view(VIP_VIA) == (set(backends), set(backends))
+    assert lbd.log_text().count("checks through the VIP: tc egress program attached") >= 2
+    try:
+        broken = backend_lo(topo, 2, "del")
+        down = timed(rings, [VIP_VIA], backends[2], False, broken, 5)[VIP_VIA]
+        assert down <= DOWN_BOUND_S + ALLOWANCE_S, down
+        restored = backend_lo(topo, 2, "add")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            backend_lo(topo, 2, "add")
+    timed(rings, [VIP_VIA], backends[2], True, restored, 5)
+    assert rings.view(VIP_VIA) == (set(backends), set(backends))
+
+
 def backend_index(lbd, vip_text: str, address: str) -> int:
     listing = json.loads(ok(lbd, "backend", "list", vip_text, "-o", "json"))
     return next(b["status"]["index"] for b in listing["backends"] if b["address"] == address)
