@@ -1,6 +1,7 @@
 """The datapath: the only module that knows bcc.
 
-It compiles and loads the XDP programs in bpf/, attaches and detaches them,
+It compiles and loads the XDP programs in bpf/ (and the balancer's tc egress
+program of health checks through the tunnel), attaches and detaches them,
 pins their maps under a per-instance bpffs directory so a restarted daemon
 reuses them, reads and writes the maps with the layouts of structs.py, sums
 per-CPU counters, and runs programs on test frames with BPF_PROG_TEST_RUN.
