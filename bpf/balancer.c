@@ -7,7 +7,8 @@
  *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
  *   CONN_SET_BITS (the flow table has 2^bits sets of FLOW_WAYS flows),
  * and XDPLB_PIN_DIR (a string) when the maps are pinned for reuse across
- * daemon restarts.
+ * daemon restarts; HC_MARK_BASE and HC_MARK_MASK, the socket marks of health
+ * checks sent through the tunnel (xdplb_hc_encap below).
  *
  * Per-packet cost on this machine kind is dominated by kernel calls (every
  * helper or non-inlined map lookup costs 10-35 ns), so the fast path uses
@@ -24,6 +25,16 @@
 #include "hash.h"
 #include "encap.h"
 #include "icmp.h"
+#include "hc_encap.h"
+
+/* A health check through the tunnel carries mark HC_MARK_BASE | index: the
+ * bits outside HC_MARK_MASK are its backend entry's index. */
+#ifndef HC_MARK_BASE
+#define HC_MARK_BASE 0x58440000U
+#endif
+#ifndef HC_MARK_MASK
+#define HC_MARK_MASK 0xffff0000U
+#endif
 
 #ifdef XDPLB_PIN_DIR
 #define XDPLB_MAP(type, key, leaf, name, size, flags) \
@@ -51,6 +62,7 @@ XDPLB_MAP("percpu_array", __u32, struct traffic_counters, vip_stats, MAX_VIPS, 0
 XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BACKENDS, 0);
 XDPLB_MAP("percpu_array", __u32, struct global_counters, global_stats, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct flood_state, flood, 1, 0);
+XDPLB_MAP("percpu_array", __u32, struct hc_counters, hc_stats, 1, 0);
 
 static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
 {
@@ -515,4 +527,61 @@ int xdplb_balancer(struct xdp_md *ctx)
 		return handle_icmp(ctx, &pkt, cfg, gc, frame_len);
 	gc->pass_not_vip++;
 	return XDP_PASS;
+}
+
+/* tc egress: health checks through the tunnel (bpf/hc_encap.h).
+ *
+ * An unmarked packet, anything the host sends that is not such a check, is
+ * left alone at the cost of one compare. A marked one must be a TCP/UDP
+ * packet to a VIP whose backend entry the mark names (the entry's vip_id is
+ * the VIP's): it is encapsulated to that backend with the VIP's
+ * encapsulation, whether the backend is marked available or not (a down
+ * backend is checked too, to come back). Any other marked packet is
+ * dropped and counted: its check then fails, which is the truth. */
+int xdplb_hc_encap(struct __sk_buff *skb)
+{
+	if ((skb->mark & HC_MARK_MASK) != HC_MARK_BASE)
+		return TC_ACT_OK;
+	__u32 zero = 0;
+	struct hc_counters *hc = hc_stats.lookup(&zero);
+	if (!hc)
+		return TC_ACT_SHOT;
+	__u32 idx = skb->mark & ~HC_MARK_MASK;
+	struct backend *be = backends.lookup(&idx);
+	struct lb_config *cfg = config.lookup(&zero);
+	if (!idx || !be || !be->vip_id || !cfg || !(cfg->flags & CONFIG_F_READY)) {
+		hc->drop_unknown++;
+		return TC_ACT_SHOT;
+	}
+	struct packet pkt = {};
+	if (hc_pull_headers(skb)) {
+		hc->drop_unparsed++;
+		return TC_ACT_SHOT;
+	}
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (parse_packet(data, data_end, &pkt) != PARSE_OK || pkt.fragment ||
+	    (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)) {
+		hc->drop_unparsed++;
+		return TC_ACT_SHOT;
+	}
+	struct vip_meta vip;
+	if (!find_vip(&pkt.dst, pkt.dport, pkt.proto, &vip) || vip.vip_id != be->vip_id ||
+	    (pkt.ipv6 && !(be->flags & BACKEND_F_IPV6))) {
+		hc->drop_unknown++;
+		return TC_ACT_SHOT;
+	}
+	int gue = (vip.flags & VIP_F_GUE) != 0;
+	/* A GSO packet is cut to the MTU after this hook; anything else must fit. */
+	if (!skb->gso_size &&
+	    pkt.l3_len + encap_overhead(be->flags & BACKEND_F_IPV6, gue) > cfg->mtu) {
+		hc->drop_too_big++;
+		return TC_ACT_SHOT;
+	}
+	if (hc_encapsulate(skb, &pkt, be, cfg, hash_for_vip(&vip, &pkt), gue)) {
+		hc->drop_encap_failed++;
+		return TC_ACT_SHOT;
+	}
+	hc->encapsulated++;
+	return TC_ACT_OK;
 }

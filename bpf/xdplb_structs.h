@@ -165,6 +165,16 @@ struct flood_state {
 	__u64 new_flows;
 };
 
+/* Per-CPU counters of the health-check encapsulation at tc egress
+ * (bpf/hc_encap.h): marked packets only, each counted once. */
+struct hc_counters {
+	__u64 encapsulated;     /* sent through the tunnel to the mark's backend */
+	__u64 drop_unknown;     /* the mark names no backend entry of the packet's VIP */
+	__u64 drop_unparsed;    /* not an IP packet with a readable TCP/UDP header */
+	__u64 drop_too_big;     /* longer than the MTU once encapsulated */
+	__u64 drop_encap_failed; /* the kernel refused to grow the packet */
+};
+
 /* Per-CPU counters of the backend-side decapsulator. */
 struct decap_counters {
 	__u64 decapsulated;

@@ -187,6 +187,9 @@ check_options = _apply_options([
                  help="Successes in a row that make a backend healthy."),
     click.option("--fall", "check_fall", type=RISE_FALL, metavar="N",
                  help="Failures in a row that make a backend unhealthy."),
+    click.option("--check-via", "check_via", type=click.Choice(state.CHECK_VIAS),
+                 help="Probe the backend's own address (backend), or connect to the VIP "
+                      "through the tunnel to this backend (vip: tcp, http, https)."),
 ])
 
 # Their destinations are "capacity_" + the Capacity field (take_capacity_options).

@@ -35,7 +35,7 @@ single rule, so the keys are stable and lb.proto documents them:
                          "since": float (unix time, 0: never), "check": str}}
   CHECK      {"kind": str, "port": int, "path": str, "host": str, "expect_status": [int],
               "body": str, "grpc_service": str, "interval_ms": int, "timeout_ms": int,
-              "rise": int, "fall": int}
+              "rise": int, "fall": int, "via": str ("backend" or "vip")}
   TRAFFIC    {"vip": str, "backend": str ("" for the VIP's own totals),
               "packets": int, "bytes": int}
   RECONCILE  {"map_writes": int, "ring_positions": {VIP: int}, "duration_ms": float}
@@ -312,6 +312,8 @@ def short_check(check: lb_pb2.HealthCheck) -> str:
         text += f":{check.port}"
     if check.kind in ("http", "https") and check.path:
         text += check.path
+    if check.via == "vip":
+        text += "@vip"
     return text
 
 
@@ -331,6 +333,8 @@ def describe_check(check: lb_pb2.HealthCheck) -> str:
     parts += [f"every {check.interval_ms} ms"] if check.HasField("interval_ms") else []
     parts += [f"timeout {check.timeout_ms} ms"] if check.HasField("timeout_ms") else []
     parts += _given(check, ("rise", "fall"))
+    if check.via == "vip":
+        parts.append("through the VIP")
     return ", ".join(parts)
 
 

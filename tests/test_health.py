@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -269,6 +270,43 @@ def test_identical_checks_are_shared_across_vips_and_stop_when_unused():
         runs = checker.checks_run
         await asyncio.sleep(0.1)
         assert checker.checks_run == runs
+        await checker.close()
+
+    asyncio.run(scenario())
+
+
+def test_checks_through_the_vip_are_one_per_backend_entry_and_follow_its_mark():
+    """A check via the VIP connects to the VIP with the backend entry's mark: one
+    check per (VIP, backend), never shared with the backend's own-address check,
+    and a new mark (the backend re-added under another index) is a new check."""
+    async def scenario():
+        _, checker = notes()
+        told: list[tuple[str, str]] = []
+        checker.notify = lambda line, backend: told.append((line, backend))
+        a, b = "127.0.0.2", "127.0.0.3"
+        via_vip = dataclasses.replace(HOURLY, via="vip")
+        state = DesiredState({
+            VIP_A: vip(VIP_A, BackendSpec(a), BackendSpec(b), check=via_vip),
+            VIP_B: vip(VIP_B, BackendSpec(a)),  # the same backend, its own address
+        })
+        marks = {(VIP_A, a): 0x58440001, (VIP_A, b): 0x58440002, (VIP_B, a): 0x58440003}
+        checker.update(state, {}, marks)
+        probe_a, probe_b = checker.members[(VIP_A, a)], checker.members[(VIP_A, b)]
+        assert (probe_a.address, probe_a.port, probe_a.fwmark, probe_a.backend) == (
+            VIP_A.address, 80, 0x58440001, a)
+        assert (probe_b.address, probe_b.fwmark, probe_b.backend) == (
+            VIP_A.address, 0x58440002, b)
+        own = checker.members[(VIP_B, a)]
+        assert (own.address, own.fwmark, own.backend) == (a, 0, "")
+        assert len(checker.verdicts) == 3
+        assert probe_a.describe() == f"tcp {VIP_A.address}:80 through the tunnel to {a}"
+        checker._tell("x is up", probe_a)
+        assert told == [("x is up", a)]  # reported as the backend's, not the VIP's
+        checker.update(state, {}, {**marks, (VIP_A, a): 0x58440009})
+        assert checker.members[(VIP_A, a)].fwmark == 0x58440009
+        assert probe_a not in checker.verdicts
+        with pytest.raises(ValueError, match="needs the VIP and the backend's mark"):
+            Probe.of(via_vip, a, 80)
         await checker.close()
 
     asyncio.run(scenario())
@@ -518,6 +556,41 @@ def test_grpc_probe_sees_a_restarted_server_at_once():
 # on a 2-CPU machine, and the test's own 10 ms polling of the maps.
 BATCH_S = 0.2
 ALLOWANCE_S = BATCH_S + 0.1
+
+
+def test_marked_probes_connect_from_marked_sockets_and_speak_as_unmarked_ones(certificate):
+    """A check through the VIP (a probe with a mark) opens its own socket, sets the
+    mark, connects, and then speaks exactly as any check: TCP, HTTP and HTTPS (with
+    the Host header as SNI, none without it) against local listeners, where the
+    mark changes nothing."""
+    key, cert = certificate
+    names: list[str | None] = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    tls.sni_callback = lambda sock, name, ctx: names.append(name)
+
+    def marked(kind: str, port: int, **fields) -> Probe:
+        return dataclasses.replace(probe(kind, port=port, timeout_ms=1000, **fields),
+                                   fwmark=0x58440007, backend="10.1.0.1")
+
+    async def scenario():
+        servers = Listeners()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        port = await servers.http(answer)
+        assert (await run_probe(marked("tcp", port), GrpcChannels())).ok
+        result = await run_probe(marked("http", port, path="/healthz"), GrpcChannels())
+        assert result.ok, result
+        assert servers.requests[-1].startswith(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        secure = await servers.http(answer, tls=tls)
+        for host in ("www.test", ""):
+            result = await run_probe(marked("https", secure, host=host), GrpcChannels())
+            assert result.ok, result
+        refused = await run_probe(marked("http", closed_port()), GrpcChannels())
+        assert (refused.ok, refused.reason) == (False, "refused")
+        servers.close()
+
+    asyncio.run(scenario())
+    assert names == ["www.test", None]
 
 
 def wait_for(condition, timeout: float, poll: float = 0.01, what: str = "condition") -> float:
@@ -1125,3 +1198,142 @@ def test_identical_checks_on_several_vips_run_once(lab, lbd):
     assert elapsed / 0.1 - 2 <= checks <= elapsed / (0.1 * (1 - JITTER)) + 2
     statuses = [backend_status(lbd, f"{VIP}:{p}/tcp")[backend] for p in (87, 88, 89)]
     assert len({s["since"] for s in statuses}) == 1  # one verdict, shown on each VIP
+
+
+# --- checks through the VIP ----------------------------------------------------------------
+
+
+VIP_VIA = f"{VIP}:80/tcp"  # checked through the tunnel
+VIP_OWN = f"{VIP}:83/tcp"  # the same backends checked at their own address
+
+
+def backend_lo(topo, i: int, action: str) -> float:
+    """Adds or removes the VIP on backend i's loopback; returns when it was done."""
+    topo.backends[i].run(["ip", "addr", action, f"{VIP}/32", "dev", "lo"])
+    return time.monotonic()
+
+
+@pytest.mark.netns
+def test_check_through_the_vip_sees_a_broken_vip_path_that_the_own_address_check_cannot(
+        lab, lbd):
+    """The same backends on two VIPs: checked through the tunnel to VIP:80 on one,
+    at their own address on the other. With the VIP taken off two backends'
+    loopbacks (their own addresses still answer), only the checks through the VIP
+    (TCP for one, HTTP for the other) take them down, within fall x interval +
+    timeout; back on, they return within rise x interval. The third backend, and
+    every own-address check, stay up throughout."""
+    topo, _, _, rings = lab
+    backends = topo.backend_v4
+    via = ["--check", "http", "--check-path", "/healthz", "--check-via", "vip", *TIMING]
+    own = ["--check", "http", "--check-port", "80", "--check-path", "/healthz", *TIMING]
+    add_vip_with_backends(lbd, VIP_VIA, backends, *via)
+    add_vip_with_backends(lbd, VIP_OWN, backends, *own)
+    # backend 0 through the VIP with a plain TCP check (the scheduler's own connects)
+    ok(lbd, "backend", "set", VIP_VIA, backends[0], "--check", "tcp")
+    for vip_text in (VIP_VIA, VIP_OWN):
+        timed(rings, [vip_text], backends[2], True, time.monotonic(), 5)
+        assert rings.view(vip_text) == (set(backends), set(backends))
+    status = backend_status(lbd, VIP_VIA)
+    assert status[backends[1]]["check"] == f"http {VIP}:80/healthz through the tunnel to " \
+                                           f"{backends[1]}"
+    assert status[backends[0]]["check"] == f"tcp {VIP}:80 through the tunnel to {backends[0]}"
+    assert {s["health"] for s in status.values()} == {"up"}
+    victims = backends[:2]
+    down, up = {}, {}
+    try:
+        for i in (0, 1):
+            broken = backend_lo(topo, i, "del")
+            down[victims[i]] = timed(rings, [VIP_VIA], victims[i], False, broken, 5)[VIP_VIA]
+        time.sleep(FALL * INTERVAL_MS / 1000)  # the own-address checks had their chances
+        assert rings.view(VIP_VIA) == ({backends[2]},) * 2
+        assert rings.view(VIP_OWN) == (set(backends), set(backends))
+        for victim in victims:
+            status = {v: backend_status(lbd, v)[victim] for v in (VIP_VIA, VIP_OWN)}
+            assert (status[VIP_VIA]["health"], status[VIP_VIA]["last_result"]) == (
+                "down", "timeout")
+            assert (status[VIP_OWN]["health"], status[VIP_OWN]["last_result"]) == ("up", "ok")
+        for i in (0, 1):
+            restored = backend_lo(topo, i, "add")
+            up[victims[i]] = timed(rings, [VIP_VIA], victims[i], True, restored, 5)[VIP_VIA]
+    finally:
+        for i in (0, 1):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                backend_lo(topo, i, "add")  # already there after a pass: refused, fine
+    for victim in victims:
+        assert DOWN_FLOOR_S <= down[victim] <= DOWN_BOUND_S + ALLOWANCE_S, down
+        assert UP_FLOOR_S <= up[victim] <= UP_BOUND_S + ALLOWANCE_S, up
+    assert rings.view(VIP_VIA) == (set(backends), set(backends))
+    assert rings.view(VIP_OWN) == (set(backends), set(backends))
+    victim = victims[1]
+    MEASURED["through the VIP"] = {"down_s": down, "down_bound_s": DOWN_BOUND_S,
+                                   "up_s": up, "up_bound_s": UP_BOUND_S}
+    log = lbd.log_text()
+    assert "checks through the VIP: tc egress program attached" in log
+    assert re.search(rf"through the tunnel to {re.escape(victim)} is down: timeout "
+                     rf"\(2 failures in a row\).* event=health backend={re.escape(victim)}", log)
+    # Re-added, the backend has another entry, so another mark: its check follows.
+    index = backend_index(lbd, VIP_VIA, victim)
+    ok(lbd, "backend", "del", VIP_VIA, victim)
+    ok(lbd, "backend", "add", VIP_VIA, victim)
+    assert backend_index(lbd, VIP_VIA, victim) != index
+    timed(rings, [VIP_VIA], victim, True, time.monotonic(), 2)
+    assert backend_status(lbd, VIP_VIA)[victim]["last_result"] == "ok"
+
+
+@pytest.mark.netns
+def test_checks_through_the_vip_go_on_after_lbd_is_killed_and_restarted(lab, lbd):
+    """kill -9, then a new lbd: it finds the backend entries (same indexes, so the
+    same marks) in the pinned maps, replaces the tc program, and its checks
+    through the VIP see a broken VIP path as before."""
+    topo, _, _, rings = lab
+    backends = topo.backend_v4
+    add_vip_with_backends(lbd, VIP_VIA, backends, "--check", "tcp", "--check-via", "vip",
+                          *TIMING)
+    timed(rings, [VIP_VIA], backends[2], True, time.monotonic(), 5)
+    indexes = [backend_index(lbd, VIP_VIA, a) for a in backends]
+    lbd.kill(signal.SIGKILL)
+    lbd.start()
+    assert [backend_index(lbd, VIP_VIA, a) for a in backends] == indexes
+    assert rings.view(VIP_VIA) == (set(backends), set(backends))
+    assert lbd.log_text().count("checks through the VIP: tc egress program attached") >= 2
+    try:
+        broken = backend_lo(topo, 2, "del")
+        down = timed(rings, [VIP_VIA], backends[2], False, broken, 5)[VIP_VIA]
+        assert down <= DOWN_BOUND_S + ALLOWANCE_S, down
+        restored = backend_lo(topo, 2, "add")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            backend_lo(topo, 2, "add")
+    timed(rings, [VIP_VIA], backends[2], True, restored, 5)
+    assert rings.view(VIP_VIA) == (set(backends), set(backends))
+
+
+def backend_index(lbd, vip_text: str, address: str) -> int:
+    listing = json.loads(ok(lbd, "backend", "list", vip_text, "-o", "json"))
+    return next(b["status"]["index"] for b in listing["backends"] if b["address"] == address)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(("args", "message"), [
+    (["vip", "add", f"{VIP}:84/tcp", "--check", "grpc", "--check-via", "vip"],
+     f"vip ({VIP}:84/tcp).check.via: a grpc check cannot go through the VIP (the gRPC client "
+     "cannot mark its connections)"),
+    (["vip", "add", f"{VIP}/tcp", "--check", "tcp", "--check-via", "vip"],
+     f"vip ({VIP}/tcp).check.port: a port-less VIP's check needs a port"),
+    (["vip", "add", f"{VIP}:84/udp", "--check", "tcp", "--check-via", "vip"],
+     f"vip ({VIP}:84/udp).check.via: checks through the VIP speak TCP"),
+    (["vip", "add", f"{VIP}:84/tcp", "--check-port", "8080", "--check-via", "vip"],
+     f"vip ({VIP}:84/tcp).check.port: a check through the VIP goes to the VIP's port 84"),
+    (["backend", "add", VIP_OWN, "10.100.10.2", "--check", "grpc", "--check-via", "vip"],
+     "backend.check.via: a grpc check cannot go through the VIP"),
+    (["vip", "set", VIP_OWN, "--check-via", "vip"],
+     f"VIP {VIP_OWN}.check.port: a check through the VIP goes to the VIP's port 83"),
+])
+def test_checks_through_the_vip_refused_with_the_field_and_nothing_changed(lbd, args, message):
+    ok(lbd, "vip", "add", VIP_OWN, *RING, "--check", "tcp", "--check-port", "80")
+    before = ok(lbd, "export")
+    result = lbd.lbctl(*args)
+    assert result.returncode == 1, result.stdout
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert ok(lbd, "export") == before

@@ -65,7 +65,7 @@ def check_settings(**overrides: Any) -> lb_pb2.HealthCheck:
     fields: dict[str, Any] = {
         "kind": "http", "port": 8080, "path": "/healthz", "host": "", "expect_status": [200, 204],
         "body": "", "grpc_service": "", "interval_ms": 2000, "timeout_ms": 1000, "rise": 2,
-        "fall": 3}
+        "fall": 3, "via": "backend"}
     return lb_pb2.HealthCheck(**{**fields, **overrides})
 
 
@@ -174,6 +174,8 @@ def test_an_unknown_output_format_is_a_usage_error(args: list[str]) -> None:
      "Invalid value for '--check-status': '2x0' is not an HTTP status code 100..599"),
     (["vip", "add", VIP_TEXT, "--rise", "0"],
      "Invalid value for '--rise': 0 is not in the range 1<=x<=100."),
+    (["vip", "add", VIP_TEXT, "--check-via", "tunnel"],
+     "Invalid value for '--check-via': 'tunnel' is not one of 'backend', 'vip'."),
     (["vip", "set", VIP_TEXT], "vip set: nothing to set (see lbctl vip set --help)"),
     (["backend", "set", VIP_TEXT, "10.1.0.1"],
      "backend set: nothing to set (see lbctl backend set --help)"),
@@ -364,11 +366,11 @@ def test_vip_add_with_every_option() -> None:
                   "--when-none-healthy", "all", "--check", "http", "--check-port", "8443",
                   "--check-path", "/healthz", "--check-host", "www", "--check-status", "200,204",
                   "--check-body", "ok", "--check-interval", "500", "--check-timeout", "200",
-                  "--rise", "3", "--fall", "4"], client)
+                  "--rise", "3", "--fall", "4", "--check-via", "vip"], client)
     assert result.exit_code == 0, result.stderr
     check = lb_pb2.HealthCheck(kind="http", port=8443, path="/healthz", host="www",
                                expect_status=[200, 204], body="ok", interval_ms=500,
-                               timeout_ms=200, rise=3, fall=4)
+                               timeout_ms=200, rise=3, fall=4, via="vip")
     assert client.calls[0][1] == lb_pb2.AddVipRequest(vip=lb_pb2.Vip(
         vip="[2001:db8::10]:443/udp", hash="5tuple", encap="gue", ring_size=655373,
         panic_threshold=0.25, when_none_healthy="all", check=check))
@@ -485,7 +487,7 @@ def test_drained_wins_over_health() -> None:
 def check_json(**overrides: Any) -> dict[str, Any]:
     fields = {"kind": "http", "port": 8080, "path": "/healthz", "host": "",
               "expect_status": [200, 204], "body": "", "grpc_service": "", "interval_ms": 2000,
-              "timeout_ms": 1000, "rise": 2, "fall": 3}
+              "timeout_ms": 1000, "rise": 2, "fall": 3, "via": "backend"}
     return {**fields, **overrides}
 
 
@@ -728,3 +730,19 @@ def test_completion_prints_clicks_script(shell: str) -> None:
 def test_completion_of_an_unknown_shell_is_a_usage_error() -> None:
     assert_usage_error(run(["completion", "tcsh"]),
                        "Invalid value for 'SHELL': 'tcsh' is not one of 'bash', 'zsh', 'fish'.")
+
+
+def test_a_check_through_the_vip_shows_in_the_table_and_the_description() -> None:
+    via_vip = check_settings(kind="tcp", port=0, via="vip")
+    assert output.short_check(via_vip) == "tcp@vip"
+    assert output.short_check(check_settings()) == "http:8080/healthz"
+    assert output.describe_check(via_vip).endswith(", through the VIP")
+    assert "through the VIP" not in output.describe_check(check_settings())
+
+
+def test_backend_add_with_a_check_through_the_vip() -> None:
+    client = RecordingClient()
+    result = run(["backend", "add", VIP_TEXT, "10.1.0.7", "--check-via", "vip"], client)
+    assert result.exit_code == 0, result.stderr
+    request = client.calls[0][1]
+    assert request.backend.check == lb_pb2.HealthCheck(via="vip")

@@ -65,6 +65,17 @@ CONFIG_REFUSALS = [
     ("cert-missing", BASE + LISTEN + 'tls_cert = "{here}/missing.pem"\n'
      'tls_key = "{here}/lbd.toml"\n', "api.tls_cert: {here}/missing.pem is not a readable file"),
     ("toml-syntax", BASE + "[api\n", "not valid TOML: "),
+    ("health-fwmark-outside-mask", BASE + "[health]\nfwmark = 0x58440001\n",
+     "health.fwmark 0x58440001: must be a nonzero 32-bit mark within fwmark_mask 0xffff0000"),
+    ("health-mask-not-contiguous", BASE + "[health]\nfwmark_mask = 0xff00ff00\n",
+     "health.fwmark_mask 0xff00ff00: must be contiguous high bits (e.g. 0xffff0000)"),
+    ("health-mask-too-narrow", BASE + "[health]\nfwmark = 0x58440000\n"
+     "fwmark_mask = 0xfffff800\n",
+     "health.fwmark_mask 0xfffff800: leaves room for backend indexes up to 2047, but "
+     "maps.max_backends is 4096 (indexes up to 4095)"),
+    ("health-fwmark-type", BASE + '[health]\nfwmark = "0x58440000"\n',
+     "health.fwmark: must be int, got '0x58440000'"),
+    ("health-unknown-key", BASE + "[health]\nmark = 1\n", "health: unknown key 'mark'"),
 ]
 
 
@@ -516,18 +527,25 @@ def test_sigterm_by_default_keeps_the_program_and_the_pins(site, plain):
 
 
 def test_sigterm_with_detach_on_exit_detaches_and_unpins(site):
-    from xdplb.datapath import attached_prog_id
+    from xdplb.datapath import attached_prog_id, tc_egress_programs
 
     topo = site.topo
     lbd = site.daemon("detach", extra_args=["--detach-on-exit"])
     site.start_alone(lbd)
+    ifname, netns = topo.lb_iface.name, topo.lb.name
     try:
         ok(lbd, "vip", "add", VIP4)
+        assert tc_egress_programs(ifname, netns=netns) == []  # only once a check needs it
+        ok(lbd, "backend", "add", VIP4, topo.backend_v4[0], "--check", "tcp",
+           "--check-via", "vip", "--check-timeout", "100")
+        assert tc_egress_programs(ifname, netns=netns) == ["xdplb_hc_encap"]
         assert status(lbd)["interfaces"][0]["prog_id"] > 0
         assert lbd.pin_dir.is_dir()
         assert lbd.socket.is_socket()
         assert lbd.kill(signal.SIGTERM) == 0
         assert attached_prog_id(topo.lb_iface.name, netns=topo.lb.name) == 0
+        assert tc_egress_programs(ifname, netns=netns) == []
+        assert "clsact" not in topo.lb.run(["tc", "qdisc", "show", "dev", ifname]).stdout
         assert not lbd.pin_dir.exists()
         assert not lbd.socket.exists()
         assert "lbd stopped: XDP detached and maps unpinned" in lbd.log_text()

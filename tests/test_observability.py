@@ -59,6 +59,7 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_backend_bytes_total": ("counter", VB),
     "xdplb_datapath_packets_total": ("counter", frozenset({"action", "reason"})),
     "xdplb_datapath_events_total": ("counter", frozenset({"event"})),
+    "xdplb_health_tunnel_packets_total": ("counter", frozenset({"outcome"})),
     "xdplb_backend_healthy": ("gauge", VB),
     "xdplb_backend_available": ("gauge", VB),
     "xdplb_backend_weight": ("gauge", VB),

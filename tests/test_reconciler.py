@@ -255,6 +255,23 @@ def test_removed_backend_index_is_not_reused_while_fresh_indexes_remain(new_bala
     assert rec.member_index(A, "10.100.12.2") == before["10.100.12.2"]
 
 
+def test_allocating_ahead_gives_the_indexes_the_reconcile_then_uses_and_reports(
+        new_balancer):
+    """Checks through the VIP need a new backend's index before it is realised:
+    allocate() hands it out, the reconcile uses it, and reports the counter
+    resets allocate() wrote as its own (one reconcile's report, as before)."""
+    ahead, plain = Reconciler(new_balancer()), Reconciler(new_balancer())
+    desired = build(AddVip(vip(A, A_BACKENDS, ring_size=1009)))
+    ahead.allocate(desired)
+    indexes = {a: ahead.member_index(A, a) for a in A_BACKENDS}
+    ahead.allocate(desired)  # twice: nothing new
+    report = ahead.reconcile(desired)
+    assert {a: ahead.member_index(A, a) for a in A_BACKENDS} == indexes
+    assert report.writes == plain.reconcile(desired).writes
+    assert report.writes["backend_stats"] == len(A_BACKENDS)
+    assert not ahead.reconcile(desired).total_writes
+
+
 def test_index_pool_hands_out_fresh_indexes_then_freed_ones_oldest_first():
     pool = IndexPool(6)
     assert [pool.take() for _ in range(3)] == [1, 2, 3]

@@ -360,7 +360,49 @@ REFUSALS = [
                   state.SetVip(ALL_PORTS, {"check": state.HealthCheck(kind="http")})],
                  f"{ALL_PORTS_WHERE}.check.port: "
                  "a port-less VIP's check needs a port", id="port-less VIP, VIP check"),
+    pytest.param([state.SetVip(V4, {"check": state.HealthCheck(via="tunnel")})],
+                 f"{V4_WHERE}.check.via: 'tunnel' is not one of backend, vip", id="check via"),
+    pytest.param([state.SetVip(V4, {"check": state.HealthCheck(kind="grpc", via="vip")})],
+                 f"{V4_WHERE}.check.via: a grpc check cannot go through the VIP (the gRPC "
+                 "client cannot mark its connections); use via \"backend\", or a tcp or "
+                 "http check", id="grpc check via the VIP"),
+    pytest.param([state.SetBackend(V4, "10.1.0.1", {"check": state.HealthCheck(
+                      kind="grpc", via="vip")})],
+                 f"{V4_WHERE} backend 10.1.0.1.check.via: a grpc check cannot go through "
+                 "the VIP", id="backend grpc check via the VIP"),
+    pytest.param([state.SetVip(V6, {"check": state.HealthCheck(port=53, via="vip")})],
+                 f"{V6_WHERE}.check.via: checks through the VIP speak TCP; "
+                 "[2001:db8::10]:443/udp is a udp VIP", id="UDP VIP check via the VIP"),
+    pytest.param([state.SetVip(V4, {"check": state.HealthCheck(port=8080, via="vip")})],
+                 f"{V4_WHERE}.check.port: a check through the VIP goes to the VIP's port 80 "
+                 "(set 0 or 80, or use via \"backend\")", id="check via the VIP, other port"),
+    pytest.param([state.SetBackend(ALL_PORTS, "10.1.0.3", {"check": state.HealthCheck(
+                      via="vip")})],
+                 f"{ALL_PORTS_WHERE} backend 10.1.0.3.check.port: "
+                 "a port-less VIP's checks need a port", id="port-less VIP, via the VIP"),
+    pytest.param([state.AddVip(state.default_vip(state.VipKey("10.0.0.20", 443, "tcp"))),
+                  state.SetVip(ALL_PORTS, {"check": state.HealthCheck(port=443, via="vip")})],
+                 "VIP 10.0.0.20/tcp.check.port: a check through the VIP to port 443 would "
+                 "reach VIP 10.0.0.20:443/tcp, not this one",
+                 id="port-less VIP, via the VIP to another VIP's port"),
 ]
+
+
+def test_checks_through_the_vip_are_accepted_and_round_trip(base):
+    vip_check = state.HealthCheck(kind="http", path="/healthz", via="vip")
+    new = state.apply_changes(base, [
+        state.SetVip(V4, {"check": vip_check}),
+        state.SetVip(ALL_PORTS, {"check": state.HealthCheck(port=8080, via="vip")}),
+        state.SetBackend(V4, "10.1.0.1", {"check": state.HealthCheck(port=80, via="vip")}),
+    ], state.Limits())
+    assert new.vips[V4].check.via == "vip"
+    assert state.DesiredState.from_dict(new.to_dict()) == new
+    assert state.vip_to_dict(new.vips[V4])["check"]["via"] == "vip"
+    # the default is the backend's own address, and an older document without it reads so
+    data = state.vip_to_dict(base.vips[V4])
+    assert data["check"]["via"] == "backend"
+    del data["check"]["via"]
+    assert state.vip_from_dict(data, "vip").check.via == "backend"
 
 
 @pytest.mark.parametrize(("changes", "message"), REFUSALS)

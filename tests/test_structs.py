@@ -21,6 +21,7 @@ MAPS = {
     "vip_stats": (ct.c_uint32, s.TrafficCounters),
     "global_stats": (ct.c_uint32, s.GlobalCounters),
     "flood": (ct.c_uint32, s.FloodState),
+    "hc_stats": (ct.c_uint32, s.HcCounters),
 }
 
 

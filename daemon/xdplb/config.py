@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xdplb.datapath import PIN_ROOT, MapSizes
+from xdplb.datapath import PIN_ROOT, DatapathError, HealthMarks, MapSizes
 from xdplb.reconciler import DatapathSettings
 from xdplb.state import StateError, StrictTable
 
@@ -65,6 +65,8 @@ class DaemonConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     bgp: BgpConfig = field(default_factory=BgpConfig)
     maps: MapSizes = field(default_factory=MapSizes)
+    # Socket marks of health checks through the VIP: fwmark | backend index.
+    health_marks: HealthMarks = field(default_factory=HealthMarks)
     # The datapath settings other than the next hop, which lbd resolves.
     mtu: int = 1500
     gue_port: int = 6080
@@ -103,6 +105,10 @@ class DaemonConfig:
             if self.bgp.enabled and not Path(getattr(self.bgp, key)).is_absolute():
                 raise ConfigError(f"bgp.{key}: {getattr(self.bgp, key)} must be an absolute path")
         self._validate_api()
+        try:
+            self.health_marks.validate(self.maps.max_backends)
+        except DatapathError as exc:
+            raise ConfigError(f"health.{exc}") from None
         try:
             self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
         except ValueError as exc:
@@ -192,6 +198,11 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
     values["metrics_listen"] = metrics.take("listen", str, defaults.metrics_listen)
     metrics.done()
     values["maps"] = _maps(top, defaults.maps)
+    health = StrictTable(top.take("health", dict, {}), "health")
+    values["health_marks"] = HealthMarks(
+        base=health.take("fwmark", int, defaults.health_marks.base),
+        mask=health.take("fwmark_mask", int, defaults.health_marks.mask))
+    health.done()
     top.done()
     return replace(defaults, **values)
 

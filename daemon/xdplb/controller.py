@@ -9,6 +9,7 @@ health checks and load feedback all go through `change` or `set_runtime`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -22,7 +23,14 @@ from xdplb.capacity import CapacityController
 from xdplb.config import DaemonConfig
 from xdplb.health import HealthChecker
 from xdplb.metrics import ControlPlaneMetrics
-from xdplb.reconciler import MemberId, Reconciler, ReconcileReport, Runtime, VipPlan
+from xdplb.reconciler import (
+    MemberId,
+    ReconcileError,
+    Reconciler,
+    ReconcileReport,
+    Runtime,
+    VipPlan,
+)
 from xdplb.state import (
     Change,
     DesiredState,
@@ -70,7 +78,9 @@ class Controller:
         self.limits = Limits.of_map_sizes(config.maps)
         self.state = self.store.load()  # refuses to start on a bad file, before any map
         self.started = time.time()
-        self.balancer = balancer or datapath.Balancer(config.maps, pin_dir=config.pin_dir)
+        self.balancer = balancer or datapath.Balancer(config.maps, pin_dir=config.pin_dir,
+                                                      marks=config.health_marks)
+        self.tunnel_checks = False  # the tc program of checks through the VIP is attached
         self.reconciler = Reconciler(self.balancer)
         self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
         self.nexthop: nexthop.Nexthop | None = None
@@ -97,6 +107,7 @@ class Controller:
         generic = self.config.xdp_mode == "generic"
         for ifname in self.config.interfaces:
             self.balancer.attach(ifname, generic=generic)
+        self._attach_tunnel_checks(self.state)
         self.publish("start", f"lbd {VERSION} forwarding on {', '.join(self.config.interfaces)}"
                               f" ({self.config.xdp_mode} XDP), next hop "
                               f"{self.nexthop.describe()}, {len(self.state.vips)} VIPs")
@@ -105,9 +116,38 @@ class Controller:
         """Starts the check loops (inside the event loop); verdicts come back in batches."""
         self.health = HealthChecker(self.apply_health, self._health_event,
                                     observe=self._observe_check)
-        self.health.update(self.state, self.runtime.healthy)
+        self.health.update(self.state, self.runtime.healthy, self.check_marks())
         self.apply_health(self.health.healthy())
         return self.health
+
+    def check_marks(self) -> dict[MemberId, int]:
+        """The socket mark of each backend entry's checks through the VIP."""
+        marks = self.config.health_marks
+        return {member: marks.mark(index) for member, index in self.reconciler.members.items()}
+
+    def _attach_tunnel_checks(self, state: DesiredState) -> None:
+        """Attaches the tc egress program that carries checks through the VIP to their
+        backends, once some check needs it; it then stays (it costs an unmarked
+        packet one compare), replaced atomically by a restarted lbd. Without it a
+        marked check would reach the VIP by plain routing (another LB, or this one's
+        ring): so a state needing it is refused if it cannot be attached."""
+        if self.tunnel_checks or not any(
+                vip.check_for(b).via == "vip" and vip.check_for(b).kind != "none"
+                for vip in state.vips.values() for b in vip.backends.values()):
+            return
+        self.balancer.hc_prog_fd  # noqa: B018 -- loaded (verified) here, in this thread
+
+        def attach() -> None:
+            for ifname in self.config.interfaces:
+                self.balancer.attach_health_encap(ifname)
+
+        # pyroute2's synchronous API cannot run inside a running event loop (a change
+        # arrives in lbd's): netlink from a worker thread, waited for (milliseconds).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(attach).result()
+        self.tunnel_checks = True
+        self.publish("start", "checks through the VIP: tc egress program attached on "
+                              f"{', '.join(self.config.interfaces)}")
 
     async def settle_new_backends(self) -> None:
         """Lets the first checks of new backends decide, so a change is acknowledged
@@ -161,6 +201,7 @@ class Controller:
         if detach:
             for ifname in self.config.interfaces:
                 datapath.detach_xdp(ifname, generic=self.config.xdp_mode == "generic")
+                datapath.detach_tc_egress(ifname)
             self.balancer.unpin()
             self.publish("stop", "lbd stopped: XDP detached and maps unpinned")
         else:
@@ -204,12 +245,18 @@ class Controller:
         new = apply_changes(self.state, changes, self.limits)
         if new == self.state:
             return ChangeResult([], None)
+        try:
+            self._attach_tunnel_checks(new)
+        except datapath.DatapathError as exc:
+            raise ReconcileError(f"checks through the VIP need the tc egress program: {exc}"
+                                 ) from None
         self.store.save(new)
         if self.metrics is not None:
             self.metrics.state_writes.inc()
         self.state = new
+        self.reconciler.allocate(new)  # the indexes the marks of checks through the VIP name
         if self.health is not None:
-            self.health.update(new, self.runtime.healthy)
+            self.health.update(new, self.runtime.healthy, self.check_marks())
             self.runtime = replace(self.runtime, healthy=self.health.healthy())
         if self.capacity is not None:
             self.capacity.update(new, self.runtime.healthy)

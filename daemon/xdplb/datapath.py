@@ -1,6 +1,7 @@
 """The datapath: the only module that knows bcc.
 
-It compiles and loads the XDP programs in bpf/, attaches and detaches them,
+It compiles and loads the XDP programs in bpf/ (and the balancer's tc egress
+program of health checks through the tunnel), attaches and detaches them,
 pins their maps under a per-instance bpffs directory so a restarted daemon
 reuses them, reads and writes the maps with the layouts of structs.py, sums
 per-CPU counters, and runs programs on test frames with BPF_PROG_TEST_RUN.
@@ -83,6 +84,47 @@ class MapSizes:
         return max(6, (4 * self.max_vips - 1).bit_length())
 
 
+HC_MARK_BASE = 0x58440000
+HC_MARK_MASK = 0xFFFF0000
+
+
+@dataclass(frozen=True)
+class HealthMarks:
+    """The socket marks of health checks sent through the tunnel.
+
+    A marked check packet carries `base | index`: the bits outside `mask`
+    name the backend entry it is for (bpf/balancer.c xdplb_hc_encap). The mask
+    must be contiguous high bits, and the index part must hold every backend
+    index."""
+
+    base: int = HC_MARK_BASE
+    mask: int = HC_MARK_MASK
+
+    def validate(self, max_backends: int) -> None:
+        if not isinstance(self.mask, int) or isinstance(self.mask, bool) or not (
+                0 < self.mask <= 0xFFFFFFFF):
+            raise DatapathError(f"fwmark_mask {self.mask!r}: must be a 32-bit mask")
+        free = ~self.mask & 0xFFFFFFFF
+        if free & (free + 1):
+            raise DatapathError(f"fwmark_mask {self.mask:#010x}: must be contiguous high "
+                                "bits (e.g. 0xffff0000); the low bits carry the backend index")
+        if not isinstance(self.base, int) or isinstance(self.base, bool) or not (
+                0 < self.base <= 0xFFFFFFFF) or self.base & free:
+            shown = f"{self.base:#010x}" if isinstance(self.base, int) else repr(self.base)
+            raise DatapathError(f"fwmark {shown}: must be a nonzero 32-bit mark within "
+                                f"fwmark_mask {self.mask:#010x}")
+        if max_backends - 1 > free:
+            raise DatapathError(f"fwmark_mask {self.mask:#010x}: leaves room for backend "
+                                f"indexes up to {free}, but maps.max_backends is "
+                                f"{max_backends} (indexes up to {max_backends - 1})")
+
+    def mark(self, index: int) -> int:
+        """The mark of backend entry `index`'s checks."""
+        if not 0 < index <= ~self.mask & 0xFFFFFFFF:
+            raise DatapathError(f"backend index {index} does not fit fwmark_mask {self.mask:#x}")
+        return self.base | index
+
+
 def bpf_source_dir() -> Path:
     """Where the C sources are: shipped inside the package as xdplb.bpf."""
     return Path(str(importlib.resources.files("xdplb.bpf")))
@@ -123,6 +165,13 @@ def _load_xdp(bpf: Any, function: str) -> Any:
         return bpf.load_func(function.encode(), _bcc().BPF.XDP)
     except Exception as exc:
         raise DatapathError(f"loading XDP program {function} failed: {exc}") from exc
+
+
+def _load_sched_cls(bpf: Any, function: str) -> Any:
+    try:
+        return bpf.load_func(function.encode(), _bcc().BPF.SCHED_CLS)
+    except Exception as exc:
+        raise DatapathError(f"loading tc program {function} failed: {exc}") from exc
 
 
 K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
@@ -633,6 +682,13 @@ class _TestRunAttr(ct.Structure):
     )
 
 
+class SkBuffCtx(ct.Structure):
+    """The head of struct __sk_buff, as far as `mark`: the context a tc
+    program's BPF_PROG_TEST_RUN takes (len and pkt_type must stay zero)."""
+
+    _fields_ = (("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32))
+
+
 class XdpMd(ct.Structure):
     _fields_ = (
         ("data", ct.c_uint32),
@@ -655,8 +711,10 @@ def prog_test_run(
     ingress_ifindex: int = 0,
     flags: int = 0,
     batch_size: int = 0,
+    ctx: ct.Structure | None = None,
 ) -> TestRunResult:
-    """Runs an XDP program on `frame` in the kernel (BPF_PROG_TEST_RUN)."""
+    """Runs an XDP program (or, with an skb `ctx`, a tc program) on `frame`
+    in the kernel (BPF_PROG_TEST_RUN)."""
     syscall_nr = _BPF_SYSCALL.get(platform.machine())
     if syscall_nr is None:
         raise DatapathError(f"BPF_PROG_TEST_RUN: unsupported machine {platform.machine()}")
@@ -672,8 +730,9 @@ def prog_test_run(
         flags=flags,
         batch_size=batch_size,
     )
-    ctx = None
-    if ingress_ifindex or flags:
+    if ctx is not None:
+        attr.ctx_in, attr.ctx_size_in = ct.addressof(ctx), ct.sizeof(ctx)
+    elif ingress_ifindex or flags:
         ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress_ifindex)
         attr.ctx_in, attr.ctx_size_in = ct.addressof(ctx), ct.sizeof(ctx)
     if _libc.syscall(syscall_nr, _BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
@@ -736,6 +795,79 @@ def attached_prog_id(ifname: str, *, netns: str | None = None) -> int:
         return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp else 0
 
 
+TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact's egress hook (TC_H_CLSACT, TC_H_MIN_EGRESS)
+TC_INGRESS_PARENT = 0xFFFFFFF2
+HC_FILTER_PRIO = 0x5844  # our filter's preference: left alone by, and leaving alone, others'
+HC_FILTER_HANDLE = 1
+HC_FILTER_NAME = "xdplb_hc_encap"
+
+
+def _tc_filters(ipr: Any, index: int, parent: int) -> list[Any]:
+    return [f for f in ipr.get_filters(index=index, parent=parent)
+            if f.get_attr("TCA_KIND") == "bpf"]
+
+
+def _is_ours(flt: Any) -> bool:
+    return (flt["info"] >> 16) == HC_FILTER_PRIO
+
+
+def attach_tc_egress(prog_fd: int, ifname: str, *, netns: str | None = None) -> int:
+    """Attaches (or atomically replaces) a direct-action program at the clsact
+    egress hook, under our own preference, creating the clsact qdisc if the
+    interface has none. Other filters on the interface are left alone."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        try:
+            try:
+                ipr.tc("add", "clsact", index)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            ipr.tc("replace-filter", "bpf", index, HC_FILTER_HANDLE, fd=prog_fd,
+                   name=HC_FILTER_NAME, parent=TC_EGRESS_PARENT, prio=HC_FILTER_PRIO,
+                   direct_action=True, protocol=0x0003)  # ETH_P_ALL
+        except Exception as exc:
+            raise DatapathError(f"attaching tc egress program to {ifname}: {exc}") from exc
+        return index
+
+
+def detach_tc_egress(ifname: str, *, netns: str | None = None) -> bool:
+    """Removes our egress filter (False when there was none), and the clsact
+    qdisc too once no filter is left on either of its hooks."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        try:
+            ours = [f for f in _tc_filters(ipr, index, TC_EGRESS_PARENT) if _is_ours(f)]
+            if ours:
+                ipr.tc("del-filter", "bpf", index, HC_FILTER_HANDLE,
+                       parent=TC_EGRESS_PARENT, prio=HC_FILTER_PRIO, protocol=0x0003)
+            left = (ipr.get_filters(index=index, parent=TC_EGRESS_PARENT)
+                    + ipr.get_filters(index=index, parent=TC_INGRESS_PARENT))
+            if ours and not left:
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del", "clsact", index)
+        except NetlinkError as exc:
+            raise DatapathError(f"detaching tc egress program from {ifname}: {exc}") from exc
+        return bool(ours)
+
+
+def tc_egress_programs(ifname: str, *, netns: str | None = None) -> list[str]:
+    """Names of the bpf programs at an interface's egress hook under our preference
+    (pyroute2 decodes a bpf filter's name, not its program id)."""
+    with _ipr(netns) as ipr:
+        index = _ifindex(ipr, ifname, netns)
+        names = []
+        for flt in _tc_filters(ipr, index, TC_EGRESS_PARENT):
+            options = flt.get_attr("TCA_OPTIONS")
+            if _is_ours(flt) and options is not None:
+                names.append(options.get_attr("TCA_BPF_NAME") or "")
+        return names
+
+
 # --- the programs -----------------------------------------------------------
 
 
@@ -747,10 +879,16 @@ class Balancer:
     survive a daemon restart or a program upgrade.
     """
 
-    def __init__(self, sizes: MapSizes | None = None, pin_dir: Path | None = None):
+    def __init__(self, sizes: MapSizes | None = None, pin_dir: Path | None = None,
+                 marks: HealthMarks | None = None):
         self.sizes = sizes or MapSizes()
         self.pin_dir = pin_dir
+        self.marks = marks or HealthMarks()
+        self.marks.validate(self.sizes.max_backends)
+        self._hc_prog_fd: int | None = None
         defines = {
+            "HC_MARK_BASE": f"{self.marks.base:#x}U",
+            "HC_MARK_MASK": f"{self.marks.mask:#x}U",
             "MAX_VIPS": str(self.sizes.max_vips),
             "MAX_BACKENDS": str(self.sizes.max_backends),
             "RING_ENTRIES": str(self.sizes.ring_entries),
@@ -779,6 +917,7 @@ class Balancer:
             "backend_stats", self._fd("backend_stats"), s.TrafficCounters)
         self.global_stats = PerCpuArray(
             "global_stats", self._fd("global_stats"), s.GlobalCounters)
+        self.hc_stats = PerCpuArray("hc_stats", self._fd("hc_stats"), s.HcCounters)
 
     def _fd(self, name: str) -> int:
         return self._bpf.get_table(name.encode()).map_fd
@@ -830,6 +969,24 @@ class Balancer:
 
     def attach(self, ifname: str, *, netns: str | None = None, generic: bool = False) -> int:
         return attach_xdp(self.prog_fd, ifname, netns=netns, generic=generic)
+
+    @property
+    def hc_prog_fd(self) -> int:
+        """The tc egress program of health checks through the tunnel: part of the
+        balancer's module, so it uses these very maps; verified on first use."""
+        if self._hc_prog_fd is None:
+            self._hc_prog_fd = _load_sched_cls(self._bpf, "xdplb_hc_encap").fd
+        return self._hc_prog_fd
+
+    def attach_health_encap(self, ifname: str, *, netns: str | None = None) -> int:
+        return attach_tc_egress(self.hc_prog_fd, ifname, netns=netns)
+
+    def hc_test_run(self, frame: bytes, mark: int) -> TestRunResult:
+        """Runs the tc program on `frame` as an skb carrying `mark`."""
+        return prog_test_run(self.hc_prog_fd, frame, ctx=SkBuffCtx(mark=mark))
+
+    def hc_counters(self) -> dict[str, int]:
+        return self.hc_stats.read(0)
 
     def close(self) -> None:
         """Releases this process's handles; pinned maps and attachments stay."""

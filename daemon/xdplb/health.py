@@ -92,9 +92,22 @@ class Probe:
     timeout_ms: int
     rise: int
     fall: int
+    # Checks through the VIP (HealthCheck.via "vip"): `address` is the VIP, every
+    # socket carries `fwmark`, which names the backend's entry to the tc program
+    # that encapsulates the packets to it, and `backend` is the backend's address.
+    fwmark: int = 0
+    backend: str = ""
 
     @classmethod
-    def of(cls, check: HealthCheck, address: str, vip_port: int) -> Probe:
+    def of(cls, check: HealthCheck, address: str, vip_port: int, vip: str = "",
+           fwmark: int = 0) -> Probe:
+        if check.via == "vip":
+            if not (vip and fwmark):
+                raise ValueError(f"a check of {address} through the VIP needs the VIP and "
+                                 "the backend's mark")
+            return cls(check.kind, vip, check.port or vip_port, check.path, check.host,
+                       check.expect_status, check.body, check.grpc_service, check.interval_ms,
+                       check.timeout_ms, check.rise, check.fall, fwmark, address)
         return cls(check.kind, address, check.port or vip_port, check.path, check.host,
                    check.expect_status, check.body, check.grpc_service, check.interval_ms,
                    check.timeout_ms, check.rise, check.fall)
@@ -103,7 +116,8 @@ class Probe:
         where = f"[{self.address}]" if ":" in self.address else self.address
         extra = f"{self.path}" if self.kind in ("http", "https") else (
             f" service {self.grpc_service!r}" if self.kind == "grpc" else "")
-        return f"{self.kind} {where}:{self.port}{extra}"
+        via = f" through the tunnel to {self.backend}" if self.backend else ""
+        return f"{self.kind} {where}:{self.port}{extra}{via}"
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,8 @@ async def _probe_tcp(probe: Probe) -> str:
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        if probe.fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
         await loop.sock_connect(sock, (probe.address, probe.port))
     finally:
         sock.close()
@@ -167,11 +183,26 @@ def _http_complete(probe: Probe, response: bytes) -> bool:
     return False  # no length: the server's close ends the body
 
 
+async def _marked_connection(probe: Probe) -> socket.socket:
+    """A TCP connection to the probe's target from a socket carrying its mark."""
+    family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
+        await asyncio.get_running_loop().sock_connect(sock, (probe.address, probe.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _probe_http(probe: Probe) -> str:
     tls = _NO_VERIFY if probe.kind == "https" else None
+    sock = await _marked_connection(probe) if probe.fwmark else None
     reader, writer = await asyncio.open_connection(
-        probe.address, probe.port, ssl=tls,
-        server_hostname=(probe.host or None) if tls else None)  # SNI: the Host header's name
+        None if sock else probe.address, None if sock else probe.port, ssl=tls, sock=sock,
+        server_hostname=(probe.host or ("" if sock else None)) if tls else None)  # SNI: Host
     try:
         host = probe.host or (f"[{probe.address}]" if ":" in probe.address else probe.address)
         writer.write(f"GET {probe.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xdplb-lbd\r\n"
@@ -383,6 +414,8 @@ class _TcpProber:
             return False
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            if probe.fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
             err = sock.connect_ex((probe.address, probe.port))
         except OSError as exc:  # an address the kernel refuses outright
             err = exc.errno or errno.EINVAL
@@ -480,11 +513,14 @@ class HealthChecker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    def update(self, state: DesiredState, known: Mapping[MemberId, bool]) -> None:
+    def update(self, state: DesiredState, known: Mapping[MemberId, bool],
+               marks: Mapping[MemberId, int] | None = None) -> None:
         """Follows the desired state: new checks start, unused ones stop. A new check
         of a backend whose health is `known` (a restart: the maps' marks; a changed
         check: the old verdict) starts from it rather than from "unchecked", its first
-        run somewhere in its first interval; an unknown one is checked at once."""
+        run somewhere in its first interval; an unknown one is checked at once.
+        `marks` are the socket marks of checks through the VIP, by member."""
+        marks = marks or {}
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         members: dict[MemberId, Probe | None] = {}
@@ -492,7 +528,8 @@ class HealthChecker:
         for key, vip in state.vips.items():
             for address, backend in vip.backends.items():
                 check = vip.check_for(backend)
-                probe = None if check.kind == "none" else Probe.of(check, address, key.port)
+                probe = None if check.kind == "none" else Probe.of(
+                    check, address, key.port, key.address, marks.get((key, address), 0))
                 members[(key, address)] = probe
                 if probe is not None:
                     wanted.setdefault(probe, []).append((key, address))
@@ -662,7 +699,7 @@ class HealthChecker:
 
     def _tell(self, line: str, probe: Probe) -> None:
         try:
-            self.notify(line, probe.address)
+            self.notify(line, probe.backend or probe.address)
         except Exception:  # the verdict stands and is applied all the same
             log.exception("reporting %r failed", line)
 

@@ -5,7 +5,7 @@ CPUs), so nothing polls in the background; control-plane metrics are
 counted where things happen. The endpoint is served on lbd's event loop, so
 a scrape never races a change. Labels are bounded: VIPs and backends (both
 bounded by the map sizes), map names, check kinds, API methods and codes,
-datapath outcomes; never a flow.
+datapath and health-tunnel outcomes; never a flow.
 """
 
 from __future__ import annotations
@@ -121,7 +121,15 @@ class DatapathCollector:
             packets.add_metric([action, reason], counters[name])
         for name in s.EVENT_COUNTERS:
             events.add_metric([name], counters[name])
-        yield from (packets, events)
+        tunnel = CounterMetricFamily(
+            "xdplb_health_tunnel_packets",
+            "Packets of health checks through the VIP at tc egress, by outcome: "
+            "encapsulated to their backend, or dropped (drop_unknown: the mark names no "
+            "backend of the packet's VIP).", labels=["outcome"])
+        hc = self.ctl.balancer.hc_counters()
+        for name in s.HC_COUNTERS:
+            tunnel.add_metric([name], hc[name])
+        yield from (packets, events, tunnel)
 
     def _backends(self) -> Iterator[Metric]:
         healthy = GaugeMetricFamily("xdplb_backend_healthy",

@@ -295,6 +295,7 @@ class Reconciler:
         self.space = RingSpace(sizes.ring_entries,
                                ((r.offset, r.size) for r in self.vips.values()))
         self._scrub_pending = True
+        self._allocated = ReconcileReport()  # writes of allocate(), until the next reconcile
 
     def recovered_availability(self) -> dict[MemberId, bool]:
         """Availability marks found in the maps: a restarted daemon's first health view."""
@@ -307,7 +308,7 @@ class Reconciler:
                   settings: DatapathSettings | None = None) -> ReconcileReport:
         started = time.perf_counter()
         runtime = runtime or Runtime()
-        report = ReconcileReport()
+        report, self._allocated = self._allocated, ReconcileReport()
         self._check_ring_space(desired)  # refuses before writing anything
         if settings is not None:
             self._write_config(settings, report)
@@ -330,6 +331,13 @@ class Reconciler:
         report.modes = {str(k): p.mode for k, p in plans.items()}
         report.duration_s = time.perf_counter() - started
         return report
+
+    def allocate(self, desired: DesiredState) -> None:
+        """Gives new VIPs and backends their ids and indexes ahead of the reconcile
+        that realises them, for what must know a backend's index first (the marks
+        of checks through the VIP). Writes only their counters' reset, which the
+        next reconcile reports as its own."""
+        self._allocate(desired, self._allocated)
 
     def _check_ring_space(self, desired: DesiredState) -> None:
         """Plays the region allocations of this reconcile on a copy of the free list."""

@@ -28,6 +28,7 @@ PROTOCOLS = ("tcp", "udp")
 HASH_MODES = ("5tuple", "source")
 ENCAPSULATIONS = ("ipip", "gue")
 CHECK_KINDS = ("none", "tcp", "http", "https", "grpc")
+CHECK_VIAS = ("backend", "vip")  # probe the backend's own address, or the VIP through the tunnel
 WHEN_NONE_HEALTHY = ("drop", "all")
 LOAD_SOURCES = ("none", "prometheus", "push")
 MAX_WEIGHT = 10_000
@@ -181,10 +182,19 @@ class HealthCheck:
     timeout_ms: int = 1000
     rise: int = 2
     fall: int = 3
+    # "vip": connect to the VIP, the packets encapsulated to this backend as the
+    # balancer would (bpf/hc_encap.h), proving what clients get
+    via: str = "backend"
 
     def validate(self, where: str) -> None:
         if self.kind not in CHECK_KINDS:
             raise _fail(f"{where}.kind", f"{self.kind!r} is not one of {', '.join(CHECK_KINDS)}")
+        if self.via not in CHECK_VIAS:
+            raise _fail(f"{where}.via", f"{self.via!r} is not one of {', '.join(CHECK_VIAS)}")
+        if self.via == "vip" and self.kind == "grpc":
+            raise _fail(f"{where}.via", "a grpc check cannot go through the VIP (the gRPC "
+                                        "client cannot mark its connections); use via "
+                                        "\"backend\", or a tcp or http check")
         _int_in(f"{where}.port", self.port, 0, 65535)
         _int_in(f"{where}.interval_ms", self.interval_ms, 100, 3_600_000)
         _int_in(f"{where}.timeout_ms", self.timeout_ms, 10, 3_600_000)
@@ -346,6 +356,7 @@ class VipSpec:
         self.check.validate(f"{where}.check")
         if self.check.kind != "none" and self.check.port == 0 and self.key.port == 0:
             raise _fail(f"{where}.check.port", "a port-less VIP's check needs a port")
+        self._validate_via(self.check, f"{where}.check")
         if not isinstance(self.panic_threshold, int | float) or isinstance(
                 self.panic_threshold, bool) or not 0.0 <= self.panic_threshold <= 1.0:
             raise _fail(f"{where}.panic_threshold",
@@ -368,12 +379,31 @@ class VipSpec:
             check = self.check_for(backend)
             if check.kind != "none" and check.port == 0 and self.key.port == 0:
                 raise _fail(f"{bwhere}.check.port", "a port-less VIP's checks need a port")
+            if backend.check is not None:
+                self._validate_via(check, f"{bwhere}.check")
         if len(self.backends) >= self.ring_size:
             raise _fail(f"{where}.backends", f"{len(self.backends)} backends do not fit a ring "
                                              f"of {self.ring_size}: use a larger ring_size")
 
+    def _validate_via(self, check: HealthCheck, where: str) -> None:
+        """A check through the VIP connects to a port this VIP forwards, over TCP."""
+        if check.kind == "none" or check.via != "vip":
+            return
+        if self.key.protocol != "tcp":
+            raise _fail(f"{where}.via", f"checks through the VIP speak TCP; {self.key} is a "
+                                        f"{self.key.protocol} VIP: use via \"backend\"")
+        if self.key.port and check.port not in (0, self.key.port):
+            raise _fail(f"{where}.port", f"a check through the VIP goes to the VIP's port "
+                                         f"{self.key.port} (set 0 or {self.key.port}, or "
+                                         f"use via \"backend\")")
+
     def check_for(self, backend: BackendSpec) -> HealthCheck:
         return backend.check or self.check
+
+    def vip_check_ports(self) -> set[int]:
+        """Ports this port-less VIP's checks through the VIP connect to."""
+        checks = [self.check_for(b) for b in self.backends.values()] + [self.check]
+        return {c.port for c in checks if c.kind != "none" and c.via == "vip"}
 
     def ring_weights(self) -> dict[str, int]:
         return {address: b.ring_weight for address, b in self.backends.items()}
@@ -405,6 +435,16 @@ class DesiredState:
         if len(self.vips) > limits.max_vips:
             raise LimitExceeded(f"{len(self.vips)} VIPs exceed the limit of {limits.max_vips} "
                              "(map size max_vips)")
+        for key, vip in self.vips.items():
+            if key.port:
+                continue
+            for port in sorted(vip.vip_check_ports()):
+                other = VipKey(key.address, port, key.protocol)
+                if other in self.vips:
+                    raise _fail(f"VIP {key}.check.port",
+                                f"a check through the VIP to port {port} would reach VIP "
+                                f"{other}, not this one: use another port or via "
+                                "\"backend\"")
         members = sum(len(v.backends) for v in self.vips.values())
         if members > limits.max_backends:
             raise LimitExceeded(f"{members} backends (counted per VIP) exceed the limit of "

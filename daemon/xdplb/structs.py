@@ -181,6 +181,16 @@ class FloodState(ct.Structure):
     _fields_: ClassVar = [("window_start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
 
 
+HC_COUNTERS = ("encapsulated", "drop_unknown", "drop_unparsed", "drop_too_big",
+               "drop_encap_failed")
+
+
+class HcCounters(ct.Structure):
+    """struct hc_counters: the health-check encapsulation at tc egress."""
+
+    _fields_: ClassVar = [(name, ct.c_uint64) for name in HC_COUNTERS]
+
+
 class DecapCounters(ct.Structure):
     _fields_: ClassVar = [("decapsulated", ct.c_uint64), ("passed", ct.c_uint64)]
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HealthCheck(_message.Message):
-    __slots__ = ("kind", "port", "path", "host", "expect_status", "body", "grpc_service", "interval_ms", "timeout_ms", "rise", "fall")
+    __slots__ = ("kind", "port", "path", "host", "expect_status", "body", "grpc_service", "interval_ms", "timeout_ms", "rise", "fall", "via")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class HealthCheck(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     RISE_FIELD_NUMBER: _ClassVar[int]
     FALL_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
     kind: str
     port: int
     path: str
@@ -30,7 +31,8 @@ class HealthCheck(_message.Message):
     timeout_ms: int
     rise: int
     fall: int
-    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ...) -> None: ...
+    via: str
+    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect_status: _Optional[_Iterable[int]] = ..., body: _Optional[str] = ..., grpc_service: _Optional[str] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., via: _Optional[str] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("source", "metric", "labels", "port", "path", "target", "interval_ms", "timeout_ms", "smoothing", "min_factor", "max_factor", "hysteresis", "churn_budget", "churn_window_s", "stale_after_ms")
