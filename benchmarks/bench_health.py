@@ -223,6 +223,13 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _wakeups(pid: int) -> int:
+    """Times a process has gone to sleep and been woken (voluntary context switches)."""
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith("voluntary_ctxt_switches"))
+
+
 def _cpu_times(cpu: int) -> tuple[float, float]:
     """(idle + iowait, irq + softirq) seconds so far of one CPU, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -269,6 +276,7 @@ class HostWindow(Window):
         return {"napi_lb": _schedstat_s(self.napi_lb), "kthreads": kthreads,
                 "cpu_idle": idle, "cpu_irq": irq,
                 "napi_backend": _schedstat_s(self.napi_backend),
+                "wakeups": _wakeups(os.getpid()), "napi_wakeups": _wakeups(self.napi_lb),
                 "listener": _process_cpu_s(self.listener_pid)}
 
     def start(self) -> None:
@@ -294,13 +302,14 @@ class HostWindow(Window):
                 "lb_us": us(total), "user_us": us(self.user_s), "sys_us": us(self.sys_s),
                 "napi_us": us(d["napi_lb"]), "kthreads_us": us(d["kthreads"]),
                 "irq_us": us(d["cpu_irq"]), "cpu_busy_us": us(busy),
-                "backend_side_us": us(d["napi_backend"] + d["listener"])}
+                "backend_side_us": us(d["napi_backend"] + d["listener"]),
+                "wakeups_per_op": round(d["wakeups"] / count, 3),
+                "napi_wakeups_per_op": round(d["napi_wakeups"] / count, 3)}
 
 
 def lbd_observe() -> hc.Observe:
     """What lbd does with every check's latency: its Prometheus histogram."""
-    metrics = ControlPlaneMetrics(CollectorRegistry())
-    return lambda kind, seconds: metrics.check_seconds.labels(kind).observe(seconds)
+    return ControlPlaneMetrics(CollectorRegistry()).observe_check
 
 
 def check_for(kind: str, ports: dict[str, int], interval_ms: int,
@@ -597,7 +606,8 @@ def print_report(report: dict) -> None:
               f"{s['target_percent']}%: {verdict}): {s['lb_us']} us per check = checker "
               f"{s['user_us']} user + {s['sys_us']} system, LB-side NAPI thread "
               f"{s['napi_us']}, CPU {CHECKER_CPU}'s kernel threads {s['kthreads_us']}, its "
-              f"irq + softirq ticks {s['irq_us']}")
+              f"irq + softirq ticks {s['irq_us']}; wakeups per check: checker "
+              f"{s['wakeups_per_op']}, NAPI thread {s['napi_wakeups_per_op']}")
         print(f"  not counted: the backend side {s['backend_side_us']} us per check; CPU "
               f"{CHECKER_CPU} busy in all (other processes too) {s['cpu_busy_us']}")
         print(f"  baseline: a bare blocking connect + reset, charged the same way, costs "

@@ -61,6 +61,15 @@ class ControlPlaneMetrics:
             "xdplb_health_check_duration_seconds", "Health check latency, per check kind.",
             ["kind"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                0.5, 1, 2.5, 5), registry=registry)
+        self._check_seconds_of: dict[str, Histogram] = {}
+
+    def observe_check(self, kind: str, seconds: float) -> None:
+        """One health check's latency: called for every check, so the per-kind child
+        is looked up once, not labelled anew each time."""
+        child = self._check_seconds_of.get(kind)
+        if child is None:
+            child = self._check_seconds_of[kind] = self.check_seconds.labels(kind)
+        child.observe(seconds)
 
     def observe_reconcile(self, report: object) -> None:
         self.reconcile_seconds.observe(report.duration_s)
