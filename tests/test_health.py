@@ -616,6 +616,85 @@ def test_scheduled_tcp_checks_say_refused_and_timeout_and_stop_on_close():
     asyncio.run(scenario())
 
 
+FWMARK = 0x2A5
+
+
+def kernel_fwmark(port: int) -> str | None:
+    """The fwmark the kernel shows (ss -e, sock_diag) for our SYN-SENT connection to
+    127.0.0.1:port, or None without one: what routing and filtering see."""
+    out = subprocess.run(["ss", "-tnie", "state", "syn-sent", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if f"127.0.0.1:{port}" in line]
+    assert len(lines) == 1, out
+    mark = re.search(r"fwmark:(0x[0-9a-f]+)", lines[0])
+    return mark.group(1) if mark else None
+
+
+def test_scheduled_tcp_checks_connect_with_the_probe_fwmark():
+    """A probe's fwmark is on its socket before the SYN leaves (the scheduler's engine):
+    the kernel shows the mark on the connection while it is being made."""
+    require_root()  # SO_MARK needs CAP_NET_ADMIN
+
+    async def scenario():
+        results: list[Result] = []
+        prober = health._TcpProber(asyncio.get_running_loop(),
+                                   lambda verdict, result, started: results.append(result))
+        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            port = full.getsockname()[1]
+            try:
+                for mark in (FWMARK, 0):
+                    p = Probe(**{**probe(port=port, timeout_ms=1000).__dict__, "fwmark": mark})
+                    assert prober.start(Verdict(p), time.monotonic())
+                    (sock, _, _), = prober._pending.values()
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == mark
+                    assert kernel_fwmark(port) == (hex(mark) if mark else None)
+                    prober.expire(math.inf)
+            finally:
+                filler.close()
+                prober.close()
+        assert [r.reason for r in results] == ["timeout", "timeout"]
+
+    asyncio.run(scenario())
+
+
+def test_task_probes_connect_with_the_probe_fwmark():
+    """TCP, HTTP and HTTPS checks run as tasks connect with the probe's fwmark too (seen
+    by the kernel on the connection being made), and answer as unmarked ones do."""
+    require_root()
+
+    async def scenario():
+        channels = GrpcChannels()
+        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            port = full.getsockname()[1]
+            try:
+                for kind in ("tcp", "http", "https"):
+                    p = Probe(**{**probe(kind, port=port, timeout_ms=2000).__dict__,
+                                 "fwmark": FWMARK})
+                    task = asyncio.create_task(run_probe(p, channels))
+                    await asyncio.sleep(0.05)
+                    assert kernel_fwmark(port) == hex(FWMARK), kind
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            finally:
+                filler.close()
+        servers = Listeners()
+        good = await servers.http(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        result = await run_probe(Probe(**{**probe("http", port=good, body="ok").__dict__,
+                                          "fwmark": FWMARK}), channels)
+        assert result.ok, result
+        assert servers.requests[-1].startswith(b"GET / HTTP/1.1\r\n")
+        servers.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failing_apply_is_retried_and_a_failing_notify_stops_no_check(monkeypatch):
     monkeypatch.setattr(health, "APPLY_RETRY_S", 0.05)
     calls: list[dict] = []

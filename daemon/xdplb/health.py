@@ -28,6 +28,7 @@ and release is reported (logged and published) with its reason.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -46,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -92,12 +94,21 @@ class Probe:
     timeout_ms: int
     rise: int
     fall: int
+    fwmark: int = 0  # nonzero: every socket of this check carries it (SO_MARK) from connect on
 
     @classmethod
     def of(cls, check: HealthCheck, address: str, vip_port: int) -> Probe:
         return cls(check.kind, address, check.port or vip_port, check.path, check.host,
                    check.expect_status, check.body, check.grpc_service, check.interval_ms,
                    check.timeout_ms, check.rise, check.fall)
+
+    @functools.cached_property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+    @functools.cached_property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.address, self.port)
 
     def describe(self) -> str:
         where = f"[{self.address}]" if ":" in self.address else self.address
@@ -106,8 +117,9 @@ class Probe:
         return f"{self.kind} {where}:{self.port}{extra}"
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
+    """One check's outcome (a tuple: made for every check, so made cheaply)."""
+
     ok: bool
     reason: str  # "ok", "timeout", "refused", "status 503", "NOT_SERVING", ...
     latency_s: float
@@ -133,15 +145,26 @@ def connect_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def check_socket(probe: Probe) -> socket.socket:
+    """A non-blocking TCP socket for one check of `probe`, marked with its fwmark (if any)
+    before it connects."""
+    sock = socket.socket(probe.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        if probe.fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _probe_tcp(probe: Probe) -> str:
     """A connect, then a reset: no request, no TIME_WAIT left on either side."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = check_socket(probe)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        await loop.sock_connect(sock, (probe.address, probe.port))
+        await loop.sock_connect(sock, probe.sockaddr)
     finally:
         sock.close()
     return "ok"
@@ -169,9 +192,20 @@ def _http_complete(probe: Probe, response: bytes) -> bool:
 
 async def _probe_http(probe: Probe) -> str:
     tls = _NO_VERIFY if probe.kind == "https" else None
-    reader, writer = await asyncio.open_connection(
-        probe.address, probe.port, ssl=tls,
-        server_hostname=(probe.host or None) if tls else None)  # SNI: the Host header's name
+    # SNI: the Host header's name (none is sent for an address)
+    server_hostname = (probe.host or probe.address) if tls else None
+    if probe.fwmark:  # the socket is made here, so it is marked before it connects
+        sock = check_socket(probe)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, probe.sockaddr)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=tls, server_hostname=server_hostname)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        reader, writer = await asyncio.open_connection(
+            probe.address, probe.port, ssl=tls, server_hostname=server_hostname)
     try:
         host = probe.host or (f"[{probe.address}]" if ":" in probe.address else probe.address)
         writer.write(f"GET {probe.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xdplb-lbd\r\n"
@@ -298,6 +332,7 @@ class Verdict:
     penalty_at: float = 0.0
     suppressed: bool = False
     transitions: int = 0
+    active: bool = True  # False once its check is removed: its scheduled runs are dropped
 
     @property
     def half_life_s(self) -> float:
@@ -358,33 +393,42 @@ def _errno_reason(err: int) -> str:
             errno.ETIMEDOUT: "timeout"}.get(err) or os.strerror(err).lower()
 
 
+_SOCK_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_OK_OR_HUP = select.EPOLLERR | select.EPOLLHUP
+
+
 class _TcpProber:
     """Non-blocking connects watched by one epoll (itself watched by the event loop):
-    a TCP check costs a socket and a few dict operations, no task, future or timer.
-    Results go to `done(verdict, result, started)`; `expire` times out the overdue."""
+    a TCP check costs a socket, four system calls (socket, setsockopt, connect,
+    epoll_ctl) and a close, and a few dict operations: no task, future or timer.
+    Sockets are the C type (_socket.socket): nothing of socket.socket's Python layer
+    runs per check. Results go to `done(verdict, result, started)`; `expire` times out
+    the overdue."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  done: Callable[[Verdict, Result, float], None]):
         self._loop, self._done = loop, done
         self._epoll = select.epoll()
-        self._pending: dict[int, tuple[socket.socket, Verdict, float]] = {}
+        self._register = self._epoll.register
+        self._pending: dict[int, tuple[_socket.socket, Verdict, float]] = {}
         # One queue per timeout value: deadlines in each come in order.
-        self._deadlines: dict[float, deque[tuple[float, socket.socket]]] = {}
+        self._deadlines: dict[float, deque[tuple[float, _socket.socket]]] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def start(self, verdict: Verdict, now: float) -> bool:
         """Starts a check; False when no socket could be had (retry later)."""
         probe = verdict.probe
-        family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(probe.family, _SOCK_NONBLOCKING_STREAM)
         except OSError as exc:  # EMFILE and the like: a fault of ours, not the backend's
             log.warning("%s: no socket for a check: %s", probe.describe(), exc)
             return False
         try:
+            if probe.fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            err = sock.connect_ex((probe.address, probe.port))
-        except OSError as exc:  # an address the kernel refuses outright
+            err = sock.connect_ex(probe.sockaddr)
+        except OSError as exc:  # an address the kernel refuses outright, a mark refused
             err = exc.errno or errno.EINVAL
         if err != errno.EINPROGRESS:
             sock.close()
@@ -392,7 +436,7 @@ class _TcpProber:
                                        time.monotonic() - now), now)
             return True
         fd = sock.fileno()
-        self._epoll.register(fd, select.EPOLLOUT)
+        self._register(fd, select.EPOLLOUT)
         self._pending[fd] = (sock, verdict, now)
         timeout = probe.timeout_ms / 1000
         queue = self._deadlines.get(timeout)
@@ -404,16 +448,17 @@ class _TcpProber:
     def _ready(self) -> None:
         events = self._epoll.poll(0)
         now = time.monotonic()
+        pending, done = self._pending, self._done
         for fd, event in events:
-            entry = self._pending.pop(fd, None)
+            entry = pending.pop(fd, None)
             if entry is None:
                 continue
             sock, verdict, started = entry
-            err = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                   if event & (select.EPOLLERR | select.EPOLLHUP) else 0)
+            # SO_ERROR only when the connect failed: a success is EPOLLOUT alone.
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if event & _OK_OR_HUP else 0
             sock.close()  # with SO_LINGER 0: a reset; closing also leaves the epoll
-            self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
-                                       now - started), started)
+            done(verdict, Result(True, "ok", now - started) if err == 0 else
+                 Result(False, _errno_reason(err), now - started), started)
 
     def expire(self, now: float) -> None:
         for queue in self._deadlines.values():
@@ -450,6 +495,7 @@ Notify = Callable[[str, str], None]  # (message, backend address)
 Observe = Callable[[str, float], None]  # (check kind, latency in seconds), every check
 TICK_S = 0.002  # the scheduler's timer granularity: checks due within it start together
 MAX_STARTS_PER_TICK = 256  # then the event loop gets a turn
+_random = random.random
 
 
 class HealthChecker:
@@ -508,7 +554,7 @@ class HealthChecker:
             self.verdicts[probe] = verdict
             heapq.heappush(self._due, (first, next(self._order), verdict))
         for probe in self.verdicts.keys() - wanted.keys():  # their heap entries are skipped
-            del self.verdicts[probe]
+            self.verdicts.pop(probe).active = False
             task = self._tasks.pop(probe, None)
             if task is not None:
                 task.cancel()
@@ -571,7 +617,7 @@ class HealthChecker:
         horizon = now + TICK_S  # due within a tick: now (their due times allow for it)
         while due and due[0][0] <= horizon and started < MAX_STARTS_PER_TICK:
             verdict = due[0][2]
-            if self.verdicts.get(verdict.probe) is not verdict:
+            if not verdict.active:
                 heapq.heappop(due)  # its check was removed
                 continue
             if self._running >= MAX_CONCURRENT_PROBES:
@@ -615,18 +661,26 @@ class HealthChecker:
         """A check's result: judged, and its next run scheduled."""
         self._running -= 1
         self.checks_run += 1
-        if self._closed or self.verdicts.get(verdict.probe) is not verdict:
+        if self._closed or not verdict.active:
             return  # removed while it ran
         now = time.monotonic()
+        probe = verdict.probe
         try:
-            self._judge(verdict, result, now)
+            if result.ok == verdict.up and not verdict.suppressed:
+                # Most results: what the verdict says already, and nothing held down.
+                # observe() would only clear the streak; there is nothing to report.
+                verdict.last, verdict.streak = result, 0
+            else:
+                self._judge(verdict, result, now)
             if self.observe is not None:
-                self.observe(verdict.probe.kind, result.latency_s)
+                self.observe(probe.kind, result.latency_s)
         except Exception:  # nothing may silence this check for good
-            log.exception("%s: judging a result failed", verdict.probe.describe())
+            log.exception("%s: judging a result failed", probe.describe())
         # Never later than the interval: the timer's tick is taken off the jitter's range.
-        interval = verdict.probe.interval_ms / 1000
-        due = max(started + interval * (1 - JITTER * random.random()) - TICK_S, now)
+        interval = probe.interval_ms / 1000
+        due = started + interval * (1 - JITTER * _random()) - TICK_S
+        if due < now:
+            due = now
         heapq.heappush(self._due, (due, next(self._order), verdict))
         if due < self._timer_at or self._running == MAX_CONCURRENT_PROBES - 1:
             self._arm(now)
