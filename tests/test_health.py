@@ -616,6 +616,68 @@ def test_scheduled_tcp_checks_say_refused_and_timeout_and_stop_on_close():
     asyncio.run(scenario())
 
 
+def test_tcp_engine_reuses_a_socket_for_a_new_connection_after_a_reset():
+    """After a successful check the engine resets the connection (the backend sees an
+    RST, nothing is left in TIME_WAIT) and keeps the socket: the next check on it is a
+    new connection from a new port, and the first check's deadline, still queued, does
+    not time the second one out."""
+    async def scenario():
+        results: list[Result] = []
+        prober = health._TcpProber(asyncio.get_running_loop(),
+                                   lambda verdict, result, started: results.append(result))
+
+        async def answered(n: int) -> None:
+            await await_for(lambda: len(results) == n, 1.0, f"result {n}")
+
+        with socket.socket() as listener, socket.socket() as full:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            full.bind(("127.0.0.1", 0))  # a full accept queue drops SYNs: connects hang
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            try:
+                port = listener.getsockname()[1]
+                t0 = time.monotonic()
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), t0)
+                await answered(1)
+                assert results[0].ok
+                conn, first = listener.accept()
+                conn.settimeout(1)
+                with pytest.raises(ConnectionResetError):
+                    conn.recv(1)
+                conn.close()
+                (kept,) = prober._idle[(socket.AF_INET, 0)]
+                # The kept socket's next check: a connect that hangs past the first deadline.
+                prober.start(Verdict(probe(port=full.getsockname()[1], timeout_ms=1000)),
+                             time.monotonic())
+                (pending, _, t1) = next(iter(prober._pending.values()))
+                assert pending is kept
+                prober.expire(t0 + 0.1 + 0.01)
+                assert len(prober) == 1 and len(results) == 1
+                prober.expire(t1 + 1.0)
+                assert results[1].reason == "timeout" and kept.fileno() == -1
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), time.monotonic())
+                await answered(3)
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), time.monotonic())
+                await answered(4)
+                assert results[2].ok and results[3].ok
+                ports = {first[1]}
+                for _ in range(2):
+                    conn, peer = listener.accept()
+                    conn.close()
+                    ports.add(peer[1])
+                assert len(ports) == 3  # three connections, three ports
+            finally:
+                filler.close()
+                prober.close()
+        out = subprocess.run(["ss", "-tan", "state", "time-wait",
+                              f"( sport = :{port} or dport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        assert len(out.splitlines()) <= 1, out  # the header alone: no TIME_WAIT either side
+
+    asyncio.run(scenario())
+
+
 FWMARK = 0x2A5
 
 
