@@ -678,6 +678,31 @@ def test_tcp_engine_reuses_a_socket_for_a_new_connection_after_a_reset():
     asyncio.run(scenario())
 
 
+def test_check_latencies_are_exported_as_prometheus_own_histogram_would_be():
+    """lbd's per-check latency histogram keeps plain counts; scraped, it reads exactly as
+    a prometheus_client Histogram fed the same latencies (edges included)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from xdplb.metrics import CHECK_SECONDS_BUCKETS, CheckLatencies, ControlPlaneMetrics
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    observe = ControlPlaneMetrics(ours).observe_check
+    reference = Histogram(CheckLatencies.NAME, CheckLatencies.HELP, ["kind"],
+                          buckets=CHECK_SECONDS_BUCKETS, registry=theirs)
+    latencies = [0.0, 0.0001, 0.0005, 0.00051, 0.001, 0.3, 1, 2.5, 4.99, 5, 7.5]
+    for kind in ("tcp", "http"):
+        for seconds in latencies:
+            observe(kind, seconds)
+            reference.labels(kind).observe(seconds)
+
+    def text(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if CheckLatencies.NAME in line and "_created" not in line]
+
+    assert text(ours) == text(theirs)
+    assert 'xdplb_health_check_duration_seconds_count{kind="tcp"} 11.0' in text(ours)
+
+
 FWMARK = 0x2A5
 
 
