@@ -6,8 +6,9 @@ The real HealthChecker runs in this process, driven through update() with a
 desired state and a fake apply callback (lbd's controller is the only thing
 left out). Its listeners run in a separate process, so their CPU is not
 counted: on 127.0.0.1 (every 127/8 address is local, so each backend has an
-address of its own) a TCP accept-and-close loop, an HTTP server answering
-200 and closing, and a gRPC server answering grpc.health.v1 Check SERVING.
+address of its own) a TCP server that accepts and holds each connection until
+the check resets it (as a server waiting for a request does), an HTTP server
+answering 200 and closing, and a gRPC server answering grpc.health.v1 Check SERVING.
 CPU is this process's time.process_time() (user + system, every thread,
 gRPC's own included) over a measuring window after a warm-up.
 
@@ -70,6 +71,7 @@ import os
 import platform
 import resource
 import secrets
+import selectors
 import socket
 import struct
 import subprocess
@@ -115,25 +117,54 @@ def addresses(n: int, net: int) -> list[str]:
 # --- the listeners: a separate process ------------------------------------------------------
 
 
-def _accept_loop(listener: socket.socket, http: bool) -> None:
+def _http_loop(listener: socket.socket) -> None:
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             continue
         try:
-            if http:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-                conn.sendall(HTTP_RESPONSE)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
+            conn.sendall(HTTP_RESPONSE)
         except OSError:
             pass
         finally:
             conn.close()
+
+
+def _hold_loop(listener: socket.socket) -> None:
+    """TCP: accept each connection and hold it until the client resets (or closes) it, as
+    a server waiting for a request does: the check's reset ends it, not a FIN of ours
+    (which would add a packet each way to every check)."""
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is listener:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                continue
+            conn = key.fileobj
+            try:
+                data = conn.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:  # the reset
+                data = b""
+            if not data:
+                sel.unregister(conn)
+                conn.close()
 
 
 def _listen(port: int = 0) -> socket.socket:
@@ -157,9 +188,10 @@ async def _serve_grpc() -> tuple[grpc.aio.Server, int]:
 def serve_listeners() -> None:
     """The listener process: prints its ports as one JSON line, runs until stdin closes."""
     tcp, http = _listen(), _listen()
+    threading.Thread(target=_hold_loop, args=(tcp,), daemon=True).start()
     # HTTP threads wait for each request: enough of them to keep up with the checker.
-    for sock, is_http in [(tcp, False)] + [(http, True)] * HTTP_THREADS:
-        threading.Thread(target=_accept_loop, args=(sock, is_http), daemon=True).start()
+    for _ in range(HTTP_THREADS):
+        threading.Thread(target=_http_loop, args=(http,), daemon=True).start()
 
     async def main() -> None:
         _server, grpc_port = await _serve_grpc()
@@ -230,6 +262,12 @@ def _wakeups(pid: int) -> int:
                    if line.startswith("voluntary_ctxt_switches"))
 
 
+def _packets(ifname: str, way: str) -> int:
+    """Packets received or sent so far by an interface of this namespace."""
+    with open(f"/sys/class/net/{ifname}/statistics/{way}_packets") as f:
+        return int(f.read())
+
+
 def _cpu_times(cpu: int) -> tuple[float, float]:
     """(idle + iowait, irq + softirq) seconds so far of one CPU, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -263,8 +301,9 @@ class HostWindow(Window):
     LB-side NAPI thread, the kernel threads of the checker's CPU, that CPU's interrupt
     and softirq time, and (not counted) the backend side and the CPU's busy time."""
 
-    def __init__(self, napi_lb: int, napi_backend: int, listener_pid: int) -> None:
+    def __init__(self, napi_lb: int, napi_backend: int, listener_pid: int, ifname: str) -> None:
         self.napi_lb, self.napi_backend, self.listener_pid = napi_lb, napi_backend, listener_pid
+        self.ifname = ifname
         self.kthreads = [p for p in cpu_kthreads(CHECKER_CPU) if p != napi_lb]
 
     def _take(self) -> dict[str, float]:
@@ -277,6 +316,7 @@ class HostWindow(Window):
                 "cpu_idle": idle, "cpu_irq": irq,
                 "napi_backend": _schedstat_s(self.napi_backend),
                 "wakeups": _wakeups(os.getpid()), "napi_wakeups": _wakeups(self.napi_lb),
+                "rx": _packets(self.ifname, "rx"), "tx": _packets(self.ifname, "tx"),
                 "listener": _process_cpu_s(self.listener_pid)}
 
     def start(self) -> None:
@@ -304,7 +344,8 @@ class HostWindow(Window):
                 "irq_us": us(d["cpu_irq"]), "cpu_busy_us": us(busy),
                 "backend_side_us": us(d["napi_backend"] + d["listener"]),
                 "wakeups_per_op": round(d["wakeups"] / count, 3),
-                "napi_wakeups_per_op": round(d["napi_wakeups"] / count, 3)}
+                "napi_wakeups_per_op": round(d["napi_wakeups"] / count, 3),
+                "rx_per_op": round(d["rx"] / count, 2), "tx_per_op": round(d["tx"] / count, 2)}
 
 
 def lbd_observe() -> hc.Observe:
@@ -535,6 +576,7 @@ class RemoteBackends:
     def run_lb_side(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Runs `job` (see lb_side) in the LB namespace on CPU 0; its JSON answer."""
         job = {**job, "threads": self.threads, "listener_pid": self.listener.pid,
+               "ifname": self.lb_if,
                "port": self.ports["tcp"]}
         proc = self.lab.popen(self.lb, ["taskset", "-c", str(CHECKER_CPU), sys.executable,
                                         __file__, "--lb-side", json.dumps(job)],
@@ -552,7 +594,7 @@ def lb_side(job: dict[str, Any]) -> None:
     """In the LB namespace, on CPU 0: the connect floor, then the checker; prints JSON."""
     def window() -> HostWindow:
         return HostWindow(job["threads"]["napi_lb"], job["threads"]["napi_backend"],
-                          job["listener_pid"])
+                          job["listener_pid"], job["ifname"])
 
     floor = connect_floor(job["port"], remote_addresses(20_000, offset=job["backends"]),
                           window())
@@ -607,7 +649,8 @@ def print_report(report: dict) -> None:
               f"{s['user_us']} user + {s['sys_us']} system, LB-side NAPI thread "
               f"{s['napi_us']}, CPU {CHECKER_CPU}'s kernel threads {s['kthreads_us']}, its "
               f"irq + softirq ticks {s['irq_us']}; wakeups per check: checker "
-              f"{s['wakeups_per_op']}, NAPI thread {s['napi_wakeups_per_op']}")
+              f"{s['wakeups_per_op']}, NAPI thread {s['napi_wakeups_per_op']}; packets per "
+              f"check on the LB side: {s['rx_per_op']} in, {s['tx_per_op']} out")
         print(f"  not counted: the backend side {s['backend_side_us']} us per check; CPU "
               f"{CHECKER_CPU} busy in all (other processes too) {s['cpu_busy_us']}")
         print(f"  baseline: a bare blocking connect + reset, charged the same way, costs "
