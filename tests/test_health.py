@@ -667,6 +667,12 @@ def test_tcp_engine_reuses_a_socket_for_a_new_connection_after_a_reset():
                     conn.close()
                     ports.add(peer[1])
                 assert len(ports) == 3  # three connections, three ports
+                # A kept socket whose connect fails at once: judged on a new socket, as
+                # any check would be (TCP to a multicast address is refused outright).
+                assert len(prober._idle[(socket.AF_INET, 0)]) == 1
+                prober.start(Verdict(probe(address="224.0.0.1", port=port)), time.monotonic())
+                assert results[4] == (False, "network is unreachable", results[4].latency_s)
+                assert prober._idle[(socket.AF_INET, 0)] == [] and len(prober) == 0
             finally:
                 filler.close()
                 prober.close()

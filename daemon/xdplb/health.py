@@ -2,7 +2,8 @@
 
 One scheduler in lbd's event loop runs every check: a heap of due times
 and a single timer. TCP checks are non-blocking connects watched by one
-epoll, closed with a reset (no task, no TIME_WAIT); HTTP(S) and gRPC checks
+epoll, ended with a reset (no task, no TIME_WAIT), their sockets reused for
+later checks (see _TcpProber); HTTP(S) and gRPC checks
 run as tasks, gRPC over a channel kept per check. A check is identified by
 what it probes and how (kind, address, port, HTTP/gRPC details, timing, rise/fall),
 so identical checks of a backend serving several VIPs run once and share
@@ -467,12 +468,10 @@ class _TcpProber:
         sock = idle.pop() if idle else None
         if sock is not None:
             try:
-                err = sock.connect_ex(probe.sockaddr)
-            except OSError as exc:
-                err = exc.errno or errno.EINVAL
-            if err == errno.EINPROGRESS:
+                if sock.connect_ex(probe.sockaddr) != errno.EINPROGRESS:
+                    raise OSError
                 self._epoll.modify(sock.fileno(), _ONE_WRITABLE)
-            else:
+            except OSError:
                 sock.close()  # judged on a new socket below, exactly as without reuse
                 sock = None
         if sock is None:
