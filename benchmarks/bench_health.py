@@ -72,6 +72,7 @@ import platform
 import resource
 import secrets
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -607,6 +608,7 @@ def lb_side(job: dict[str, Any]) -> None:
 
 def scale_remote(backends: int, warmup_s: float, window_s: float) -> dict:
     """Part 2a: what the LB host pays, the backends being other hosts."""
+    L.remove_stale(LAB_PREFIX)  # namespaces of an earlier run killed outright, if any
     remote = RemoteBackends()
     try:
         out = remote.run_lb_side({"backends": backends, "warmup_s": warmup_s,
@@ -692,6 +694,8 @@ def main() -> None:
     if args.lb_side:
         lb_side(json.loads(args.lb_side))
         return
+    # A SIGTERM unwinds like Ctrl-C: the namespaces and veths are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     warmup, window = (0.5, 1.0) if args.quick else (WARMUP_S, WINDOW_S)
     scale_warmup, scale_window = (2.0, 4.0) if args.quick else (SCALE_WARMUP_S, SCALE_WINDOW_S)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
