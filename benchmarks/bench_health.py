@@ -1,6 +1,7 @@
 """Benchmark xdplb.health: checks one core sustains, and the checker's CPU at 10,000 backends.
 
 Usage: python benchmarks/bench_health.py [--json PATH] [--quick]
+                                         [--only throughput|lb-host|loopback]
 
 The real HealthChecker runs in this process, driven through update() with a
 desired state and a fake apply callback (lbd's controller is the only thing
@@ -34,8 +35,8 @@ gRPC's own included) over a measuring window after a warm-up.
       then received by its peer's NAPI thread, so what the backend side's
       kernel does (SYN, ACK and RST received, SYN-ACK sent) runs on CPU 1,
       and what the LB side's kernel does runs on CPU 0: in the checker's
-      system calls (socket, connect and its SYN, epoll, close and its RST)
-      and in the LB-side NAPI thread (SYN-ACK received, ACK sent, the
+      system calls (connect and its SYN, epoll, the reset) and in the
+      LB-side NAPI thread (SYN-ACK received, ACK sent, the
       checker woken). Counted as the LB host's cost: the checker's user and
       system time (CLOCK_PROCESS_CPUTIME_ID, split by getrusage), the
       LB-side NAPI thread's run time and that of every kernel thread bound
@@ -48,7 +49,9 @@ gRPC's own included) over a measuring window after a warm-up.
       busy time in all (wall minus idle), which also holds whatever other
       process the scheduler put there. Baseline: bare blocking connects with
       a reset close, one after another, run the same way (LB namespace,
-      CPU 0) and charged the same way.
+      CPU 0) and charged the same way. The listener is the TCP server of
+      part 1 (holding each connection until the check's reset), in the
+      backend namespace: every address of 198.19.0.0/16 is local there.
    b. Loopback (both ends charged): the listeners on 127/8 in another
       process, as in part 1: the kernel work of both ends of every
       handshake (the listener's SYN, ACK and RST handling too) runs in the
