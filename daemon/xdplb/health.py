@@ -114,7 +114,8 @@ class Probe:
     @functools.cached_property
     def socket_kind(self) -> tuple[int, int]:
         """What a check socket of this probe is made with (family, fwmark): sockets of
-        one kind are interchangeable."""
+        one kind are interchangeable, so the TCP engine reuses them across probes. Any
+        other per-probe socket option (a bind, a device) must join this key."""
         return (self.family, self.fwmark)
 
     def describe(self) -> str:
