@@ -1,13 +1,15 @@
 """Benchmark xdplb.health: checks one core sustains, and the checker's CPU at 10,000 backends.
 
 Usage: python benchmarks/bench_health.py [--json PATH] [--quick]
+                                         [--only throughput|lb-host|loopback]
 
 The real HealthChecker runs in this process, driven through update() with a
 desired state and a fake apply callback (lbd's controller is the only thing
 left out). Its listeners run in a separate process, so their CPU is not
 counted: on 127.0.0.1 (every 127/8 address is local, so each backend has an
-address of its own) a TCP accept-and-close loop, an HTTP server answering
-200 and closing, and a gRPC server answering grpc.health.v1 Check SERVING.
+address of its own) a TCP server that accepts and holds each connection until
+the check resets it (as a server waiting for a request does), an HTTP server
+answering 200 and closing, and a gRPC server answering grpc.health.v1 Check SERVING.
 CPU is this process's time.process_time() (user + system, every thread,
 gRPC's own included) over a measuring window after a warm-up.
 
@@ -20,22 +22,60 @@ gRPC's own included) over a measuring window after a warm-up.
    GET, read to the end; gRPC: Check on a kept channel); ratio = checker /
    baseline, i.e. what scheduling, timeouts, verdicts and jitter cost.
 2. 10,000 TCP-checked backends (10 VIPs x 1000) at a 1 s interval, the
-   checks spread over the interval as after a restart (verdicts seeded):
-   CPU of the checker as a share of one core, split into user and system
-   time. Target: under 30%. Baseline: bare blocking connects with a reset
-   close, one after another, at the same rate: the kernel's share, which on
-   loopback includes the listener's half of every handshake (with a real
-   backend that half runs on the backend's host).
+   checks spread over the interval as after a restart (verdicts seeded),
+   with lbd's own check-latency histogram observed as lbd does. Target:
+   under 30% of one core. Measured twice:
+
+   a. LB host (the figure that counts): the backends are "other hosts".
+      The checker runs in a network namespace of its own (the LB side),
+      pinned to CPU 0; the listeners in another (the backend side), pinned
+      to CPU 1; the two are joined by a veth pair whose ends run threaded
+      NAPI (GRO on, TSO off, /sys/class/net/<dev>/threaded = 1), each end's
+      NAPI kthread pinned to its side's CPU. A frame sent into a veth is
+      then received by its peer's NAPI thread, so what the backend side's
+      kernel does (SYN, ACK and RST received, SYN-ACK sent) runs on CPU 1,
+      and what the LB side's kernel does runs on CPU 0: in the checker's
+      system calls (connect and its SYN, epoll, the reset) and in the
+      LB-side NAPI thread (SYN-ACK received, ACK sent, the
+      checker woken). Counted as the LB host's cost: the checker's user and
+      system time (CLOCK_PROCESS_CPUTIME_ID, split by getrusage), the
+      LB-side NAPI thread's run time and that of every kernel thread bound
+      to CPU 0 (ksoftirqd/0, kworkers; /proc/<pid>/schedstat), and CPU 0's
+      irq and softirq time (/proc/stat). This kernel accounts time by ticks
+      (no IRQ time accounting), so a softirq is charged to the task it
+      interrupted and also shows in /proc/stat's softirq column: adding the
+      column errs high, never low. Not counted, and shown apart: CPU 1's
+      backend side (its NAPI thread, the listener process), and CPU 0's
+      busy time in all (wall minus idle), which also holds whatever other
+      process the scheduler put there. Baseline: bare blocking connects with
+      a reset close, one after another, run the same way (LB namespace,
+      CPU 0) and charged the same way. The listener is the TCP server of
+      part 1 (holding each connection until the check's reset), in the
+      backend namespace: every address of 198.19.0.0/16 is local there.
+   b. Loopback (both ends charged): the listeners on 127/8 in another
+      process, as in part 1: the kernel work of both ends of every
+      handshake (the listener's SYN, ACK and RST handling too) runs in the
+      checker's system calls and is charged to it. Baseline: bare blocking
+      connects with a reset close on loopback, at the same rate.
+
+Part 2a needs root (namespaces), iproute2, ethtool and two CPUs; the
+namespaces and veths it makes have a name unique to the run and are removed
+on the way out, failure or not (xdplb.lab). Traffic stays inside them
+(198.18.0.0/15, the range set aside for benchmarks, routed only there).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
+import secrets
+import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -50,8 +90,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from xdplb import health as hc
+from xdplb import lab as L
+from xdplb.metrics import ControlPlaneMetrics
 from xdplb.state import BackendSpec, DesiredState, HealthCheck, VipKey, VipSpec
 
 PROBES = 256
@@ -63,6 +106,11 @@ TARGET_CPU = 0.30
 HTTP_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 LINGER_RST = struct.pack("ii", 1, 0)
 HTTP_THREADS = 32
+# Part 2a: the LB side and the backend side, each on a CPU of its own.
+CHECKER_CPU, BACKEND_CPU = 0, 1
+LB_SIDE, BACKEND_SIDE = "198.18.0.1", "198.18.0.2"  # the veth pair's ends, a /30
+BACKEND_RANGE = "198.19.0.0/16"  # every address in it is the backend namespace's own
+LAB_PREFIX = "xbh"
 
 
 def addresses(n: int, net: int) -> list[str]:
@@ -73,25 +121,54 @@ def addresses(n: int, net: int) -> list[str]:
 # --- the listeners: a separate process ------------------------------------------------------
 
 
-def _accept_loop(listener: socket.socket, http: bool) -> None:
+def _http_loop(listener: socket.socket) -> None:
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             continue
         try:
-            if http:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-                conn.sendall(HTTP_RESPONSE)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
+            conn.sendall(HTTP_RESPONSE)
         except OSError:
             pass
         finally:
             conn.close()
+
+
+def _hold_loop(listener: socket.socket) -> None:
+    """TCP: accept each connection and hold it until the client resets (or closes) it, as
+    a server waiting for a request does: the check's reset ends it, not a FIN of ours
+    (which would add a packet each way to every check)."""
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is listener:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                continue
+            conn = key.fileobj
+            try:
+                data = conn.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:  # the reset
+                data = b""
+            if not data:
+                sel.unregister(conn)
+                conn.close()
 
 
 def _listen(port: int = 0) -> socket.socket:
@@ -115,9 +192,10 @@ async def _serve_grpc() -> tuple[grpc.aio.Server, int]:
 def serve_listeners() -> None:
     """The listener process: prints its ports as one JSON line, runs until stdin closes."""
     tcp, http = _listen(), _listen()
+    threading.Thread(target=_hold_loop, args=(tcp,), daemon=True).start()
     # HTTP threads wait for each request: enough of them to keep up with the checker.
-    for sock, is_http in [(tcp, False)] + [(http, True)] * HTTP_THREADS:
-        threading.Thread(target=_accept_loop, args=(sock, is_http), daemon=True).start()
+    for _ in range(HTTP_THREADS):
+        threading.Thread(target=_http_loop, args=(http,), daemon=True).start()
 
     async def main() -> None:
         _server, grpc_port = await _serve_grpc()
@@ -168,6 +246,117 @@ class Window:
         return time.process_time() - self.cpu0, time.monotonic() - self.wall0
 
 
+def _schedstat_s(pid: int) -> float:
+    """A thread's run time so far (ns-exact, whatever the tick)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def _process_cpu_s(pid: int) -> float:
+    """A process's user + system time so far, every thread."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wakeups(pid: int) -> int:
+    """Times a process has gone to sleep and been woken (voluntary context switches)."""
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith("voluntary_ctxt_switches"))
+
+
+def _packets(ifname: str, way: str) -> int:
+    """Packets received or sent so far by an interface of this namespace."""
+    with open(f"/sys/class/net/{ifname}/statistics/{way}_packets") as f:
+        return int(f.read())
+
+
+def _cpu_times(cpu: int) -> tuple[float, float]:
+    """(idle + iowait, irq + softirq) seconds so far of one CPU, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) / os.sysconf("SC_CLK_TCK") for x in line.split()[1:]]
+                return v[3] + v[4], v[5] + v[6]
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+
+
+PF_KTHREAD = 0x00200000
+
+
+def cpu_kthreads(cpu: int) -> list[int]:
+    """Kernel threads bound to `cpu` alone (ksoftirqd, kworkers, ...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            flags = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[6])
+            if flags & PF_KTHREAD and os.sched_getaffinity(int(entry.name)) == {cpu}:
+                pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+class HostWindow(Window):
+    """A Window that also takes what else the LB host ran for the checker (part 2a): the
+    LB-side NAPI thread, the kernel threads of the checker's CPU, that CPU's interrupt
+    and softirq time, and (not counted) the backend side and the CPU's busy time."""
+
+    def __init__(self, napi_lb: int, napi_backend: int, listener_pid: int, ifname: str) -> None:
+        self.napi_lb, self.napi_backend, self.listener_pid = napi_lb, napi_backend, listener_pid
+        self.ifname = ifname
+        self.kthreads = [p for p in cpu_kthreads(CHECKER_CPU) if p != napi_lb]
+
+    def _take(self) -> dict[str, float]:
+        idle, irq = _cpu_times(CHECKER_CPU)
+        kthreads = 0.0
+        for pid in self.kthreads:
+            with contextlib.suppress(OSError):  # a kworker may come and go
+                kthreads += _schedstat_s(pid)
+        return {"napi_lb": _schedstat_s(self.napi_lb), "kthreads": kthreads,
+                "cpu_idle": idle, "cpu_irq": irq,
+                "napi_backend": _schedstat_s(self.napi_backend),
+                "wakeups": _wakeups(os.getpid()), "napi_wakeups": _wakeups(self.napi_lb),
+                "rx": _packets(self.ifname, "rx"), "tx": _packets(self.ifname, "tx"),
+                "listener": _process_cpu_s(self.listener_pid)}
+
+    def start(self) -> None:
+        self.taken0 = self._take()
+        super().start()
+
+    def stop(self) -> tuple[float, float]:
+        cpu, wall = super().stop()
+        taken = self._take()
+        self.deltas = {k: taken[k] - self.taken0[k] for k in taken}
+        return cpu, wall
+
+    def lb_host(self, cpu: float, wall: float, count: int) -> dict[str, Any]:
+        """The LB host's cost (see the module's docstring), in all and per operation."""
+        d = self.deltas
+        total = cpu + d["napi_lb"] + d["kthreads"] + d["cpu_irq"]
+        busy = wall - d["cpu_idle"]
+
+        def us(x: float) -> float:
+            return round(1e6 * x / count, 2)
+
+        return {"lb_cpu_s": round(total, 3), "lb_cpu_share": round(total / wall, 3),
+                "lb_us": us(total), "user_us": us(self.user_s), "sys_us": us(self.sys_s),
+                "napi_us": us(d["napi_lb"]), "kthreads_us": us(d["kthreads"]),
+                "irq_us": us(d["cpu_irq"]), "cpu_busy_us": us(busy),
+                "backend_side_us": us(d["napi_backend"] + d["listener"]),
+                "wakeups_per_op": round(d["wakeups"] / count, 3),
+                "napi_wakeups_per_op": round(d["napi_wakeups"] / count, 3),
+                "rx_per_op": round(d["rx"] / count, 2), "tx_per_op": round(d["tx"] / count, 2)}
+
+
+def lbd_observe() -> hc.Observe:
+    """What lbd does with every check's latency: its Prometheus histogram."""
+    return ControlPlaneMetrics(CollectorRegistry()).observe_check
+
+
 def check_for(kind: str, ports: dict[str, int], interval_ms: int,
               timeout_ms: int = 1000) -> HealthCheck:
     # Built without validation: the fast interval is below lbd's 100 ms floor.
@@ -188,17 +377,17 @@ def desired(check: HealthCheck, backends: list[str], vips: int) -> DesiredState:
 
 
 async def run_checker(state: DesiredState, seeded: bool, warmup_s: float,
-                      window_s: float) -> dict[str, Any]:
+                      window_s: float, window: Window | None = None) -> dict[str, Any]:
     downs: list[str] = []
     applied: list[int] = []
     checker = hc.HealthChecker(lambda healthy: applied.append(len(healthy)),
                                lambda line, backend: downs.append(line) if " is down:" in
-                               line else None)
+                               line else None, observe=lbd_observe())
     members = [(k, a) for k, v in state.vips.items() for a in v.backends]
     checker.update(state, dict.fromkeys(members, True) if seeded else {})
     batches = asyncio.create_task(checker.run_batches())
     await asyncio.sleep(warmup_s)
-    window, checks0 = Window(), checker.checks_run
+    window, checks0 = window or Window(), checker.checks_run
     window.start()
     await asyncio.sleep(window_s)
     cpu, wall = window.stop()
@@ -212,7 +401,8 @@ async def run_checker(state: DesiredState, seeded: bool, warmup_s: float,
             "sys_s": round(window.sys_s, 3), "wall_s": round(wall, 3),
             "checks_per_s": round(checks / wall), "checks_per_cpu_s": round(checks / cpu),
             "cpu_share": round(cpu / wall, 3), "last_failed": failing, "down": down,
-            "down_transitions": len(downs), "batches": len(applied)}
+            "down_transitions": len(downs), "batches": len(applied),
+            **(window.lb_host(cpu, wall, checks) if isinstance(window, HostWindow) else {})}
 
 
 async def run_baseline(kind: str, ports: dict[str, int], workers: int, warmup_s: float,
@@ -274,12 +464,12 @@ def throughput(kind: str, listeners: Listeners, warmup_s: float, window_s: float
         "ratio": round(checker["checks_per_cpu_s"] / base["ops_per_cpu_s"], 3)}
 
 
-def connect_floor(port: int, count: int = 20_000) -> dict[str, float]:
-    """CPU of bare blocking connects with a reset close, one after another: what the
-    kernel charges this process for each TCP check on loopback (both ends of the
-    handshake run here), with almost no Python around it."""
-    targets = addresses(count, 17)
-    window = Window()
+def connect_floor(port: int, targets: list[str], window: Window | None = None) -> dict:
+    """CPU of bare blocking connects with a reset close, one after another: the kernel's
+    share of a TCP check with almost no Python around it. On loopback both ends of the
+    handshake run here; in part 2a only the LB side's, as for the checker."""
+    count = len(targets)
+    window = window or Window()
     window.start()
     for address_ in targets:
         sock = socket.socket()
@@ -287,15 +477,19 @@ def connect_floor(port: int, count: int = 20_000) -> dict[str, float]:
         sock.connect((address_, port))
         sock.close()
     cpu, wall = window.stop()
-    return {"connects": count, "cpu_us": round(1e6 * cpu / count, 2),
-            "user_us": round(1e6 * window.user_s / count, 2),
-            "sys_us": round(1e6 * window.sys_s / count, 2), "per_s": round(count / wall)}
+    out = {"connects": count, "cpu_us": round(1e6 * cpu / count, 2),
+           "user_us": round(1e6 * window.user_s / count, 2),
+           "sys_us": round(1e6 * window.sys_s / count, 2), "per_s": round(count / wall)}
+    if isinstance(window, HostWindow):
+        out.update(window.lb_host(cpu, wall, count))
+    return out
 
 
 def scale(listeners: Listeners, backends: int, warmup_s: float, window_s: float) -> dict:
+    """Part 2b: loopback, both ends of every handshake charged to the checker."""
     check = check_for("tcp", listeners.ports, SCALE_INTERVAL_MS, timeout_ms=500)
     state = desired(check, addresses(backends, 16), SCALE_VIPS)
-    floor = connect_floor(listeners.ports["tcp"])
+    floor = connect_floor(listeners.ports["tcp"], addresses(20_000, 17))
     result = asyncio.run(run_checker(state, True, warmup_s, window_s))
     expected = backends / (SCALE_INTERVAL_MS / 1000 * (1 - hc.JITTER / 2))
     per_check_us = 1e6 * result["cpu_s"] / result["checks"]
@@ -311,31 +505,180 @@ def scale(listeners: Listeners, backends: int, warmup_s: float, window_s: float)
             "target_percent": round(100 * TARGET_CPU), "met": result["cpu_share"] < TARGET_CPU}
 
 
+# --- part 2a: the backends on "other hosts" -------------------------------------------------
+
+
+def remote_addresses(n: int, offset: int = 0) -> list[str]:
+    """n addresses of BACKEND_RANGE, one per backend."""
+    return [f"198.19.{(i + 1) >> 8}.{(i + 1) & 255}" for i in range(offset, offset + n)]
+
+
+def _threads_named(prefix: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith(prefix):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class RemoteBackends:
+    """Two namespaces joined by a veth pair: the LB side (the checker, CPU 0) and the
+    backend side (the listeners, CPU 1), each veth end with its own NAPI thread pinned
+    to its side's CPU. Removed by close(), and by xdplb.lab at exit whatever happens."""
+
+    def __init__(self) -> None:
+        if (os.cpu_count() or 1) < 2:
+            raise RuntimeError("needs two CPUs")
+        self.lab = L.Lab(prefix=LAB_PREFIX)
+        try:
+            self._build()
+        except BaseException:
+            self.lab.close()
+            raise
+
+    def _build(self) -> None:
+        lab = self.lab
+        self.lb, self.backend = lab.add_host("lb"), lab.add_host("be")
+        # NAPI threads are named napi/<device>-<id>, cut at 15 characters: device names of
+        # 7 characters, unique to this run, find ours.
+        token = secrets.token_hex(3)
+        self.lb_if, self.backend_if = f"l{token}", f"b{token}"
+        lb_end, backend_end = lab.connect(self.lb, self.backend, self.lb_if, self.backend_if)
+        self.threads: dict[str, int] = {}
+        for host, ifname, name, cpu in ((self.lb, self.lb_if, "napi_lb", CHECKER_CPU),
+                                        (self.backend, self.backend_if, "napi_backend",
+                                         BACKEND_CPU)):
+            # A veth hands a frame to its peer's NAPI only when the peer has GRO on and the
+            # sender has no TSO (else the frame goes to the sending CPU's backlog and the
+            # backend side's receive would run on the checker's CPU).
+            L.set_offloads(host, ifname, gro=True, tso=False)
+            host.run(["sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded"])
+            pids = _threads_named(f"napi/{ifname}-")
+            if len(pids) != 1:
+                raise RuntimeError(f"expected one NAPI thread for {ifname}, found {pids}")
+            os.sched_setaffinity(pids[0], {cpu})
+            self.threads[name] = pids[0]
+        self.lb.addr_add(self.lb_if, f"{LB_SIDE}/30")
+        self.backend.addr_add(self.backend_if, f"{BACKEND_SIDE}/30")
+        self.lb.neigh_add(self.lb_if, BACKEND_SIDE, backend_end.mac)
+        self.backend.neigh_add(self.backend_if, LB_SIDE, lb_end.mac)
+        self.lb.route_add(BACKEND_RANGE, BACKEND_SIDE, self.lb_if)
+        # Every address of the range is local to the backend side (one route, no 10k addresses).
+        self.backend.run(["ip", "route", "add", "local", BACKEND_RANGE, "dev", "lo"])
+        self.listener = lab.popen(
+            self.backend, ["taskset", "-c", str(BACKEND_CPU), sys.executable, __file__,
+                           "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.listener.stdout.readline()
+        if not line:
+            raise RuntimeError("the backend-side listener did not start")
+        self.ports: dict[str, int] = json.loads(line)
+
+    def run_lb_side(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Runs `job` (see lb_side) in the LB namespace on CPU 0; its JSON answer."""
+        job = {**job, "threads": self.threads, "listener_pid": self.listener.pid,
+               "ifname": self.lb_if,
+               "port": self.ports["tcp"]}
+        proc = self.lab.popen(self.lb, ["taskset", "-c", str(CHECKER_CPU), sys.executable,
+                                        __file__, "--lb-side", json.dumps(job)],
+                              stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=timeout_s)
+        if proc.returncode != 0 or not out:
+            raise RuntimeError(f"the LB-side run failed (exit {proc.returncode})")
+        return json.loads(out)
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+def lb_side(job: dict[str, Any]) -> None:
+    """In the LB namespace, on CPU 0: the connect floor, then the checker; prints JSON."""
+    def window() -> HostWindow:
+        return HostWindow(job["threads"]["napi_lb"], job["threads"]["napi_backend"],
+                          job["listener_pid"], job["ifname"])
+
+    floor = connect_floor(job["port"], remote_addresses(20_000, offset=job["backends"]),
+                          window())
+    check = HealthCheck(kind="tcp", port=job["port"], interval_ms=SCALE_INTERVAL_MS,
+                        timeout_ms=500, rise=2, fall=3)
+    state = desired(check, remote_addresses(job["backends"]), SCALE_VIPS)
+    result = asyncio.run(run_checker(state, True, job["warmup_s"], job["window_s"], window()))
+    print(json.dumps({"floor": floor, "checker": result}))
+
+
+def scale_remote(backends: int, warmup_s: float, window_s: float) -> dict:
+    """Part 2a: what the LB host pays, the backends being other hosts."""
+    L.remove_stale(LAB_PREFIX)  # namespaces of an earlier run killed outright, if any
+    remote = RemoteBackends()
+    try:
+        out = remote.run_lb_side({"backends": backends, "warmup_s": warmup_s,
+                                  "window_s": window_s}, timeout_s=warmup_s + window_s + 120)
+    finally:
+        remote.close()
+    result, floor = out["checker"], out["floor"]
+    floor_share = floor["lb_us"] * result["checks_per_s"] / 1e6
+    return {"backends": backends, "vips": SCALE_VIPS, "interval_ms": SCALE_INTERVAL_MS,
+            **result, "floor": floor,
+            "floor_percent_of_one_core": round(100 * floor_share, 1),
+            "ratio_to_floor": round(result["lb_us"] / floor["lb_us"], 2),
+            "lb_percent_of_one_core": round(100 * result["lb_cpu_share"], 1),
+            "target_percent": round(100 * TARGET_CPU),
+            "met": result["lb_cpu_share"] < TARGET_CPU}
+
+
 def print_report(report: dict) -> None:
     print(f"machine: {report['machine']}   python {report['python']}")
-    print(f"\nchecks per CPU-second (one core), {PROBES} checks due every "
-          f"{FAST_INTERVAL_MS} ms against local listeners in another process; baseline = bare "
-          "asyncio doing the same network work; ratio = checker / baseline")
-    print(f"{'kind':>5} {'checks/s':>9} {'cpu':>6} {'checks/cpu-s':>13} {'baseline/cpu-s':>15} "
-          f"{'ratio':>6} {'listener cpu':>13} {'failed':>7}")
-    for r in report["throughput"]:
-        print(f"{r['kind']:>5} {r['checks_per_s']:>9} {r['cpu_share']:>6.2f} "
-              f"{r['checks_per_cpu_s']:>13} {r['baseline']['ops_per_cpu_s']:>15} "
-              f"{r['ratio']:>6.2f} {r['listener_cpu_share']:>13.2f} {r['last_failed']:>7}")
-    s = report["scale"]
-    f = s["floor"]
-    verdict = "ok" if s["met"] else "MISSED"
-    print(f"\n{s['backends']} TCP-checked backends ({s['vips']} VIPs) at a "
-          f"{s['interval_ms']} ms interval, {s['wall_s']:.0f} s window: "
-          f"{s['checks_per_s']} checks/s (expected {s['expected_checks_per_s']}); "
-          f"{s['down']} backends down, {s['down_transitions']} down transitions")
-    print(f"  checker CPU {s['cpu_percent_of_one_core']}% of one core (target < "
-          f"{s['target_percent']}%: {verdict}): {s['cpu_us_per_check']} us per check "
-          f"({s['user_us_per_check']} user, {s['sys_us_per_check']} system)")
-    print(f"  baseline: a bare blocking connect + reset costs {f['cpu_us']} us "
-          f"({f['user_us']} user, {f['sys_us']} system; both ends of the loopback handshake "
-          f"are charged here), i.e. {s['floor_percent_of_one_core']}% of one core at the "
-          f"same rate; ratio checker / baseline {s['ratio_to_floor']}")
+    if report.get("throughput"):
+        print(f"\nchecks per CPU-second (one core), {PROBES} checks due every "
+              f"{FAST_INTERVAL_MS} ms against local listeners in another process; baseline = "
+              "bare asyncio doing the same network work; ratio = checker / baseline")
+        print(f"{'kind':>5} {'checks/s':>9} {'cpu':>6} {'checks/cpu-s':>13} "
+              f"{'baseline/cpu-s':>15} {'ratio':>6} {'listener cpu':>13} {'failed':>7}")
+        for r in report["throughput"]:
+            print(f"{r['kind']:>5} {r['checks_per_s']:>9} {r['cpu_share']:>6.2f} "
+                  f"{r['checks_per_cpu_s']:>13} {r['baseline']['ops_per_cpu_s']:>15} "
+                  f"{r['ratio']:>6.2f} {r['listener_cpu_share']:>13.2f} {r['last_failed']:>7}")
+    if report.get("scale_remote"):
+        s = report["scale_remote"]
+        f = s["floor"]
+        verdict = "ok" if s["met"] else "MISSED"
+        print(f"\n{s['backends']} TCP-checked backends ({s['vips']} VIPs) at a "
+              f"{s['interval_ms']} ms interval, backends behind a veth in another namespace, "
+              f"{s['wall_s']:.0f} s window: {s['checks_per_s']} checks/s; {s['down']} backends "
+              f"down, {s['down_transitions']} down transitions")
+        print(f"  LB host CPU {s['lb_percent_of_one_core']}% of one core (target < "
+              f"{s['target_percent']}%: {verdict}): {s['lb_us']} us per check = checker "
+              f"{s['user_us']} user + {s['sys_us']} system, LB-side NAPI thread "
+              f"{s['napi_us']}, CPU {CHECKER_CPU}'s kernel threads {s['kthreads_us']}, its "
+              f"irq + softirq ticks {s['irq_us']}; wakeups per check: checker "
+              f"{s['wakeups_per_op']}, NAPI thread {s['napi_wakeups_per_op']}; packets per "
+              f"check on the LB side: {s['rx_per_op']} in, {s['tx_per_op']} out")
+        print(f"  not counted: the backend side {s['backend_side_us']} us per check; CPU "
+              f"{CHECKER_CPU} busy in all (other processes too) {s['cpu_busy_us']}")
+        print(f"  baseline: a bare blocking connect + reset, charged the same way, costs "
+              f"{f['lb_us']} us ({f['user_us']} user, {f['sys_us']} system, NAPI "
+              f"{f['napi_us']}, kernel threads {f['kthreads_us']}, irq {f['irq_us']}), i.e. "
+              f"{s['floor_percent_of_one_core']}% of one core at the same rate; ratio "
+              f"checker / baseline {s['ratio_to_floor']}")
+    if report.get("scale"):
+        s = report["scale"]
+        f = s["floor"]
+        verdict = "ok" if s["met"] else "MISSED"
+        print(f"\n{s['backends']} TCP-checked backends ({s['vips']} VIPs) at a "
+              f"{s['interval_ms']} ms interval, listeners on loopback (both ends charged), "
+              f"{s['wall_s']:.0f} s window: {s['checks_per_s']} checks/s (expected "
+              f"{s['expected_checks_per_s']}); {s['down']} backends down, "
+              f"{s['down_transitions']} down transitions")
+        print(f"  checker CPU {s['cpu_percent_of_one_core']}% of one core (target < "
+              f"{s['target_percent']}%: {verdict}): {s['cpu_us_per_check']} us per check "
+              f"({s['user_us_per_check']} user, {s['sys_us_per_check']} system)")
+        print(f"  baseline: a bare blocking connect + reset costs {f['cpu_us']} us "
+              f"({f['user_us']} user, {f['sys_us']} system; both ends of the loopback "
+              f"handshake are charged here), i.e. {s['floor_percent_of_one_core']}% of one core "
+              f"at the same rate; ratio checker / baseline {s['ratio_to_floor']}")
     print(f"  max RSS {report['max_rss_mb']} MB")
 
 
@@ -343,28 +686,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--quick", action="store_true", help="shorter windows")
+    parser.add_argument("--only", choices=("throughput", "lb-host", "loopback"),
+                        help="one part alone: 1, 2a or 2b")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lb-side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve_listeners()
         return
+    if args.lb_side:
+        lb_side(json.loads(args.lb_side))
+        return
+    # A SIGTERM unwinds like Ctrl-C: the namespaces and veths are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     warmup, window = (0.5, 1.0) if args.quick else (WARMUP_S, WINDOW_S)
     scale_warmup, scale_window = (2.0, 4.0) if args.quick else (SCALE_WARMUP_S, SCALE_WINDOW_S)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    listeners = Listeners()
-    try:
-        rows = [throughput(kind, listeners, warmup, window) for kind in ("tcp", "http", "grpc")]
-        at_scale = scale(listeners, SCALE_BACKENDS, scale_warmup, scale_window)
-    finally:
-        listeners.close()
-    report = {
+    report: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}",
         "python": platform.python_version(),
         "probes": PROBES, "fast_interval_ms": FAST_INTERVAL_MS, "window_s": window,
-        "throughput": rows, "scale": at_scale,
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+    if args.only in (None, "lb-host"):
+        report["scale_remote"] = scale_remote(SCALE_BACKENDS, scale_warmup, scale_window)
+    if args.only != "lb-host":
+        listeners = Listeners()
+        try:
+            if args.only in (None, "throughput"):
+                report["throughput"] = [throughput(kind, listeners, warmup, window)
+                                        for kind in ("tcp", "http", "grpc")]
+            if args.only in (None, "loopback"):
+                report["scale"] = scale(listeners, SCALE_BACKENDS, scale_warmup, scale_window)
+        finally:
+            listeners.close()
+    report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -689,6 +689,178 @@ def test_scheduled_tcp_checks_say_refused_and_timeout_and_stop_on_close():
     asyncio.run(scenario())
 
 
+def test_tcp_engine_reuses_a_socket_for_a_new_connection_after_a_reset():
+    """After a successful check the engine resets the connection (the backend sees an
+    RST, nothing is left in TIME_WAIT) and keeps the socket: the next check on it is a
+    new connection from a new port, and the first check's deadline, still queued, does
+    not time the second one out."""
+    async def scenario():
+        results: list[Result] = []
+        prober = health._TcpProber(asyncio.get_running_loop(),
+                                   lambda verdict, result, started: results.append(result))
+
+        async def answered(n: int) -> None:
+            await await_for(lambda: len(results) == n, 1.0, f"result {n}")
+
+        with socket.socket() as listener, socket.socket() as full:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            full.bind(("127.0.0.1", 0))  # a full accept queue drops SYNs: connects hang
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            try:
+                port = listener.getsockname()[1]
+                t0 = time.monotonic()
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), t0)
+                await answered(1)
+                assert results[0].ok
+                conn, first = listener.accept()
+                conn.settimeout(1)
+                with pytest.raises(ConnectionResetError):
+                    conn.recv(1)
+                conn.close()
+                (kept,) = prober._idle[(socket.AF_INET, 0)]
+                # The kept socket's next check: a connect that hangs past the first deadline.
+                prober.start(Verdict(probe(port=full.getsockname()[1], timeout_ms=1000)),
+                             time.monotonic())
+                (pending, _, t1) = next(iter(prober._pending.values()))
+                assert pending is kept
+                prober.expire(t0 + 0.1 + 0.01)
+                assert len(prober) == 1 and len(results) == 1
+                prober.expire(t1 + 1.0)
+                assert results[1].reason == "timeout" and kept.fileno() == -1
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), time.monotonic())
+                await answered(3)
+                prober.start(Verdict(probe(port=port, timeout_ms=100)), time.monotonic())
+                await answered(4)
+                assert results[2].ok and results[3].ok
+                ports = {first[1]}
+                for _ in range(2):
+                    conn, peer = listener.accept()
+                    conn.close()
+                    ports.add(peer[1])
+                assert len(ports) == 3  # three connections, three ports
+                # A kept socket whose connect fails at once: judged on a new socket, as
+                # any check would be (TCP to a multicast address is refused outright).
+                assert len(prober._idle[(socket.AF_INET, 0)]) == 1
+                prober.start(Verdict(probe(address="224.0.0.1", port=port)), time.monotonic())
+                assert results[4] == (False, "network is unreachable", results[4].latency_s)
+                assert prober._idle[(socket.AF_INET, 0)] == [] and len(prober) == 0
+            finally:
+                filler.close()
+                prober.close()
+        out = subprocess.run(["ss", "-tan", "state", "time-wait",
+                              f"( sport = :{port} or dport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        assert len(out.splitlines()) <= 1, out  # the header alone: no TIME_WAIT either side
+
+    asyncio.run(scenario())
+
+
+def test_check_latencies_are_exported_as_prometheus_own_histogram_would_be():
+    """lbd's per-check latency histogram keeps plain counts; scraped, it reads exactly as
+    a prometheus_client Histogram fed the same latencies (edges included)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from xdplb.metrics import CHECK_SECONDS_BUCKETS, CheckLatencies, ControlPlaneMetrics
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    observe = ControlPlaneMetrics(ours).observe_check
+    reference = Histogram(CheckLatencies.NAME, CheckLatencies.HELP, ["kind"],
+                          buckets=CHECK_SECONDS_BUCKETS, registry=theirs)
+    latencies = [0.0, 0.0001, 0.0005, 0.00051, 0.001, 0.3, 1, 2.5, 4.99, 5, 7.5]
+    for kind in ("tcp", "http"):
+        for seconds in latencies:
+            observe(kind, seconds)
+            reference.labels(kind).observe(seconds)
+
+    def text(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if CheckLatencies.NAME in line and "_created" not in line]
+
+    assert text(ours) == text(theirs)
+    assert 'xdplb_health_check_duration_seconds_count{kind="tcp"} 11.0' in text(ours)
+
+
+FWMARK = 0x2A5
+
+
+def kernel_fwmark(port: int) -> str | None:
+    """The fwmark the kernel shows (ss -e, sock_diag) for our SYN-SENT connection to
+    127.0.0.1:port, or None without one: what routing and filtering see."""
+    out = subprocess.run(["ss", "-tnie", "state", "syn-sent", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if f"127.0.0.1:{port}" in line]
+    assert len(lines) == 1, out
+    mark = re.search(r"fwmark:(0x[0-9a-f]+)", lines[0])
+    return mark.group(1) if mark else None
+
+
+def test_scheduled_tcp_checks_connect_with_the_probe_fwmark():
+    """A probe's fwmark is on its socket before the SYN leaves (the scheduler's engine):
+    the kernel shows the mark on the connection while it is being made."""
+    require_root()  # SO_MARK needs CAP_NET_ADMIN
+
+    async def scenario():
+        results: list[Result] = []
+        prober = health._TcpProber(asyncio.get_running_loop(),
+                                   lambda verdict, result, started: results.append(result))
+        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            port = full.getsockname()[1]
+            try:
+                for mark in (FWMARK, 0):
+                    p = Probe(**{**probe(port=port, timeout_ms=1000).__dict__, "fwmark": mark})
+                    assert prober.start(Verdict(p), time.monotonic())
+                    (sock, _, _), = prober._pending.values()
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == mark
+                    assert kernel_fwmark(port) == (hex(mark) if mark else None)
+                    prober.expire(math.inf)
+            finally:
+                filler.close()
+                prober.close()
+        assert [r.reason for r in results] == ["timeout", "timeout"]
+
+    asyncio.run(scenario())
+
+
+def test_task_probes_connect_with_the_probe_fwmark():
+    """TCP, HTTP and HTTPS checks run as tasks connect with the probe's fwmark too (seen
+    by the kernel on the connection being made), and answer as unmarked ones do."""
+    require_root()
+
+    async def scenario():
+        channels = GrpcChannels()
+        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=1)
+            port = full.getsockname()[1]
+            try:
+                for kind in ("tcp", "http", "https"):
+                    p = Probe(**{**probe(kind, port=port, timeout_ms=2000).__dict__,
+                                 "fwmark": FWMARK})
+                    task = asyncio.create_task(run_probe(p, channels))
+                    await asyncio.sleep(0.05)
+                    assert kernel_fwmark(port) == hex(FWMARK), kind
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            finally:
+                filler.close()
+        servers = Listeners()
+        good = await servers.http(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        result = await run_probe(Probe(**{**probe("http", port=good, body="ok").__dict__,
+                                          "fwmark": FWMARK}), channels)
+        assert result.ok, result
+        assert servers.requests[-1].startswith(b"GET / HTTP/1.1\r\n")
+        servers.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failing_apply_is_retried_and_a_failing_notify_stops_no_check(monkeypatch):
     monkeypatch.setattr(health, "APPLY_RETRY_S", 0.05)
     calls: list[dict] = []

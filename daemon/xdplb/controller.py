@@ -182,7 +182,7 @@ class Controller:
 
     def _observe_check(self, kind: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.check_seconds.labels(kind).observe(seconds)
+            self.metrics.observe_check(kind, seconds)
 
     def _health_event(self, message: str, backend: str) -> None:
         if self.metrics is not None:

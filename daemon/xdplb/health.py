@@ -2,7 +2,8 @@
 
 One scheduler in lbd's event loop runs every check: a heap of due times
 and a single timer. TCP checks are non-blocking connects watched by one
-epoll, closed with a reset (no task, no TIME_WAIT); HTTP(S) and gRPC checks
+epoll, ended with a reset (no task, no TIME_WAIT), their sockets reused for
+later checks (see _TcpProber); HTTP(S) and gRPC checks
 run as tasks, gRPC over a channel kept per check. A check is identified by
 what it probes and how (kind, address, port, HTTP/gRPC details, timing, rise/fall),
 so identical checks of a backend serving several VIPs run once and share
@@ -28,6 +29,7 @@ and release is reported (logged and published) with its reason.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -46,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,6 +115,21 @@ class Probe:
                    check.expect_status, check.body, check.grpc_service, check.interval_ms,
                    check.timeout_ms, check.rise, check.fall)
 
+    @functools.cached_property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+    @functools.cached_property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+    @functools.cached_property
+    def socket_kind(self) -> tuple[int, int]:
+        """What a check socket of this probe is made with (family, fwmark): sockets of
+        one kind are interchangeable, so the TCP engine reuses them across probes. Any
+        other per-probe socket option (a bind, a device) must join this key."""
+        return (self.family, self.fwmark)
+
     def describe(self) -> str:
         where = f"[{self.address}]" if ":" in self.address else self.address
         extra = f"{self.path}" if self.kind in ("http", "https") else (
@@ -120,8 +138,9 @@ class Probe:
         return f"{self.kind} {where}:{self.port}{extra}{via}"
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
+    """One check's outcome (a tuple: made for every check, so made cheaply)."""
+
     ok: bool
     reason: str  # "ok", "timeout", "refused", "status 503", "NOT_SERVING", ...
     latency_s: float
@@ -147,17 +166,26 @@ def connect_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def check_socket(probe: Probe) -> socket.socket:
+    """A non-blocking TCP socket for one check of `probe`, marked with its fwmark (if any)
+    before it connects."""
+    sock = socket.socket(probe.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        if probe.fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _probe_tcp(probe: Probe) -> str:
     """A connect, then a reset: no request, no TIME_WAIT left on either side."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = check_socket(probe)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        if probe.fwmark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
-        await loop.sock_connect(sock, (probe.address, probe.port))
+        await loop.sock_connect(sock, probe.sockaddr)
     finally:
         sock.close()
     return "ok"
@@ -183,26 +211,22 @@ def _http_complete(probe: Probe, response: bytes) -> bool:
     return False  # no length: the server's close ends the body
 
 
-async def _marked_connection(probe: Probe) -> socket.socket:
-    """A TCP connection to the probe's target from a socket carrying its mark."""
-    family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
-        await asyncio.get_running_loop().sock_connect(sock, (probe.address, probe.port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def _probe_http(probe: Probe) -> str:
     tls = _NO_VERIFY if probe.kind == "https" else None
-    sock = await _marked_connection(probe) if probe.fwmark else None
-    reader, writer = await asyncio.open_connection(
-        None if sock else probe.address, None if sock else probe.port, ssl=tls, sock=sock,
-        server_hostname=(probe.host or ("" if sock else None)) if tls else None)  # SNI: Host
+    # SNI: the Host header's name (none is sent for an address)
+    server_hostname = (probe.host or probe.address) if tls else None
+    if probe.fwmark:  # the socket is made here, so it is marked before it connects
+        sock = check_socket(probe)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, probe.sockaddr)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=tls, server_hostname=server_hostname)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        reader, writer = await asyncio.open_connection(
+            probe.address, probe.port, ssl=tls, server_hostname=server_hostname)
     try:
         host = probe.host or (f"[{probe.address}]" if ":" in probe.address else probe.address)
         writer.write(f"GET {probe.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xdplb-lbd\r\n"
@@ -329,6 +353,7 @@ class Verdict:
     penalty_at: float = 0.0
     suppressed: bool = False
     transitions: int = 0
+    active: bool = True  # False once its check is removed: its scheduled runs are dropped
 
     @property
     def half_life_s(self) -> float:
@@ -389,75 +414,140 @@ def _errno_reason(err: int) -> str:
             errno.ETIMEDOUT: "timeout"}.get(err) or os.strerror(err).lower()
 
 
+_SOCK_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_ERR_OR_HUP = select.EPOLLERR | select.EPOLLHUP
+_ONE_WRITABLE = select.EPOLLOUT | select.EPOLLONESHOT
+MAX_IDLE_SOCKETS = 256  # per (family, fwmark): connected-and-reset sockets kept for reuse
+
+
+_AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
+
+
+def _libc_connect() -> Callable[[int, bytes, int], int] | None:
+    """The C library's connect(fd, address, length), for connect(fd, AF_UNSPEC), which
+    Python's socket.connect refuses on an AF_INET(6) socket; None where it cannot be had
+    (then every check gets a new socket)."""
+    try:
+        import ctypes
+
+        connect = ctypes.CDLL(None, use_errno=True).connect
+    except (ImportError, OSError, AttributeError):
+        return None
+    connect.restype = ctypes.c_int  # arguments: int, bytes and int convert as they are
+    return connect
+
+
 class _TcpProber:
     """Non-blocking connects watched by one epoll (itself watched by the event loop):
-    a TCP check costs a socket and a few dict operations, no task, future or timer.
-    Results go to `done(verdict, result, started)`; `expire` times out the overdue."""
+    a TCP check costs a few dict operations, no task, future or timer.
+
+    A socket whose connect succeeded is dissolved with connect(AF_UNSPEC), which resets
+    the connection as a close with SO_LINGER 0 would (RST, no TIME_WAIT, the local port
+    released), and is kept for a later check: Linux lets a TCP socket connect again
+    after that, keeping its options (SO_LINGER, SO_MARK) and its place in the epoll
+    (armed one-shot, re-armed per connect). So a check costs three system calls
+    (connect, epoll_ctl, the resetting connect) instead of five (socket, setsockopt,
+    connect, epoll_ctl, close) and no socket allocated or freed; every check is still a
+    new connection (new port, full handshake) judged the same way. A socket whose
+    check failed or timed out is closed; sockets are the C type (_socket.socket), so
+    nothing of socket.socket's Python layer runs per check. Results go to
+    `done(verdict, result, started)`; `expire` times out the overdue."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  done: Callable[[Verdict, Result, float], None]):
         self._loop, self._done = loop, done
         self._epoll = select.epoll()
-        self._pending: dict[int, tuple[socket.socket, Verdict, float]] = {}
+        self._pending: dict[int, tuple[_socket.socket, Verdict, float]] = {}
         # One queue per timeout value: deadlines in each come in order.
-        self._deadlines: dict[float, deque[tuple[float, socket.socket]]] = {}
+        self._deadlines: dict[float, deque[tuple[float, int, tuple]]] = {}
+        self._idle: dict[tuple[int, int], list[_socket.socket]] = {}
+        self._connect = _libc_connect()
         loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def _new_socket(self, probe: Probe) -> _socket.socket:
+        sock = _socket.socket(probe.family, _SOCK_NONBLOCKING_STREAM)
+        try:
+            if probe.fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def start(self, verdict: Verdict, now: float) -> bool:
         """Starts a check; False when no socket could be had (retry later)."""
         probe = verdict.probe
-        family = socket.AF_INET6 if ":" in probe.address else socket.AF_INET
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        except OSError as exc:  # EMFILE and the like: a fault of ours, not the backend's
-            log.warning("%s: no socket for a check: %s", probe.describe(), exc)
-            return False
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            if probe.fwmark:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, probe.fwmark)
-            err = sock.connect_ex((probe.address, probe.port))
-        except OSError as exc:  # an address the kernel refuses outright
-            err = exc.errno or errno.EINVAL
-        if err != errno.EINPROGRESS:
-            sock.close()
-            self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
-                                       time.monotonic() - now), now)
-            return True
+        idle = self._idle.get(probe.socket_kind)
+        sock = idle.pop() if idle else None
+        if sock is not None:
+            try:
+                if sock.connect_ex(probe.sockaddr) != errno.EINPROGRESS:
+                    raise OSError
+                self._epoll.modify(sock.fileno(), _ONE_WRITABLE)
+            except OSError:
+                sock.close()  # judged on a new socket below, exactly as without reuse
+                sock = None
+        if sock is None:
+            try:
+                sock = self._new_socket(probe)
+            except OSError as exc:  # EMFILE and the like: a fault of ours, not the backend's
+                log.warning("%s: no socket for a check: %s", probe.describe(), exc)
+                return False
+            try:
+                err = sock.connect_ex(probe.sockaddr)
+            except OSError as exc:  # an address the kernel refuses outright
+                err = exc.errno or errno.EINVAL
+            if err != errno.EINPROGRESS:
+                sock.close()
+                self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
+                                           time.monotonic() - now), now)
+                return True
+            self._epoll.register(sock.fileno(), _ONE_WRITABLE)
         fd = sock.fileno()
-        self._epoll.register(fd, select.EPOLLOUT)
-        self._pending[fd] = (sock, verdict, now)
+        entry = self._pending[fd] = (sock, verdict, now)
         timeout = probe.timeout_ms / 1000
         queue = self._deadlines.get(timeout)
         if queue is None:
             queue = self._deadlines[timeout] = deque()
-        queue.append((now + timeout, sock))
+        queue.append((now + timeout, fd, entry))
         return True
 
     def _ready(self) -> None:
         events = self._epoll.poll(0)
         now = time.monotonic()
+        pending, done, connect = self._pending, self._done, self._connect
         for fd, event in events:
-            entry = self._pending.pop(fd, None)
+            entry = pending.pop(fd, None)
             if entry is None:
                 continue
             sock, verdict, started = entry
-            err = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                   if event & (select.EPOLLERR | select.EPOLLHUP) else 0)
-            sock.close()  # with SO_LINGER 0: a reset; closing also leaves the epoll
-            self._done(verdict, Result(err == 0, "ok" if err == 0 else _errno_reason(err),
-                                       now - started), started)
+            # SO_ERROR only when the connect failed: a success is EPOLLOUT alone.
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if event & _ERR_OR_HUP else 0
+            if err:
+                sock.close()
+                done(verdict, Result(False, _errno_reason(err), now - started), started)
+                continue
+            kind = verdict.probe.socket_kind
+            idle = self._idle.get(kind)
+            if idle is None:
+                idle = self._idle[kind] = []
+            if (connect is not None and len(idle) < MAX_IDLE_SOCKETS
+                    and connect(fd, _AF_UNSPEC_ADDRESS, 16) == 0):
+                idle.append(sock)  # reset; its next connect is a new connection
+            else:
+                sock.close()  # with SO_LINGER 0: a reset; closing also leaves the epoll
+            done(verdict, Result(True, "ok", now - started), started)
 
     def expire(self, now: float) -> None:
+        pending = self._pending
         for queue in self._deadlines.values():
             while queue and queue[0][0] <= now:
-                _, sock = queue.popleft()
-                fd = sock.fileno()
-                entry = self._pending.get(fd) if fd >= 0 else None
-                if entry is None or entry[0] is not sock:
-                    continue  # answered already
-                del self._pending[fd]
-                sock.close()
+                _, fd, entry = queue.popleft()
+                if pending.get(fd) is not entry:
+                    continue  # answered already (its socket may serve another check now)
+                del pending[fd]
+                entry[0].close()
                 self._done(entry[1], Result(False, "timeout", now - entry[2]), entry[2])
 
     def next_deadline(self) -> float:
@@ -470,8 +560,12 @@ class _TcpProber:
         self._loop.remove_reader(self._epoll.fileno())
         for sock, _, _ in self._pending.values():
             sock.close()
+        for idle in self._idle.values():
+            for sock in idle:
+                sock.close()
         self._pending.clear()
         self._deadlines.clear()
+        self._idle.clear()
         self._epoll.close()
 
 
@@ -483,6 +577,7 @@ Notify = Callable[[str, str], None]  # (message, backend address)
 Observe = Callable[[str, float], None]  # (check kind, latency in seconds), every check
 TICK_S = 0.002  # the scheduler's timer granularity: checks due within it start together
 MAX_STARTS_PER_TICK = 256  # then the event loop gets a turn
+_random = random.random
 
 
 class HealthChecker:
@@ -545,7 +640,7 @@ class HealthChecker:
             self.verdicts[probe] = verdict
             heapq.heappush(self._due, (first, next(self._order), verdict))
         for probe in self.verdicts.keys() - wanted.keys():  # their heap entries are skipped
-            del self.verdicts[probe]
+            self.verdicts.pop(probe).active = False
             task = self._tasks.pop(probe, None)
             if task is not None:
                 task.cancel()
@@ -608,7 +703,7 @@ class HealthChecker:
         horizon = now + TICK_S  # due within a tick: now (their due times allow for it)
         while due and due[0][0] <= horizon and started < MAX_STARTS_PER_TICK:
             verdict = due[0][2]
-            if self.verdicts.get(verdict.probe) is not verdict:
+            if not verdict.active:
                 heapq.heappop(due)  # its check was removed
                 continue
             if self._running >= MAX_CONCURRENT_PROBES:
@@ -652,18 +747,26 @@ class HealthChecker:
         """A check's result: judged, and its next run scheduled."""
         self._running -= 1
         self.checks_run += 1
-        if self._closed or self.verdicts.get(verdict.probe) is not verdict:
+        if self._closed or not verdict.active:
             return  # removed while it ran
         now = time.monotonic()
+        probe = verdict.probe
         try:
-            self._judge(verdict, result, now)
+            if result.ok == verdict.up and not verdict.suppressed:
+                # Most results: what the verdict says already, and nothing held down.
+                # observe() would only clear the streak; there is nothing to report.
+                verdict.last, verdict.streak = result, 0
+            else:
+                self._judge(verdict, result, now)
             if self.observe is not None:
-                self.observe(verdict.probe.kind, result.latency_s)
+                self.observe(probe.kind, result.latency_s)
         except Exception:  # nothing may silence this check for good
-            log.exception("%s: judging a result failed", verdict.probe.describe())
+            log.exception("%s: judging a result failed", probe.describe())
         # Never later than the interval: the timer's tick is taken off the jitter's range.
-        interval = verdict.probe.interval_ms / 1000
-        due = max(started + interval * (1 - JITTER * random.random()) - TICK_S, now)
+        interval = probe.interval_ms / 1000
+        due = started + interval * (1 - JITTER * _random()) - TICK_S
+        if due < now:
+            due = now
         heapq.heappush(self._due, (due, next(self._order), verdict))
         if due < self._timer_at or self._running == MAX_CONCURRENT_PROBES - 1:
             self._arm(now)

@@ -11,7 +11,9 @@ datapath and health-tunnel outcomes; never a flow.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,8 +24,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from xdplb import structs as s
 
@@ -33,6 +41,45 @@ if TYPE_CHECKING:
 log = logging.getLogger("xdplb.metrics")
 VIP_MODES = ("normal", "panic", "fail-open", "fail-closed")
 HEALTH_STATES = ("up", "down", "unchecked", "held-down", "not-checked")
+CHECK_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                         2.5, 5)
+
+
+class CheckLatencies:
+    """xdplb_health_check_duration_seconds: every health check's latency, per check kind.
+
+    Observed for every check (10,000 a second with 10,000 backends at 1 s), so kept as
+    plain bucket counts, one bisect and two additions per check, and turned into the
+    histogram at scrape time. lbd's event loop does both, so they never race."""
+
+    NAME = "xdplb_health_check_duration_seconds"
+    HELP = "Health check latency, per check kind."
+
+    def __init__(self, buckets: tuple[float, ...] = CHECK_SECONDS_BUCKETS):
+        self.bounds = buckets
+        self.counts: dict[str, list[int]] = {}  # per bucket, the last one +Inf; not cumulative
+        self.sums: dict[str, float] = {}
+
+    def observe(self, kind: str, seconds: float) -> None:
+        counts = self.counts.get(kind)
+        if counts is None:
+            counts = self.counts[kind] = [0] * (len(self.bounds) + 1)
+            self.sums[kind] = 0.0
+        counts[bisect_left(self.bounds, seconds)] += 1  # the first bucket with seconds <= le
+        self.sums[kind] += seconds
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.NAME, self.HELP, labels=["kind"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.NAME, self.HELP, labels=["kind"])
+        for kind, counts in self.counts.items():
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(floatToGoString(b), n) for b, n in zip(self.bounds, cumulative[:-1],
+                                                                strict=True)]
+            family.add_metric([kind], [*buckets, ("+Inf", cumulative[-1])],
+                              sum_value=self.sums[kind])
+        yield family
 
 
 class ControlPlaneMetrics:
@@ -57,10 +104,9 @@ class ControlPlaneMetrics:
         self.health_transitions = Counter(
             "xdplb_health_transitions", "Health verdict changes, by backend and new state.",
             ["backend", "state"], registry=registry)
-        self.check_seconds = Histogram(
-            "xdplb_health_check_duration_seconds", "Health check latency, per check kind.",
-            ["kind"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                               0.5, 1, 2.5, 5), registry=registry)
+        self.check_seconds = CheckLatencies()
+        registry.register(self.check_seconds)
+        self.observe_check = self.check_seconds.observe  # every check's latency
 
     def observe_reconcile(self, report: object) -> None:
         self.reconcile_seconds.observe(report.duration_s)
