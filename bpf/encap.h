@@ -148,6 +148,29 @@ static __always_inline int write_gue(void *p, void *data_end, const struct packe
 	return 0;
 }
 
+/* The outer IP header (and the GUE header) at p, the packet's own headers
+ * following: what the balancer and the health checks' tc program both
+ * write. */
+static __always_inline int write_outer_headers(void *p, void *data_end, const struct packet *pkt,
+					       const struct backend *be,
+					       const struct lb_config *cfg, __u32 hash, int gue,
+					       int outer_ipv6)
+{
+	int err;
+	if (outer_ipv6) {
+		err = write_outer_ipv6(p, data_end, pkt, be, cfg, hash, gue);
+		p += sizeof(struct ipv6hdr);
+	} else {
+		err = write_outer_ipv4(p, data_end, pkt, be, cfg, hash, gue);
+		p += sizeof(struct iphdr);
+	}
+	if (err)
+		return -1;
+	if (gue)
+		return write_gue(p, data_end, pkt, cfg, hash);
+	return 0;
+}
+
 /* Prepends the outer headers and rewrites the MACs towards the next hop.
  * Returns 0, or -1 if the frame could not be grown or was too short. The
  * Ethernet header (and VLAN tag) is read into registers before the frame
@@ -189,19 +212,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct packet *
 		vh->encap_proto = eth_proto;
 		p = vh + 1;
 	}
-	int err;
-	if (outer_ipv6) {
-		err = write_outer_ipv6(p, data_end, pkt, be, cfg, hash, gue);
-		p += sizeof(struct ipv6hdr);
-	} else {
-		err = write_outer_ipv4(p, data_end, pkt, be, cfg, hash, gue);
-		p += sizeof(struct iphdr);
-	}
-	if (err)
-		return -1;
-	if (gue)
-		return write_gue(p, data_end, pkt, cfg, hash);
-	return 0;
+	return write_outer_headers(p, data_end, pkt, be, cfg, hash, gue, outer_ipv6);
 }
 
 #endif

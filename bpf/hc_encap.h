@@ -56,19 +56,7 @@ static __always_inline int hc_encapsulate(struct __sk_buff *skb, const struct pa
 		return -1;
 	*eth_proto = outer_ipv6 ? BE16(ETH_P_IPV6) : BE16(ETH_P_IP);
 	void *p = data + l3_off;
-	int err;
-	if (outer_ipv6) {
-		err = write_outer_ipv6(p, data_end, pkt, be, cfg, hash, gue);
-		p += sizeof(struct ipv6hdr);
-	} else {
-		err = write_outer_ipv4(p, data_end, pkt, be, cfg, hash, gue);
-		p += sizeof(struct iphdr);
-	}
-	if (err)
-		return -1;
-	if (gue)
-		return write_gue(p, data_end, pkt, cfg, hash);
-	return 0;
+	return write_outer_headers(p, data_end, pkt, be, cfg, hash, gue, outer_ipv6);
 }
 
 #endif

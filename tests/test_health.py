@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -364,6 +365,20 @@ class Listeners:
             server.close()
 
 
+@contextlib.contextmanager
+def hanging_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: the kernel drops SYNs to
+    it, so a connect hangs until its timeout."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=1)
+        try:
+            yield full.getsockname()[1]
+        finally:
+            filler.close()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -381,15 +396,8 @@ def test_tcp_probe_ok_refused_and_timeout():
             assert result.ok and result.reason == "ok" and 0 < result.latency_s < 0.05
         result = await run_probe(probe("tcp", port=closed_port()), channels)
         assert (result.ok, result.reason) == (False, "refused")
-        with socket.socket() as full:  # a full accept queue drops SYNs: the connect hangs
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=1)
-            try:
-                result = await run_probe(probe("tcp", port=full.getsockname()[1],
-                                               timeout_ms=100), channels)
-            finally:
-                filler.close()
+        with hanging_port() as port:
+            result = await run_probe(probe("tcp", port=port, timeout_ms=100), channels)
         assert (result.ok, result.reason) == (False, "timeout")
         assert 0.09 <= result.latency_s < 0.5
 
@@ -658,11 +666,8 @@ def test_scheduled_tcp_checks_say_refused_and_timeout_and_stop_on_close():
         lines, checker = notes()
         observed: list[tuple[str, float]] = []
         checker.observe = lambda kind, latency: observed.append((kind, latency))
-        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=1)
-            refused, hanging = closed_port(), full.getsockname()[1]
+        with hanging_port() as hanging:
+            refused = closed_port()
             check = HealthCheck(kind="tcp", interval_ms=100, timeout_ms=60, rise=1, fall=1)
             state = DesiredState({
                 key: vip(key, BackendSpec("127.0.0.1"), check=check)
@@ -671,7 +676,6 @@ def test_scheduled_tcp_checks_say_refused_and_timeout_and_stop_on_close():
             checker.update(state, {})
             await await_for(lambda: not checker.unchecked(), 1.0, "first verdicts")
             await asyncio.sleep(0.35)  # a few more rounds
-            filler.close()
         last = {p.port: v.last for p, v in checker.verdicts.items()}
         assert last[refused].reason == "refused" and last[refused].latency_s < 0.05
         assert last[hanging].reason == "timeout"
@@ -805,12 +809,8 @@ def test_scheduled_tcp_checks_connect_with_the_probe_fwmark():
         results: list[Result] = []
         prober = health._TcpProber(asyncio.get_running_loop(),
                                    lambda verdict, result, started: results.append(result))
-        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=1)
-            port = full.getsockname()[1]
-            try:
+        try:
+            with hanging_port() as port:
                 for mark in (FWMARK, 0):
                     p = Probe(**{**probe(port=port, timeout_ms=1000).__dict__, "fwmark": mark})
                     assert prober.start(Verdict(p), time.monotonic())
@@ -818,9 +818,8 @@ def test_scheduled_tcp_checks_connect_with_the_probe_fwmark():
                     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == mark
                     assert kernel_fwmark(port) == (hex(mark) if mark else None)
                     prober.expire(math.inf)
-            finally:
-                filler.close()
-                prober.close()
+        finally:
+            prober.close()
         assert [r.reason for r in results] == ["timeout", "timeout"]
 
     asyncio.run(scenario())
@@ -833,23 +832,16 @@ def test_task_probes_connect_with_the_probe_fwmark():
 
     async def scenario():
         channels = GrpcChannels()
-        with socket.socket() as full:  # a full accept queue drops SYNs: connects hang
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=1)
-            port = full.getsockname()[1]
-            try:
-                for kind in ("tcp", "http", "https"):
-                    p = Probe(**{**probe(kind, port=port, timeout_ms=2000).__dict__,
-                                 "fwmark": FWMARK})
-                    task = asyncio.create_task(run_probe(p, channels))
-                    await asyncio.sleep(0.05)
-                    assert kernel_fwmark(port) == hex(FWMARK), kind
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            finally:
-                filler.close()
+        with hanging_port() as port:
+            for kind in ("tcp", "http", "https"):
+                p = Probe(**{**probe(kind, port=port, timeout_ms=2000).__dict__,
+                             "fwmark": FWMARK})
+                task = asyncio.create_task(run_probe(p, channels))
+                await asyncio.sleep(0.05)
+                assert kernel_fwmark(port) == hex(FWMARK), kind
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         servers = Listeners()
         good = await servers.http(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         result = await run_probe(Probe(**{**probe("http", port=good, body="ok").__dict__,
