@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes as ct
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
+from timing import write_json
 
 from xdplb import maglev
 from xdplb import structs as s
@@ -190,13 +190,11 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.repeat, args.rounds, args.cpu, args.backends, args.ring_size)
     print_table(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"method": "T(harness -> program) - T(harness -> trivial); the harness restores "
                       "the frame (adjust_head on every run + store_bytes) and tail-calls",
             "repeat": args.repeat, "rounds": args.rounds, "cpu": args.cpu,
             "backends_per_vip": args.backends, "ring_size": args.ring_size}
-    args.json.write_text(json.dumps({"meta": meta, "cases": [asdict(r) for r in results]},
-                                    indent=2) + "\n")
+    write_json(args.json, {"meta": meta, "cases": [asdict(r) for r in results]})
     print(f"wrote {args.json}")
 
 

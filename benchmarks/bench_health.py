@@ -91,6 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from timing import write_json
 
 from xdplb import health as hc
 from xdplb import lab as L
@@ -723,8 +724,7 @@ def main() -> None:
     report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_report(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

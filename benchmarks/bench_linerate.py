@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes as ct
-import json
 import os
 import platform
 import signal
@@ -71,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
+from timing import write_json
 
 from xdplb import maglev
 from xdplb import structs as s
@@ -473,7 +473,6 @@ def main() -> None:
     elapsed = time.monotonic() - started
     print_table(results)
     print(f"took {elapsed:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "method": "live-frames generator -> veth -> program under test (XDP_TX) -> veth -> "
                   "counter, all on one CPU; Mpps per core = received / kernel-timed CPU work",
@@ -483,8 +482,7 @@ def main() -> None:
         "kernel": platform.release(), "target_ratio": TARGET_RATIO,
         "elapsed_s": round(elapsed, 1),
     }
-    args.json.write_text(json.dumps({"meta": meta, "cases": [asdict(r) for r in results]},
-                                    indent=2) + "\n")
+    write_json(args.json, {"meta": meta, "cases": [asdict(r) for r in results]})
     print(f"wrote {args.json}")
 
 

@@ -13,7 +13,6 @@ the changes to BPF maps is the reconciler's business and not measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -27,7 +26,7 @@ import numpy as np
 # Lets the benchmark run from a checkout without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
-from timing import median_ms
+from timing import median_ms, write_json
 
 from xdplb import maglev
 
@@ -163,7 +162,7 @@ def main() -> None:
     }
     print_report(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Target: one backend change at N=1000 in at most 50 ms, writing only changed posi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -28,7 +27,7 @@ from pathlib import Path
 # Lets the benchmark run from a checkout without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
-from timing import median_ms
+from timing import median_ms, write_json
 
 from xdplb import maglev
 from xdplb.datapath import Balancer, MapSizes
@@ -165,8 +164,7 @@ def main() -> None:
     }
     print_report(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ import argparse
 import dataclasses
 import heapq
 import itertools
-import json
 import math
 import sys
 import time
@@ -77,6 +76,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
+
+from timing import write_json
 
 from xdplb import capacity, maglev
 from xdplb.state import BackendSpec, Capacity, DesiredState, VipKey, VipSpec
@@ -410,8 +411,7 @@ def main() -> None:
         "elapsed_s": round(elapsed, 1),
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     if not args.quick:
         plot(results, args.plot, duration)
         print(f"plot written to {args.plot}")
