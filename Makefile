@@ -24,6 +24,7 @@ bench: setup
 	@$(PY) benchmarks/bench_reconcile.py --json bench-results/reconcile.json
 	@$(PY) benchmarks/bench_health.py --json bench-results/health.json
 	@$(PY) benchmarks/bench_linerate.py --json bench-results/linerate.json
+	@$(PY) benchmarks/bench_memlatency.py --json bench-results/memlatency.json
 	@$(PY) benchmarks/sim_capacity.py --json bench-results/capacity.json
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;

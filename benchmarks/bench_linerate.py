@@ -461,6 +461,7 @@ def main() -> None:
         rig = Rig(lab, args.cpu, args.frames, args.chunk, args.max_seconds,
                   args.flows, args.backends)
         try:
+            read_latency_ns = rig.probe.read_latency_ns()
             for n_backends in args.backends:
                 backend_range = rig.program_backends(n_backends)
                 for flows in args.flows:
@@ -472,6 +473,9 @@ def main() -> None:
             rig.close()
     elapsed = time.monotonic() - started
     print_table(results)
+    print(f"A read whose slot depends on the read before, in an array as large as the "
+          f"connection table ({rig.probe.table_bytes >> 20} MiB): {read_latency_ns:.0f} ns "
+          f"(bench_memlatency.py).")
     print(f"took {elapsed:.0f} s")
     meta = {
         "method": "live-frames generator -> veth -> program under test (XDP_TX) -> veth -> "
@@ -481,6 +485,7 @@ def main() -> None:
         "frame_len": len(rig.frame), "ring_size": RING_SIZE, "conn_entries": rig.conn_entries,
         "kernel": platform.release(), "target_ratio": TARGET_RATIO,
         "elapsed_s": round(elapsed, 1),
+        "dependent_read_ns": read_latency_ns, "probe_table_bytes": rig.probe.table_bytes,
     }
     write_json(args.json, {"meta": meta, "cases": [asdict(r) for r in results]})
     print(f"wrote {args.json}")

@@ -7,7 +7,10 @@
  * it. That is the least memory any exact per-flow table must touch for a
  * packet: with many flows the read misses the caches and the TLB, as the
  * balancer's flow lookup does, so the balancer's cost over this program is
- * its own work rather than the memory system's. */
+ * its own work rather than the memory system's.
+ *
+ * bench_memlatency, at the end, times reads of the same array one after
+ * another (benchmarks/bench_memlatency.py). */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -15,6 +18,7 @@
 
 BPF_ARRAY(probe_words, __u64, 1U << PROBE_BITS);
 BPF_PERCPU_ARRAY(probe_stats, __u64, 2); /* 0: frames probed, 1: not IPv4 TCP */
+BPF_PERCPU_ARRAY(latency_state, __u64, 1);
 
 int bench_memprobe(struct xdp_md *ctx)
 {
@@ -51,5 +55,28 @@ other:;
 	__u64 *m = probe_stats.lookup(&stat);
 	if (m)
 		*m += 1;
+	return XDP_DROP;
+}
+
+/* bench_memlatency: LATENCY_READS reads of probe_words at pseudo-random slots,
+ * each slot computed from the word read before it, so the reads cannot
+ * overlap and BPF_PROG_TEST_RUN's duration / LATENCY_READS is the latency of
+ * one. The generator's state carries over from run to run, so repeated runs
+ * do not replay the same slots. */
+int bench_memlatency(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *state = latency_state.lookup(&zero);
+	if (!state)
+		return XDP_ABORTED;
+	__u64 x = *state, word = 0;
+	for (int i = 0; i < LATENCY_READS; i++) {
+		x = x * 6364136223846793005ULL + 1442695040888963407ULL + word;
+		__u32 slot = (x >> 33) & ((1U << PROBE_BITS) - 1);
+		__u64 *w = probe_words.lookup(&slot);
+		if (w)
+			word = *(volatile __u64 *)w;
+	}
+	*state = x;
 	return XDP_DROP;
 }

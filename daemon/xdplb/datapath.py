@@ -1083,13 +1083,25 @@ class MemoryProbe:
     of `table_bytes` at a slot hashed from the flow, the line-rate
     benchmark's "one per-flow memory read" baseline."""
 
+    LATENCY_READS = 256  # dependent reads per run of bench_memlatency
+
     def __init__(self, table_bytes: int):
         bits = max(1, (table_bytes // 8 - 1).bit_length())
         self.table_bytes = 8 << bits
-        self._bpf = _compile("bench_memprobe.c", {"PROBE_BITS": str(bits)})
+        self._bpf = _compile("bench_memprobe.c", {"PROBE_BITS": str(bits),
+                                                  "LATENCY_READS": str(self.LATENCY_READS)})
         self.prog_fd: int = _load_xdp(self._bpf, "bench_memprobe").fd
+        self._latency_fd: int = _load_xdp(self._bpf, "bench_memlatency").fd
         self._stats = PerCpuArray("probe_stats", self._bpf.get_table(b"probe_stats").map_fd,
                                   _Count)
+
+    def read_latency_ns(self, runs: int = 2000) -> float:
+        """ns of one read of the array when each read's slot depends on the
+        word read before it (bench_memlatency), averaged over `runs` runs."""
+        result = prog_test_run(self._latency_fd, bytes(64), repeat=runs)
+        if result.verdict != XDP_DROP:
+            raise DatapathError(f"bench_memlatency returned {result.verdict}")
+        return result.duration_ns / self.LATENCY_READS
 
     def counts(self) -> tuple[int, int]:
         """(frames probed and swapped, frames dropped as not IPv4 TCP)."""
