@@ -52,7 +52,9 @@ CONFIG_REFUSALS = [
     ("no-interfaces", "mtu = 1500\n",
      "interfaces: at least one is needed (--interface IFNAME)"),
     ("max-vips-zero", BASE + "[maps]\nmax_vips = 0\n",
-     "maps.max_vips: must be an integer >= 1, got 0"),
+     "maps.max_vips: must be an integer >= 2, got 0"),
+    ("max-vips-one", BASE + "[maps]\nmax_vips = 1\n",  # entry 0 is reserved: no VIP fits
+     "maps.max_vips: must be an integer >= 2, got 1"),
     ("nexthop-mac", BASE + '[nexthop]\nmac = "02:00:00:00:00"\n',
      "nexthop.mac: '02:00:00:00:00' is not a MAC address"),
     ("listen-without-tls", BASE + LISTEN,

@@ -61,8 +61,8 @@ class MapSizes:
 
     def __post_init__(self) -> None:
         for name, minimum in (
-            ("max_vips", 1),
-            ("max_backends", 2),  # index 0 is reserved
+            ("max_vips", 2),  # index 0 is reserved
+            ("max_backends", 2),  # likewise
             ("ring_entries", 3),
             ("conn_entries", 16),
         ):
