@@ -63,6 +63,13 @@ XDPLB_MAP("percpu_array", __u32, struct traffic_counters, backend_stats, MAX_BAC
 XDPLB_MAP("percpu_array", __u32, struct global_counters, global_stats, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct flood_state, flood, 1, 0);
 XDPLB_MAP("percpu_array", __u32, struct hc_counters, hc_stats, 1, 0);
+/* The table sweep's (xdplb_settle below): each VIP's ring by vip_id, the
+ * sweep's cursor and totals, and one bit per ring entry that an entry
+ * naming another backend than the entry's slot holds. */
+XDPLB_MAP("array", __u32, struct vip_ring, vip_rings, MAX_VIPS, 0);
+XDPLB_MAP("array", __u32, struct settle_state, settle, 1, 0);
+#define SETTLE_WORDS ((RING_ENTRIES + 63) / 64)
+XDPLB_MAP("array", __u32, __u64, settle_blocked, SETTLE_WORDS, 0);
 
 static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
 {
@@ -182,7 +189,7 @@ static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
 {
 	__u32 slot = vip->ring_offset + ring_slot(hash, vip->ring_size);
 	__u32 *backend = ring.lookup(&slot);
-	return backend ? *backend : 0;
+	return backend ? *backend & RING_BACKEND_MASK : 0;
 }
 
 /* Above the configured rate of new flows per CPU, new flows still follow the
@@ -207,6 +214,31 @@ static __always_inline int may_record_flow(const struct lb_config *cfg)
 static __always_inline int is_usable(const struct backend *be)
 {
 	return be && (be->flags & BACKEND_F_AVAILABLE);
+}
+
+/* The settled-slot fast path: the ring's backend for an established packet
+ * whose ring slot is settled (RING_UNSETTLED clear) and usable, outside the
+ * flow's refresh second; 0 when the flow table must be read. On a settled
+ * slot every entry names the slot's backend, so the table would answer the
+ * same, and at 1M flows its read is a DRAM miss that costs more than the
+ * rest of the packet. The refresh second, one in settled_refresh_s per flow
+ * (the hash staggers flows), still reads the table: it keeps last_seen
+ * fresh and records flows first seen mid-stream within that many seconds. */
+static __always_inline __u32 settled_pick(const struct vip_meta *vip, __u32 hash,
+					  const struct lb_config *cfg, struct backend **be)
+{
+	__u32 refresh = cfg->settled_refresh_s;
+	if (!refresh || !((hash + cfg->now_s) & (refresh - 1)))
+		return 0;
+	__u32 slot = vip->ring_offset + ring_slot(hash, vip->ring_size);
+	__u32 *entry = ring.lookup(&slot);
+	if (!entry)
+		return 0;
+	__u32 idx = *entry;
+	if (!idx || (idx & RING_UNSETTLED))
+		return 0;
+	*be = backends.lookup(&idx);
+	return is_usable(*be) ? idx : 0;
 }
 
 /* The flow table's set for a key. */
@@ -325,6 +357,13 @@ static __always_inline __u32 choose_backend(const struct vip_meta *vip, const st
 		  (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	__u16 now = cfg->now_s;
 	__u32 idx;
+	if (!syn) {
+		idx = settled_pick(vip, hash, cfg, be);
+		if (idx) {
+			gc->conn_settled++;
+			return idx;
+		}
+	}
 	int way = FLOW_NONE;
 	struct flow_set *set = flow_set_of(&key);
 	if (!set)
@@ -526,6 +565,129 @@ int xdplb_balancer(struct xdp_md *ctx)
 	if (pkt.proto == (pkt.ipv6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
 		return handle_icmp(ctx, &pkt, cfg, gc, frame_len);
 	gc->pass_not_vip++;
+	return XDP_PASS;
+}
+
+/* The table sweep: run by the control plane through BPF_PROG_TEST_RUN, never
+ * attached (daemon/xdplb/reconciler.py settle). Each run sweeps up to
+ * SETTLE_SETS_PER_RUN sets from the cursor in `settle`: it removes entries
+ * idle longer than idle_timeout_s, and for every other entry sets the
+ * settle_blocked bit of the entry's ring slot when the slot's backend is
+ * not the entry's. The control plane clears RING_UNSETTLED only on slots
+ * whose bit stayed clear through a whole sweep that began after the slot's
+ * last change. */
+#define SETTLE_SETS_PER_RUN 16
+
+/* The ring slot a flow-table entry's flow hashes onto, the way the
+ * balancer's packets of that flow compute it; -1 when no VIP has its id. */
+static __always_inline __s64 settle_slot_of(const struct flow_key *key)
+{
+	__u32 id = key->vip_id;
+	struct vip_ring *vr = vip_rings.lookup(&id);
+	if (!vr || !vr->ring_size)
+		return -1;
+	__u32 hash = (vr->flags & VIP_F_HASH_SRC_ONLY)
+			     ? source_hash(&key->src, vr->ipv6)
+			     : flow_hash(&key->src, &vr->addr, key->sport, key->dport, vr->proto,
+					 vr->ipv6);
+	return vr->ring_offset + ring_slot(hash, vr->ring_size);
+}
+
+static __always_inline void settle_check(struct settle_state *st, const struct flow_key *key,
+					 __u32 backend)
+{
+	__s64 at = settle_slot_of(key);
+	if (at < 0)
+		return;
+	__u32 slot = at;
+	__u32 *entry = ring.lookup(&slot);
+	if (!entry || (*entry & RING_BACKEND_MASK) == backend)
+		return;
+	st->blocking++;
+	__u32 word = slot / 64;
+	__u64 *bits = settle_blocked.lookup(&word);
+	if (bits)
+		__sync_fetch_and_or(bits, 1ULL << (slot & 63));
+}
+
+/* Removes the ways in `idle` that still hold what `seen` read; a way
+ * rewritten since holds a live flow, which is checked instead. A set that
+ * cannot be locked keeps its flows unchecked and counts busy: a sweep with
+ * any busy set vouches for nothing. */
+static __always_inline void settle_expire(struct settle_state *st, struct flow_set *set,
+					  const struct flow_set *seen, __u32 idle)
+{
+	if (!flow_set_lock(set)) {
+		st->busy++;
+		return;
+	}
+#pragma unroll
+	for (int i = 0; i < FLOW_WAYS; i++) {
+		if (!(idle & (1U << i)))
+			continue;
+		if (set->backend[i] == seen->backend[i] && set->last_seen[i] == seen->last_seen[i] &&
+		    flow_key_eq(&set->key[i], &seen->key[i])) {
+			set->backend[i] = 0;
+			st->expired++;
+		} else if (set->backend[i]) {
+			settle_check(st, &set->key[i], set->backend[i]);
+		}
+	}
+	flow_set_unlock(set);
+}
+
+static __always_inline void settle_set(struct settle_state *st, __u32 index)
+{
+	struct flow_set *set = conns.lookup(&index);
+	if (!set)
+		return;
+	struct flow_set seen;
+	int stable = 0;
+#pragma unroll
+	for (int t = 0; t < FLOW_READ_TRIES; t++) {
+		if (stable)
+			break;
+		__u64 seq = *(volatile __u64 *)&set->seq;
+		xdplb_barrier();
+		__builtin_memcpy(&seen, set, sizeof(seen));
+		xdplb_barrier();
+		stable = !(seq & 1) && *(volatile __u64 *)&set->seq == seq;
+	}
+	if (!stable) {
+		st->busy++; /* the sweep vouches for nothing this time */
+		return;
+	}
+	__u32 idle = 0;
+#pragma unroll
+	for (int i = 0; i < FLOW_WAYS; i++) {
+		__u32 backend = seen.backend[i];
+		if (!backend)
+			continue;
+		st->entries++;
+		__u16 age = (__u16)st->now_s - seen.last_seen[i];
+		if (st->idle_timeout_s && age > st->idle_timeout_s)
+			idle |= 1U << i;
+		else
+			settle_check(st, &seen.key[i], backend);
+	}
+	if (idle)
+		settle_expire(st, set, &seen, idle);
+}
+
+int xdplb_settle(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct settle_state *st = settle.lookup(&zero);
+	if (!st)
+		return XDP_ABORTED;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < SETTLE_SETS_PER_RUN; i++) {
+		__u32 index = st->next_set;
+		if (index >= st->end_set || index >= CONN_SETS)
+			break;
+		settle_set(st, index);
+		st->next_set = index + 1;
+	}
 	return XDP_PASS;
 }
 

@@ -37,6 +37,29 @@ struct vip_meta {
 	__u32 flags;
 };
 
+/* Ring entries: a backend index, and the "unsettled" bit. A slot is
+ * settled while every flow-table entry whose flow hashes onto it names the
+ * slot's backend, so an established packet there may take the ring's answer
+ * without reading the table (bpf/balancer.c choose_backend). The control
+ * plane sets the bit in the very store that gives the slot a different
+ * backend, and clears it only after a sweep of the table found no entry
+ * naming another backend (daemon/xdplb/reconciler.py settle). */
+#define RING_UNSETTLED (1U << 31)
+#define RING_BACKEND_MASK (RING_UNSETTLED - 1)
+
+/* Value of the `vip_rings` array, indexed by vip_id: where a flow-table
+ * entry's flow lands in its VIP's ring, for the table sweep (the entry's key
+ * holds only the vip_id). Zero ring_size: no VIP has that id. */
+struct vip_ring {
+	struct addr16 addr; /* the VIP's address: the flow hash's destination */
+	__u32 ring_offset;
+	__u32 ring_size;
+	__u32 flags;        /* the VIP's VIP_F_* */
+	__u8 proto;
+	__u8 ipv6;
+	__u16 pad;
+};
+
 /* Value of the `vip_addrs` map (key: struct addr16): every address that has
  * a VIP, with what the exact (address, port, protocol) lookup cannot tell. */
 #define VIP_ADDR_F_PORTLESS_TCP (1U << 0)
@@ -141,6 +164,8 @@ struct global_counters {
 	__u64 new_flows_unrecorded;   /* new-flow rate above the limit: not recorded */
 	__u64 conn_busy;              /* the flow's set was being rewritten by another
 				       * CPU: the flow took the ring, or was not recorded */
+	__u64 conn_settled;           /* established packets sent to their settled ring
+				       * slot's backend without reading the table */
 };
 
 /* Value of the single-entry `config` array. */
@@ -157,6 +182,26 @@ struct lb_config {
 	__u32 encap_src6_hostmask;  /* network order, applied to w[3] */
 	__u32 max_new_flows_per_cpu; /* per second; 0 = no limit */
 	__u32 now_s;                 /* a seconds clock the control plane advances */
+	/* Established packets on settled ring slots skip the flow table except
+	 * during one second in every settled_refresh_s (a power of two), which
+	 * refreshes last_seen and records flows first seen mid-stream; 0: every
+	 * packet reads the table. */
+	__u32 settled_refresh_s;
+};
+
+/* The table sweep's state: the single entry of the `settle` array, set up by
+ * the control plane, advanced by each run of xdplb_settle (bpf/balancer.c),
+ * which sweeps up to SETTLE_SETS_PER_RUN sets from next_set, stopping at
+ * end_set. */
+struct settle_state {
+	__u32 next_set;
+	__u32 end_set;
+	__u32 idle_timeout_s; /* entries idle longer are removed; 0: none are */
+	__u32 now_s;          /* lb_config.now_s, as last_seen compares to it */
+	__u64 entries;        /* entries seen */
+	__u64 blocking;       /* entries naming another backend than their slot's */
+	__u64 expired;        /* entries removed as idle */
+	__u64 busy;           /* sets a datapath writer held through every try */
 };
 
 /* Per-CPU state of the new-flow rate limiter. */

@@ -121,6 +121,9 @@ def reset_maps(bal) -> None:
     for index in range(bal.sizes.max_backends):
         bal.backends.put(ct.c_uint32(index), s.Backend())
     bal.write_addr_filter([])
+    bal.write_ring(range(bal.sizes.ring_entries), [0] * bal.sizes.ring_entries)
+    for index in range(bal.sizes.max_vips):
+        bal.vip_rings.put(ct.c_uint32(index), s.VipRing())
     bal.global_stats.clear(0)
     for index in range(bal.sizes.max_vips):
         bal.vip_stats.clear(index)

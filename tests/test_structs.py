@@ -22,6 +22,9 @@ MAPS = {
     "global_stats": (ct.c_uint32, s.GlobalCounters),
     "flood": (ct.c_uint32, s.FloodState),
     "hc_stats": (ct.c_uint32, s.HcCounters),
+    "vip_rings": (ct.c_uint32, s.VipRing),
+    "settle": (ct.c_uint32, s.SettleState),
+    "settle_blocked": (ct.c_uint32, ct.c_uint64),
 }
 
 

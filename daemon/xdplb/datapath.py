@@ -17,10 +17,13 @@ import os
 import platform
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
 
 from xdplb import structs
 
@@ -871,6 +874,21 @@ def tc_egress_programs(ifname: str, *, netns: str | None = None) -> list[str]:
 # --- the programs -----------------------------------------------------------
 
 
+SETTLE_SETS_PER_RUN = 16  # bpf/balancer.c: sets each run of xdplb_settle sweeps
+
+
+@dataclass(frozen=True)
+class TableSweep:
+    """What one sweep of the flow table saw (Balancer.sweep_flows)."""
+
+    sets: int
+    entries: int   # entries seen
+    blocking: int  # entries naming another backend than their ring slot's
+    expired: int   # entries removed as idle
+    busy: int      # sets a datapath writer held throughout: the sweep proves nothing
+    seconds: float
+
+
 class Balancer:
     """The balancer program and its maps.
 
@@ -918,6 +936,10 @@ class Balancer:
         self.global_stats = PerCpuArray(
             "global_stats", self._fd("global_stats"), s.GlobalCounters)
         self.hc_stats = PerCpuArray("hc_stats", self._fd("hc_stats"), s.HcCounters)
+        self.vip_rings = self._map("vip_rings", ct.c_uint32, s.VipRing)
+        self._settle = self._map("settle", ct.c_uint32, s.SettleState)
+        self._settle_blocked = self._map("settle_blocked", ct.c_uint32, ct.c_uint64)
+        self._settle_prog_fd: int | None = None
 
     def _fd(self, name: str) -> int:
         return self._bpf.get_table(name.encode()).map_fd
@@ -987,6 +1009,43 @@ class Balancer:
 
     def hc_counters(self) -> dict[str, int]:
         return self.hc_stats.read(0)
+
+    def load_sweeper(self) -> None:
+        """Verifies and loads xdplb_settle, once (in the thread that owns bcc)."""
+        if self._settle_prog_fd is None:
+            self._settle_prog_fd = _load_xdp(self._bpf, "xdplb_settle").fd
+
+    def sweep_flows(self, now_s: int, idle_timeout_s: int,
+                    sets: range | None = None) -> tuple[TableSweep, np.ndarray]:
+        """Sweeps the flow table with xdplb_settle (bpf/balancer.c): removes
+        entries idle longer than idle_timeout_s (0: none), and returns the
+        totals with one bool per ring entry, True where some entry on that
+        slot names another backend than the slot's."""
+        sets = sets if sets is not None else range(self.conns.sets)
+        if sets.step != 1 or not 0 <= sets.start <= sets.stop <= self.conns.sets:
+            raise DatapathError(f"sweep_flows: {sets} is not a run of the table's "
+                                f"{self.conns.sets} sets")
+        self.load_sweeper()
+        words = (self.sizes.ring_entries + 63) // 64
+        keys = (ct.c_uint32 * words)(*range(words))
+        self._settle_blocked.put_batch(keys, (ct.c_uint64 * words)())
+        self._settle.put(ct.c_uint32(0), structs.SettleState(
+            next_set=sets.start, end_set=sets.stop, idle_timeout_s=idle_timeout_s,
+            now_s=now_s))
+        runs = -(-len(sets) // SETTLE_SETS_PER_RUN)
+        started = time.perf_counter()
+        if runs:
+            prog_test_run(self._settle_prog_fd, bytes(64), runs)
+        state = self._settle.get(ct.c_uint32(0))
+        if state is None or state.next_set != sets.stop:
+            raise DatapathError(f"sweep_flows: stopped at set "
+                                f"{state.next_set if state else '?'} of {sets}")
+        blocked = np.frombuffer(self._settle_blocked.read_array(words), dtype=np.uint64)
+        bits = np.unpackbits(blocked.view(np.uint8), bitorder="little").astype(bool)
+        sweep = TableSweep(sets=len(sets), entries=state.entries, blocking=state.blocking,
+                           expired=state.expired, busy=state.busy,
+                           seconds=time.perf_counter() - started)
+        return sweep, bits[:self.sizes.ring_entries]
 
     def close(self) -> None:
         """Releases this process's handles; pinned maps and attachments stay."""

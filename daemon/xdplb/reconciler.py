@@ -17,6 +17,16 @@ The maps describe themselves (each backend entry names its VIP), so a
 restarted daemon rebuilds every allocation from the pinned maps and a
 reconcile against the persisted state writes nothing, or only what really
 changed while it was down.
+
+Ring slots carry an "unsettled" bit (bpf/xdplb_structs.h RING_UNSETTLED): a
+slot given a different backend is written with it, in the same store, and
+keeps it until settle() has swept the flow table and found no entry on that
+slot naming another backend. Established packets on settled slots take the
+ring's backend without reading the table. The proof needs the slot unchanged
+from before the sweep began until its bit is cleared, so a sweep clears bits
+only in VIPs whose ring was not written since quiet_s before the sweep began
+(a packet's program run, which may record a backend it read from the ring
+just before a change, lasts microseconds).
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ class DatapathSettings:
     encap_source_v4: str = "172.16.0.0/16"  # outer sources: host bits from the flow hash
     encap_source_v6: str = "fd00:ec::/112"
     max_new_flows_per_cpu: int = 0  # 0: record every new flow
+    settled_refresh_s: int = 8  # a power of two; 0: every packet reads the flow table
 
     def __post_init__(self) -> None:
         self.to_lb_config(0)  # every field checked once, where it is converted
@@ -73,12 +84,17 @@ class DatapathSettings:
             raise ValueError(f"gue_port {self.gue_port}: must be 1..65535")
         if not 0 <= self.max_new_flows_per_cpu < 2**32:
             raise ValueError(f"max_new_flows_per_cpu {self.max_new_flows_per_cpu}: out of range")
+        refresh = self.settled_refresh_s
+        if refresh and not (2 <= refresh <= 1024 and refresh & (refresh - 1) == 0):
+            raise ValueError(f"settled_refresh_s {refresh}: must be 0 or a power of two "
+                             "2..1024")
         mac = self.nexthop_mac.replace(":", "")
         if len(mac) != 12 or any(c not in "0123456789abcdefABCDEF" for c in mac):
             raise ValueError(f"nexthop_mac {self.nexthop_mac!r}: not a MAC address")
         cfg = s.LbConfig(mtu=self.mtu, gue_port=s.port_be(self.gue_port),
                          flags=s.CONFIG_F_READY, now_s=now_s,
-                         max_new_flows_per_cpu=self.max_new_flows_per_cpu)
+                         max_new_flows_per_cpu=self.max_new_flows_per_cpu,
+                         settled_refresh_s=refresh)
         cfg.nexthop_mac[:] = bytes.fromhex(mac)
         net4 = ipaddress.IPv4Network(self.encap_source_v4)
         cfg.encap_src4 = s.be_u32(net4.network_address.packed)
@@ -243,12 +259,41 @@ class ReconcileReport:
 
 
 @dataclass
+class SettleReport:
+    """What one settle() did: the sweep's totals, then the slots it settled."""
+
+    sweep: Any  # datapath.TableSweep
+    vips_settled: int = 0       # VIPs whose slots the sweep could vouch for
+    vips_skipped: int = 0       # VIPs whose ring changed too recently
+    slots_settled: int = 0      # unsettled bits cleared
+    slots_unsettled: int = 0    # left set, in every VIP, after this settle
+
+    def summary(self) -> str:
+        sw = self.sweep
+        return (f"swept {sw.sets} sets ({sw.entries} flows, {sw.expired} expired, "
+                f"{sw.blocking} on changed slots) in {sw.seconds * 1000:.0f} ms; settled "
+                f"{self.slots_settled} slots in {self.vips_settled} VIPs "
+                f"({self.vips_skipped} changed too recently); {self.slots_unsettled} "
+                "slots unsettled")
+
+
+@dataclass(frozen=True)
+class SettleStart:
+    """settle_begin()'s snapshot: each VIP's ring generation at the sweep's start."""
+
+    generations: dict[VipKey, int]
+    started: float
+
+
+@dataclass
 class _RealisedVip:
     vip_id: int
     offset: int
     size: int
     meta: bytes
     inputs: Any = None  # what its ring was last built from; None: compare positions
+    generation: int = 0  # bumped on every write to its ring or region
+    changed_at: float = field(default_factory=time.monotonic)
 
 
 class Reconciler:
@@ -289,6 +334,7 @@ class Reconciler:
             member = (vip, str(entry.addr.address())) if vip and index else None
             if member and member not in self.members:
                 self.members[member] = index
+        self.vip_rings = [bytes(v) for v in bal.vip_rings.read_array(sizes.max_vips)]
         self.vip_ids = IndexPool(sizes.max_vips, (r.vip_id for r in self.vips.values()))
         self.indexes = IndexPool(sizes.max_backends, (
             i for i, raw in enumerate(self.backend_table) if any(raw)))
@@ -419,12 +465,18 @@ class Reconciler:
                 entry = s.Backend(addr=s.Addr16.of(address), flags=flags, vip_id=vip_id)
                 self._put_backend(self.members[(key, address)], entry, report)
 
-    def _ring_values(self, vip: VipSpec, plan: VipPlan) -> np.ndarray:
+    def _ring_values(self, vip: VipSpec, plan: VipPlan, offset: int) -> np.ndarray:
+        """The region's new entries: backend indexes, with RING_UNSETTLED on every
+        slot whose backend changes, and kept where it was set."""
         ring = maglev.build_ring(plan.ring_weights, vip.ring_size)
         self.fingerprints[vip.key] = ring.fingerprint()
         indexes = np.array([self.members[(vip.key, a)] for a in ring.order] + [0],
                            dtype=np.uint32)
-        return indexes[ring.table]  # slot -1 (no backend) picks the trailing 0
+        backends = indexes[ring.table]  # slot -1 (no backend) picks the trailing 0
+        current = self.ring[offset:offset + len(backends)]
+        unsettled = (((current & s.RING_UNSETTLED) != 0)
+                     | ((current & s.RING_BACKEND_MASK) != backends)) & (backends != 0)
+        return np.where(unsettled, backends | s.RING_UNSETTLED, backends).astype(np.uint32)
 
     def _write_ring(self, offset: int, values: np.ndarray, report: ReconcileReport,
                     vip: str) -> int:
@@ -447,14 +499,24 @@ class Reconciler:
         if new or resized:
             realised.offset, realised.size = self.space.take(vip.ring_size), vip.ring_size
             realised.inputs = None
-        if realised.inputs != inputs:
-            self._write_ring(realised.offset, self._ring_values(vip, plan), report, str(vip.key))
-            realised.inputs = inputs
         meta = s.VipMeta(vip_id=realised.vip_id, ring_offset=realised.offset,
                          ring_size=realised.size, flags=vip_flags(vip))
+        # A new hash mode sends every flow to another slot: none stays settled,
+        # and the bits must be set before the VIP entry switches the hash.
+        rehashed = bool(realised.meta) and (
+            s.VipMeta.from_buffer_copy(realised.meta).flags ^ meta.flags) & s.VIP_F_HASH_SRC_ONLY
+        if realised.inputs != inputs or rehashed:
+            values = self._ring_values(vip, plan, realised.offset)
+            if rehashed:
+                values = np.where(values != 0, values | s.RING_UNSETTLED, 0).astype(np.uint32)
+            if self._write_ring(realised.offset, values, report, str(vip.key)):
+                self._ring_changed(realised)
+            realised.inputs = inputs
+        self._put_vip_ring(realised.vip_id, vip, meta, report)
         if bytes(meta) != realised.meta:
             self.bal.vips.put(map_key(vip.key), meta)
             realised.meta = bytes(meta)
+            self._ring_changed(realised)
             report.writes["vips"] += 1
             if not new:
                 report.vips_changed.append(str(vip.key))
@@ -462,6 +524,25 @@ class Reconciler:
             report.vips_added.append(str(vip.key))
         if resized:
             self._clear_region(*old_region, report, str(vip.key))
+
+    @staticmethod
+    def _ring_changed(realised: _RealisedVip) -> None:
+        realised.generation += 1
+        realised.changed_at = time.monotonic()
+
+    def _put_vip_ring(self, vip_id: int, vip: VipSpec | None, meta: s.VipMeta | None,
+                      report: ReconcileReport) -> None:
+        """What the table sweep needs to find a flow's ring slot from its vip_id."""
+        entry = s.VipRing()
+        if vip is not None and meta is not None:
+            entry = s.VipRing(addr=s.Addr16.of(vip.key.address), ring_offset=meta.ring_offset,
+                              ring_size=meta.ring_size, flags=meta.flags,
+                              proto=PROTO_NUMBERS[vip.key.protocol],
+                              ipv6=int(is_ipv6(vip.key.address)))
+        if bytes(entry) != self.vip_rings[vip_id]:
+            self.bal.vip_rings.put(ct.c_uint32(vip_id), entry)
+            self.vip_rings[vip_id] = bytes(entry)
+            report.writes["vip_rings"] += 1
 
     def _clear_region(self, offset: int, size: int, report: ReconcileReport, vip: str) -> None:
         self._write_ring(offset, np.zeros(size, dtype=np.uint32), report, vip)
@@ -474,6 +555,7 @@ class Reconciler:
         report.writes["vips"] += 1
         report.vips_removed.append(str(key))
         self._clear_region(realised.offset, realised.size, report, str(key))
+        self._put_vip_ring(realised.vip_id, None, None, report)
         self.vip_ids.give_back(realised.vip_id)
 
     def _remove_stale_keys(self, report: ReconcileReport) -> None:
@@ -540,19 +622,65 @@ class Reconciler:
         if realised is None or realised.offset < 0:
             return {}
         region = self.ring[realised.offset:realised.offset + realised.size]
-        counts = np.bincount(region, minlength=self.bal.sizes.max_backends)
+        counts = np.bincount(region & s.RING_BACKEND_MASK, minlength=self.bal.sizes.max_backends)
         return {address: int(counts[index]) for (vip, address), index in self.members.items()
                 if vip == key}
 
     def ring_entries_used(self) -> int:
         return sum(r.size for r in self.vips.values() if r.offset >= 0)
 
+    def unsettled_slots(self, key: VipKey) -> int:
+        """The VIP's ring slots whose flows still read the flow table."""
+        realised = self.vips.get(key)
+        if realised is None or realised.offset < 0:
+            return 0
+        region = self.ring[realised.offset:realised.offset + realised.size]
+        return int(np.count_nonzero(region & s.RING_UNSETTLED))
+
+    # -- settling ring slots (module docstring) --
+
+    def settle_begin(self, quiet_s: float = 1.0) -> SettleStart:
+        """Before a sweep: the VIPs it may vouch for, those whose ring has not
+        changed for quiet_s."""
+        now = time.monotonic()
+        self.bal.load_sweeper()
+        return SettleStart({key: r.generation for key, r in self.vips.items()
+                            if r.offset >= 0 and now - r.changed_at >= quiet_s}, now)
+
+    def settle_finish(self, start: SettleStart, sweep: Any, blocked: np.ndarray) -> SettleReport:
+        """After a sweep: clears the unsettled bit of every slot no entry held, in
+        each VIP unchanged since start. A sweep that met a busy set proves nothing."""
+        report = SettleReport(sweep)
+        writes = ReconcileReport()
+        for key, realised in self.vips.items():
+            if sweep.busy or start.generations.get(key) != realised.generation:
+                report.vips_skipped += 1
+                continue
+            lo, hi = realised.offset, realised.offset + realised.size
+            region = self.ring[lo:hi]
+            settle = ((region & s.RING_UNSETTLED) != 0) & ~blocked[lo:hi]
+            if settle.any():
+                report.slots_settled += self._write_ring(
+                    lo, np.where(settle, region & s.RING_BACKEND_MASK, region).astype(np.uint32),
+                    writes, str(key))
+            report.vips_settled += 1
+        report.slots_unsettled = sum(self.unsettled_slots(k) for k in self.vips)
+        return report
+
+    def settle(self, idle_timeout_s: int = 0, quiet_s: float = 1.0) -> SettleReport:
+        """settle_begin, the sweep and settle_finish in one call (lbd runs the
+        sweep off its event loop instead)."""
+        start = self.settle_begin(quiet_s)
+        sweep, blocked = self.bal.sweep_flows(self.clock(), idle_timeout_s)
+        return self.settle_finish(start, sweep, blocked)
+
 
 def read_view(balancer: Any) -> dict[str, Any]:
     """What the maps say, in terms free of indexes and offsets: two map sets
     realising the same state read the same, whatever their history."""
     sizes = balancer.sizes
-    ring = np.frombuffer(balancer.ring.read_array(sizes.ring_entries), dtype=np.uint32)
+    ring = (np.frombuffer(balancer.ring.read_array(sizes.ring_entries), dtype=np.uint32)
+            & s.RING_BACKEND_MASK)  # whether a slot has settled depends on history
     table = balancer.backends.read_array(sizes.max_backends)
     backends = {i: table[i] for i in range(1, sizes.max_backends)}
     vips: dict[str, Any] = {}

@@ -28,6 +28,9 @@ BACKEND_F_AVAILABLE = 1 << 1
 CONFIG_F_READY = 1 << 0
 
 NO_BACKEND = 0  # backend index 0 means "none": an unfilled ring slot drops
+# A ring entry's top bit: the slot is unsettled, flows on it read the table.
+RING_UNSETTLED = 1 << 31
+RING_BACKEND_MASK = RING_UNSETTLED - 1
 
 # Sizes of the outer headers each encapsulation adds (bpf/encap.h).
 IPV4_HEADER_LEN = 20
@@ -152,6 +155,7 @@ EVENT_COUNTERS = (
     "new_flows",
     "new_flows_unrecorded",
     "conn_busy",
+    "conn_settled",
 )
 
 
@@ -174,6 +178,36 @@ class LbConfig(ct.Structure):
         ("encap_src6_hostmask", ct.c_uint32),
         ("max_new_flows_per_cpu", ct.c_uint32),
         ("now_s", ct.c_uint32),
+        ("settled_refresh_s", ct.c_uint32),  # a power of two; 0: no fast path
+    ]
+
+
+class VipRing(ct.Structure):
+    """struct vip_ring: a VIP's ring and flow-hash inputs, by vip_id."""
+
+    _fields_: ClassVar = [
+        ("addr", Addr16),
+        ("ring_offset", ct.c_uint32),
+        ("ring_size", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("proto", ct.c_uint8),
+        ("ipv6", ct.c_uint8),
+        ("pad", ct.c_uint16),
+    ]
+
+
+class SettleState(ct.Structure):
+    """struct settle_state: the table sweep's cursor and totals."""
+
+    _fields_: ClassVar = [
+        ("next_set", ct.c_uint32),
+        ("end_set", ct.c_uint32),
+        ("idle_timeout_s", ct.c_uint32),
+        ("now_s", ct.c_uint32),
+        ("entries", ct.c_uint64),
+        ("blocking", ct.c_uint64),
+        ("expired", ct.c_uint64),
+        ("busy", ct.c_uint64),
     ]
 
 

@@ -1,0 +1,339 @@
+"""Settled ring slots: established packets skip the flow table on a slot whose
+flows all name the slot's backend, and nothing else changes. The reconciler
+marks every slot it gives a different backend unsettled in the same store; a
+sweep of the table (xdplb_settle) finds the slots entries still hold; only
+the others settle, and only in VIPs unchanged since the sweep began. Every
+test drives real frames through the balancer with BPF_PROG_TEST_RUN and
+compares with the slots and backends computed here from structs.py."""
+
+from __future__ import annotations
+
+import ctypes as ct
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from tests.conftest import CLIENT_MAC, LB_MAC, NEXTHOP_MAC, nonzero, require_root
+from tests.packets import encapsulated
+from xdplb import structs as s
+from xdplb.datapath import XDP_TX, Balancer, BpfMap, MapSizes
+from xdplb.reconciler import DatapathSettings, Reconciler
+from xdplb.state import (
+    AddBackend,
+    AddVip,
+    BackendSpec,
+    Change,
+    DesiredState,
+    Limits,
+    SetVip,
+    VipKey,
+    apply_changes,
+    default_vip,
+)
+
+SIZES = MapSizes(max_vips=8, max_backends=64, ring_entries=4 * 1009, conn_entries=1 << 14)
+REFRESH = 8
+SETTINGS = DatapathSettings(nexthop_mac=NEXTHOP_MAC, settled_refresh_s=REFRESH)
+A = VipKey("10.200.0.10", 80, "tcp")
+B = VipKey("fd00:200::10", 443, "udp")  # IPv6, client affinity
+C = VipKey("10.200.0.20", 0, "tcp")  # port-less
+A_BACKENDS = ["10.100.10.2", "10.100.11.2", "10.100.12.2"]
+CLIENT = "10.100.1.2"
+NOW = 1000
+
+
+@pytest.fixture
+def lb() -> Iterator[Callable[..., tuple[Balancer, Reconciler]]]:
+    require_root()
+    opened: list[Balancer] = []
+
+    def make() -> tuple[Balancer, Reconciler]:
+        opened.append(Balancer(SIZES))
+        return opened[-1], Reconciler(opened[-1])
+
+    yield make
+    for bal in opened:
+        bal.close()
+
+
+def build(*changes: Change, state: DesiredState | None = None) -> DesiredState:
+    return apply_changes(state or DesiredState(), changes, Limits.of_map_sizes(SIZES))
+
+
+def vip_a(*backends: str, **options) -> AddVip:
+    addresses = backends or tuple(A_BACKENDS)
+    return AddVip(default_vip(A, backends={a: BackendSpec(a) for a in addresses},
+                              ring_size=1009, **options))
+
+
+def apply(rec: Reconciler, desired: DesiredState, now: int = NOW,
+          settings: DatapathSettings = SETTINGS) -> None:
+    rec.reconcile(desired, settings=settings)
+    rec.tick(now)
+
+
+def frame(sport: int, flags: str, dst: str = A.address, dport: int = 80,
+          src: str = CLIENT) -> bytes:
+    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=src, dst=dst) /
+                 TCP(sport=sport, dport=dport, flags=flags))
+
+
+def hash_of(key: VipKey, src: str, sport: int, dport: int, source_only: bool = False) -> int:
+    if source_only:
+        return s.source_hash(src)
+    return s.flow_hash(src, key.address, sport, dport, s.IPPROTO_TCP
+                       if key.protocol == "tcp" else s.IPPROTO_UDP)
+
+
+def slot_of(rec: Reconciler, key: VipKey, h: int) -> int:
+    realised = rec.vips[key]
+    return realised.offset + s.ring_slot(h, realised.size)
+
+
+def reads_table(h: int, now: int) -> bool:
+    """The flow's refresh second: its established packets read the table."""
+    return (h + now) % REFRESH == 0
+
+
+def backend_of(out: bytes) -> str:
+    packet = Ether(out)
+    return packet[IP].dst if IP in packet else packet[IPv6].dst
+
+
+def send(bal: Balancer, data: bytes) -> str:
+    result = bal.test_run(data)
+    assert result.verdict == XDP_TX
+    return backend_of(result.data)
+
+
+def open_flows(bal: Balancer, sports: range) -> dict[int, str]:
+    """SYNs: each flow recorded with the backend its ring slot gives."""
+    return {sport: send(bal, frame(sport, "S")) for sport in sports}
+
+
+def test_a_new_vip_reads_the_table_until_a_sweep_settles_it(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()))
+    assert rec.unsettled_slots(A) == 1009
+    opened = open_flows(bal, range(2000, 2300))
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    assert nonzero(bal.counters()) == {"tx_forwarded": 300, "conn_hit": 300}
+
+    report = rec.settle(quiet_s=0)
+    assert (report.sweep.entries, report.sweep.blocking, report.sweep.busy) == (300, 0, 0)
+    assert (report.slots_settled, report.slots_unsettled) == (1009, 0)
+    assert rec.unsettled_slots(A) == 0
+    raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+    assert not (raw & s.RING_UNSETTLED).any() and (raw != 0).all()
+
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    refreshing = sum(reads_table(hash_of(A, CLIENT, p, 80), NOW) for p in opened)
+    assert 0 < refreshing < 300
+    assert nonzero(bal.counters()) == {"tx_forwarded": 300, "conn_hit": refreshing,
+                                       "conn_settled": 300 - refreshing}
+
+
+def test_a_settled_packet_is_byte_for_byte_what_the_table_would_send(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()))
+    sport = next(p for p in range(3000, 4000)
+                 if not reads_table(hash_of(A, CLIENT, p, 80), NOW))
+    backend = send(bal, frame(sport, "S"))
+    inner = bytes(IP(src=CLIENT, dst=A.address) / TCP(sport=sport, dport=80, flags="A"))
+    expected = encapsulated(inner, backend, hash_of(A, CLIENT, sport, 80))
+    assert bal.test_run(frame(sport, "A")).data == expected  # through the table
+    rec.settle(quiet_s=0)
+    bal.global_stats.clear(0)
+    assert bal.test_run(frame(sport, "A")).data == expected  # through the settled slot
+    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_settled": 1}
+
+
+def test_a_ring_change_unsettles_exactly_the_changed_slots_and_moves_no_flow(lb):
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    opened = open_flows(bal, range(2000, 2600))
+    rec.settle(quiet_s=0)
+    before = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+
+    report = rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                           settings=SETTINGS)
+    after = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+    changed = (after & s.RING_BACKEND_MASK) != before
+    assert report.ring_positions[str(A)] == int(changed.sum()) > 0
+    assert ((after & s.RING_UNSETTLED) != 0).tolist() == changed.tolist()
+    assert rec.unsettled_slots(A) == int(changed.sum())
+
+    # Every flow keeps its backend: the changed slots read the table.
+    on_changed = {p for p in opened
+                  if changed[slot_of(rec, A, hash_of(A, CLIENT, p, 80)) - rec.vips[A].offset]}
+    assert 0 < len(on_changed) < len(opened)
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    skipped = sum(1 for p in opened if p not in on_changed
+                  and not reads_table(hash_of(A, CLIENT, p, 80), NOW))
+    assert nonzero(bal.counters()) == {"tx_forwarded": 600, "conn_hit": 600 - skipped,
+                                       "conn_settled": skipped}
+
+    # The sweep: the changed slots that hold a flow stay unsettled, the rest settle.
+    held = {slot_of(rec, A, hash_of(A, CLIENT, p, 80)) for p in on_changed}
+    settled = rec.settle(quiet_s=0)
+    assert settled.sweep.blocking == len(on_changed)
+    assert settled.slots_settled == int(changed.sum()) - len(held)
+    assert rec.unsettled_slots(A) == len(held)
+    raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+    unsettled = {rec.vips[A].offset + int(i) for i in np.flatnonzero(raw & s.RING_UNSETTLED)}
+    assert unsettled == held
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+
+
+def test_a_flow_first_seen_mid_stream_is_recorded_in_its_refresh_second(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()))
+    rec.settle(quiet_s=0)
+    sport = 4242
+    h = hash_of(A, CLIENT, sport, 80)
+    quiet = next(t for t in range(NOW, NOW + REFRESH) if not reads_table(h, t))
+    refresh = next(t for t in range(NOW, NOW + REFRESH) if reads_table(h, t))
+    key = s.FlowKey(src=s.Addr16.of(CLIENT), sport=s.port_be(sport), dport=s.port_be(80),
+                    vip_id=rec.vip_id(A))
+    bal.global_stats.clear(0)
+    rec.tick(quiet)
+    backend = send(bal, frame(sport, "A"))
+    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_settled": 1}
+    assert bal.conns.get(key) is None
+    rec.tick(refresh)
+    assert send(bal, frame(sport, "A")) == backend
+    assert nonzero(bal.counters()) == {"tx_forwarded": 2, "conn_settled": 1, "conn_miss": 1,
+                                       "new_flows": 1}
+    recorded = bal.conns.get(key)
+    assert recorded is not None and recorded.last_seen_s == refresh
+    assert recorded.backend == rec.member_index(A, backend)
+
+
+def test_a_sweep_removes_idle_entries_and_keeps_the_others(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()), now=100)
+    old = open_flows(bal, range(2000, 2100))
+    rec.tick(150)
+    fresh = open_flows(bal, range(3000, 3100))
+    rec.tick(160)
+    report = rec.settle(idle_timeout_s=30, quiet_s=0)
+    assert (report.sweep.entries, report.sweep.expired) == (200, 100)
+    kept = sorted(s.port_be(k.sport) for k, _ in bal.conns.items())
+    assert kept == sorted(fresh) and not set(old) & set(kept)
+    assert rec.settle(idle_timeout_s=0, quiet_s=0).sweep.entries == 100
+
+
+def test_an_expired_entry_no_longer_holds_its_slot(lb):
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired, now=100)
+    opened = open_flows(bal, range(2000, 2600))
+    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                  settings=SETTINGS)
+    assert rec.settle(quiet_s=0).slots_unsettled > 0  # the old flows hold their slots
+    rec.tick(200)
+    report = rec.settle(idle_timeout_s=60, quiet_s=0)
+    assert (report.sweep.expired, report.slots_unsettled) == (len(opened), 0)
+
+
+def test_a_sweep_vouches_only_for_vips_unchanged_since_it_began(lb):
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    assert rec.settle().vips_skipped == 1  # written less than a second ago
+    assert rec.unsettled_slots(A) == 1009
+    start = rec.settle_begin(quiet_s=0)
+    sweep, blocked = bal.sweep_flows(rec.clock(), 0)
+    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                  settings=SETTINGS)
+    report = rec.settle_finish(start, sweep, blocked)
+    assert (report.vips_settled, report.vips_skipped, report.slots_settled) == (0, 1, 0)
+    assert rec.unsettled_slots(A) == 1009
+
+
+def test_a_set_held_by_a_writer_through_the_sweep_settles_nothing(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()))
+    held = s.FlowSet()
+    held.seq = 7  # odd: a writer holds it
+    BpfMap("conns", bal.conns.fd, ct.c_uint32, s.FlowSet).put(ct.c_uint32(5), held)
+    report = rec.settle(quiet_s=0)
+    assert (report.sweep.busy, report.slots_settled, report.slots_unsettled) == (1, 0, 1009)
+
+
+def test_a_new_hash_mode_unsettles_every_slot_and_keeps_every_flow(lb):
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    opened = open_flows(bal, range(2000, 2300))
+    rec.settle(quiet_s=0)
+    rec.reconcile(build(SetVip(A, {"hash": "source"}), state=desired), settings=SETTINGS)
+    assert rec.unsettled_slots(A) == 1009
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    assert bal.counters()["conn_hit"] == 300 and bal.counters()["conn_settled"] == 0
+
+
+def test_the_sweep_finds_slots_as_the_datapath_does_for_ipv6_source_hash_and_portless(lb):
+    bal, rec = lb()
+    b_spec = default_vip(B, backends={a: BackendSpec(a) for a in ["fd00:100::2", "fd00:101::2"]},
+                         ring_size=1009, hash="source")
+    c_spec = default_vip(C, backends={a: BackendSpec(a) for a in ["10.100.20.2", "10.100.21.2"]},
+                         ring_size=1009)
+    desired = build(AddVip(b_spec), AddVip(c_spec))
+    apply(rec, desired)
+    clients6 = [f"fd00:1::{i:x}" for i in range(1, 120)]
+    for i, src in enumerate(clients6):
+        data = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=src, dst=B.address) /
+                     UDP(sport=5000 + i, dport=443))
+        assert bal.test_run(data).verdict == XDP_TX
+    ports = range(1, 200)
+    for dport in ports:
+        send(bal, frame(40000, "S", dst=C.address, dport=dport))
+    rec.settle(quiet_s=0)
+    # A third backend in each moves some slots; the recorded flows must hold exactly
+    # the moved slots their hashes land on.
+    changed = build(AddBackend(B, BackendSpec("fd00:102::2")),
+                    AddBackend(C, BackendSpec("10.100.22.2")), state=desired)
+    before = np.array(bal.read_ring(0, SIZES.ring_entries), dtype=np.uint32) & s.RING_BACKEND_MASK
+    rec.reconcile(changed, settings=SETTINGS)
+    after = np.array(bal.read_ring(0, SIZES.ring_entries), dtype=np.uint32) & s.RING_BACKEND_MASK
+    moved = set(np.flatnonzero(after != before).tolist())
+    on_b = {slot_of(rec, B, s.source_hash(src)) for src in clients6}
+    on_c = {slot_of(rec, C, hash_of(C, CLIENT, 40000, p)) for p in ports}
+    report = rec.settle(quiet_s=0)
+    assert report.sweep.entries == len(clients6) + len(ports)
+    raw = np.array(bal.read_ring(0, SIZES.ring_entries), dtype=np.uint32)
+    assert set(np.flatnonzero(raw & s.RING_UNSETTLED).tolist()) == (on_b | on_c) & moved
+    assert len((on_b | on_c) & moved) > 0
+
+
+def test_refresh_zero_reads_the_table_on_every_packet(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()), settings=DatapathSettings(nexthop_mac=NEXTHOP_MAC,
+                                                         settled_refresh_s=0))
+    opened = open_flows(bal, range(2000, 2100))
+    assert rec.settle(quiet_s=0).slots_unsettled == 0
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    assert nonzero(bal.counters()) == {"tx_forwarded": 100, "conn_hit": 100}
+
+
+@pytest.mark.parametrize("refresh", [1, 3, 12, 2048, -2])
+def test_a_refresh_period_must_be_zero_or_a_power_of_two(refresh):
+    with pytest.raises(ValueError, match=r"settled_refresh_s .*power of two 2\.\.1024"):
+        DatapathSettings(nexthop_mac=NEXTHOP_MAC, settled_refresh_s=refresh)
