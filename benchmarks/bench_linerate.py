@@ -15,10 +15,18 @@ namespaces joined by one veth pair, gen:eth0 <-> lb:eth1.
   - back on gen:eth0 a counter program counts what arrives, by kind
     (IPIP-encapsulated or plain TCP), in a per-CPU array, and drops it.
 
-Per case (F flows, N backends) three programs take turns on lb:eth1, with the
+The balancer is configured the way lbd configures it: desired state, then the
+reconciler (one VIP, N backends, the default datapath settings).
+
+Per case (F flows, N backends) five programs take turns on lb:eth1, with the
 same frames and frame count, interleaved in a rotating order for --rounds
-rounds (medians are reported): the balancer, the MAC swap, and the "floor",
-a counting XDP_DROP program (generator + one veth hop, nothing forwarded).
+rounds (medians are reported): the balancer as shipped ("xdplb": established
+packets on settled ring slots skip the flow table, except in their refresh
+second), the balancer reading the flow table for every packet ("table":
+settled_refresh_s = 0, what every packet did before settled slots), the MAC
+swap, the MAC swap plus one per-flow read of a flow-table-sized array ("1
+read", bench_memprobe.c), and the "floor", a counting XDP_DROP program
+(generator + one veth hop, nothing forwarded).
 
 What "per core" means here: a veth has no interrupt of its own. The
 generator's transmit raises lb:eth1's receive softirq on the sending CPU,
@@ -43,9 +51,11 @@ per live-frames syscall) and the thread's CPU time are in the JSON.
 
 Established flows: before a case is measured every flow is sent through the
 balancer, pass after pass, until a whole pass finds all F in the connection
-table (or a pass finds no more than the one before: see conn_entries); the
-balancer's own counters show how many of the measured frames were hits
-("conn hits" = conn_hit / tx_forwarded). Every run is bounded in frames
+table (or a pass finds no more than the one before: see conn_entries); then
+the reconciler sweeps the table and settles the ring's slots, as lbd does
+every settle_interval_s. The balancer's own counters show how the measured
+frames found their backend: "settled" = conn_settled / tx_forwarded (the
+ring, table not read), "hits" = conn_hit / tx_forwarded (the table). Every run is bounded in frames
 (--frames) and time (--max-seconds); sent, received and lost frames, and the
 veths' XDP counters that say where a loss happened, are in the JSON. Writes
 the table to stdout and JSON to --json.
@@ -62,7 +72,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # Lets the benchmark run from a checkout without an install.
@@ -72,7 +82,6 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from timing import write_json
 
-from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import (
     Balancer,
@@ -83,9 +92,20 @@ from xdplb.datapath import (
     attach_xdp,
 )
 from xdplb.lab import Host, Lab, remove_stale
+from xdplb.reconciler import DatapathSettings, Reconciler
+from xdplb.state import (
+    AddVip,
+    BackendSpec,
+    DesiredState,
+    Limits,
+    VipKey,
+    apply_changes,
+    default_vip,
+)
 
 PREFIX = "xbrate"
 VIP, VIP_PORT = "10.200.0.10", 80
+VIP_KEY = VipKey(VIP, VIP_PORT, "tcp")
 CLIENT_BASE, SPORT_BASE = "198.18.1.0", 1024  # flow f: +f>>14 on the address, +f&0x3fff port
 FLOWS = (1, 1000, 1_000_000)
 BACKENDS = (3, 100)
@@ -163,7 +183,12 @@ class CaseResult:
     one_read_ratio: float   # ours_mpps / one_read_mpps
     sent: dict[str, int]    # summed over rounds
     lost: dict[str, int]
+    table_mpps: float       # the balancer reading the table for every packet
+    table_ratio: float      # table_mpps / mac_swap_mpps
     conn_hit_fraction: float
+    settled_fraction: float  # conn_settled / tx_forwarded
+    slots_settled: int      # by the sweep before the case
+    sweep_s: float
     backends_used: int
     warmup_passes: int
     rounds: list[dict] = field(default_factory=list)
@@ -187,7 +212,7 @@ class Rig:
     """The lab, the programs, and how a run is measured."""
 
     def __init__(self, lab: Lab, cpu: int, frames: int, chunk: int, max_seconds: float,
-                 flows: list[int], backends: list[int]):
+                 flows: list[int], backends: list[int], settled_refresh_s: int):
         self.cpu, self.frames, self.chunk, self.max_seconds = cpu, frames, chunk, max_seconds
         self.gen_host, self.lb_host = lab.add_host("gen"), lab.add_host("lb")
         self.gen_if, self.lb_if = lab.connect(self.gen_host, self.lb_host, "eth0", "eth1")
@@ -209,8 +234,12 @@ class Rig:
             / TCP(sport=SPORT_BASE, dport=VIP_PORT, flags="A",
                   options=[("NOP", None), ("NOP", None), ("Timestamp", (2, 1))]))
         self.ksoftirqd = _find_ksoftirqd(cpu)
-        self.vip_id = 0
-        self.next_backend = 1  # index 0 means "no backend"
+        self.rec = Reconciler(self.bal)
+        self.desired = DesiredState()
+        self.limits = Limits.of_map_sizes(self.bal.sizes)
+        self.settings = DatapathSettings(nexthop_mac=self.gen_if.mac,
+                                         settled_refresh_s=settled_refresh_s)
+        self.members: list[int] = []
 
     def close(self) -> None:
         for part in (self.bal, self.harness, self.gen, self.probe):
@@ -218,37 +247,25 @@ class Rig:
                 part.close()
 
     def attach(self, program: str) -> None:
-        fd = {"xdplb": self.bal.prog_fd, "mac_swap": self.harness.mac_swap_fd,
-              "one_read": self.probe.prog_fd, "floor": self.gen.counter_fd}[program]
+        fd = {"xdplb": self.bal.prog_fd, "table": self.bal.prog_fd,
+              "mac_swap": self.harness.mac_swap_fd, "one_read": self.probe.prog_fd,
+              "floor": self.gen.counter_fd}[program]
+        if program in ("xdplb", "table"):
+            refresh = self.settings.settled_refresh_s if program == "xdplb" else 0
+            self.rec.reconcile(self.desired, settings=replace(self.settings,
+                                                              settled_refresh_s=refresh))
         attach_xdp(fd, "eth1", netns=self.lb_host.name)
 
-    def program_backends(self, n: int) -> tuple[int, int]:
-        """One VIP over n backends on a Maglev ring, with a new vip_id and an
+    def program_backends(self, n: int) -> None:
+        """The VIP over n backends (replacing the last configuration's), with an
         empty connection table."""
+        addrs = [f"10.1.{i // 250}.{i % 250 + 1}" for i in range(n)]
+        vip = default_vip(VIP_KEY, backends={a: BackendSpec(a) for a in addrs},
+                          ring_size=RING_SIZE)
+        self.desired = apply_changes(DesiredState(), [AddVip(vip)], self.limits)
+        self.rec.reconcile(self.desired, settings=self.settings)
+        self.members = [self.rec.member_index(VIP_KEY, a) for a in addrs]
         self.bal.conns.clear()
-        cfg = s.LbConfig(mtu=1500, flags=s.CONFIG_F_READY, gue_port=s.port_be(6080))
-        cfg.nexthop_mac[:] = [int(x, 16) for x in self.gen_if.mac.split(":")]
-        cfg.encap_src4 = s.be_u32(bytes([172, 16, 0, 0]))
-        cfg.encap_src4_hostmask = s.be_u32(bytes([0, 0, 255, 255]))
-        cfg.encap_src6 = s.Addr16.of("fd00:ec::")
-        cfg.encap_src6_hostmask = s.be_u32(bytes([0, 0, 255, 255]))
-        self.bal.write_config(cfg)
-        self.vip_id += 1
-        first, self.next_backend = self.next_backend, self.next_backend + n
-        addrs = {f"10.1.{i // 250}.{i % 250 + 1}": first + i for i in range(n)}
-        for addr, index in addrs.items():
-            self.bal.backends.put(ct.c_uint32(index), s.Backend(
-                addr=s.Addr16.of(addr), flags=s.BACKEND_F_AVAILABLE, vip_id=self.vip_id))
-        ring = maglev.build_ring(dict.fromkeys(addrs, 100), RING_SIZE)
-        offset = (self.vip_id - 1) * RING_SIZE
-        self.bal.write_ring(range(offset, offset + RING_SIZE),
-                            [addrs[ring.order[i]] for i in ring.table])
-        self.bal.vip_addrs.put(s.Addr16.of(VIP), s.VipAddrMeta(0))
-        self.bal.write_addr_filter([VIP])
-        self.bal.vips.put(s.VipKey(addr=s.Addr16.of(VIP), port=s.port_be(VIP_PORT), proto=6),
-                          s.VipMeta(vip_id=self.vip_id, ring_offset=offset,
-                                    ring_size=RING_SIZE))
-        return first, first + n
 
     def send(self, count: int) -> tuple[int, int, int, int]:
         """count frames in chunks, bounded by max_seconds: (sent, kernel ns,
@@ -282,7 +299,7 @@ class Rig:
 
     def measure(self, program: str) -> Sample:
         self.gen.clear_received()
-        if program == "xdplb":
+        if program in ("xdplb", "table"):
             self.bal.global_stats.clear(0)
         self.probe.clear()
         veth0 = self.veth_counters()
@@ -292,17 +309,17 @@ class Rig:
         soft1 = _runtime_ns(self.ksoftirqd)
         veth1 = self.veth_counters()
         rx = self.gen.received()
-        received = {"xdplb": rx["encap"], "mac_swap": rx["plain"], "one_read": rx["plain"],
-                    "floor": rx["plain"]}[program]
+        ours = program in ("xdplb", "table")
+        received = rx["encap"] if ours else rx["plain"]
         sample = Sample(program, sent, received, kernel, wall, cpu, soft1 - soft0,
                         {k: veth1[k] - veth0[k] for k in veth0})
         # "other" is the stack's own chatter on the veths (IPv6 ND and the like).
-        if program == "xdplb" and rx["plain"]:
+        if ours and rx["plain"]:
             sys.exit(f"{program}: frames came back unencapsulated: {rx}")
         sample.other = rx["other"]
         if program == "one_read" and self.probe.counts() != (sent, 0):
             sys.exit(f"one_read: probed and dropped {self.probe.counts()} of {sent} frames")
-        if program == "xdplb":
+        if ours:
             sample.lb_counters = {k: v for k, v in self.bal.counters().items() if v}
         return sample
 
@@ -311,11 +328,11 @@ class Rig:
                  for role, host in self.hosts.items()}
         return {k: stats[role].get(key, 0) for k, (role, _, key) in VETH_KEYS.items()}
 
-    def backends_used(self, first: int, end: int) -> int:
-        return sum(1 for i in range(first, end) if self.bal.backend_stats.read(i)["packets"])
+    def backends_used(self) -> int:
+        return sum(1 for i in self.members if self.bal.backend_stats.read(i)["packets"])
 
-    def clear_backend_stats(self, first: int, end: int) -> None:
-        for i in range(first, end):
+    def clear_backend_stats(self) -> None:
+        for i in self.members:
             self.bal.backend_stats.clear(i)
 
 
@@ -347,13 +364,16 @@ def _runtime_ns(pid: int | None) -> int:
 # --- the cases ----------------------------------------------------------------
 
 
-def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, int],
-             rounds: int) -> CaseResult:
+def run_case(rig: Rig, flows: int, n_backends: int, rounds: int) -> CaseResult:
     rig.gen.configure(rig.frame, flows)
-    rig.attach("xdplb")
+    rig.attach("table")  # the warm-up records every flow, as their SYNs would
     passes = rig.warm_up(flows)
-    rig.clear_backend_stats(*backend_range)
-    programs = ("floor", "mac_swap", "one_read", "xdplb")
+    # No frame is in flight between the warm-up and the measurement, so the
+    # sweep may vouch for slots changed just before it began.
+    settled = rig.rec.settle(quiet_s=0)
+    print(f"  {settled.summary()}", file=sys.stderr)
+    rig.clear_backend_stats()
+    programs = ("floor", "mac_swap", "one_read", "xdplb", "table")
     samples: dict[str, list[Sample]] = {p: [] for p in programs}
     for r in range(rounds):  # interleaved, in a rotating order
         k = r % len(programs)
@@ -364,6 +384,7 @@ def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, in
     one_read = samples["one_read"]
     forwarded = sum(x.lb_counters.get("tx_forwarded", 0) for x in ours)
     hits = sum(x.lb_counters.get("conn_hit", 0) for x in ours)
+    skipped = sum(x.lb_counters.get("conn_settled", 0) for x in ours)
 
     def med(xs: list[Sample], attr: str) -> float:
         return statistics.median(getattr(x, attr) for x in xs)
@@ -384,8 +405,12 @@ def run_case(rig: Rig, flows: int, n_backends: int, backend_range: tuple[int, in
         one_read_ratio=ours_mpps / med(one_read, "mpps_core"),
         sent={p: sum(x.sent for x in xs) for p, xs in samples.items()},
         lost={p: sum(x.lost for x in xs) for p, xs in samples.items()},
+        table_mpps=med(samples["table"], "mpps_core"),
+        table_ratio=med(samples["table"], "mpps_core") / base_mpps,
         conn_hit_fraction=hits / forwarded if forwarded else 0.0,
-        backends_used=rig.backends_used(*backend_range),
+        settled_fraction=skipped / forwarded if forwarded else 0.0,
+        slots_settled=settled.slots_settled, sweep_s=settled.sweep.seconds,
+        backends_used=rig.backends_used(),
         warmup_passes=passes,
         rounds=[_sample_json(x) for xs in samples.values() for x in xs],
     )
@@ -399,26 +424,28 @@ def _sample_json(x: Sample) -> dict:
 
 
 def print_table(results: list[CaseResult]) -> None:
-    print(f"{'':19}{'whole path on one core':^26}{'LB side (path - floor)':^26}"
-          f"{'vs swap + 1 read':^17}")
+    print(f"{'':19}{'whole path on one core':^26}{'table':^15}{'LB side':^8}"
+          f"{'1 read':^15}")
     print(f"{'flows':>9}{'backends':>10}{'xdplb':>9}{'swap':>9}{'ratio':>8}"
-          f"{'xdplb':>9}{'swap':>9}{'ratio':>8}{'1 read':>9}{'ratio':>8}"
-          f"{'extra':>7}{'floor':>7}{'lost':>7}{'conn':>8}")
-    print(f"{'':19}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>9}{'':8}"
-          f"{'ns':>7}{'ns':>7}{'':7}{'hits':>8}")
+          f"{'xdplb':>8}{'ratio':>7}{'ratio':>8}{'swap+1':>8}{'ratio':>7}"
+          f"{'extra':>7}{'floor':>7}{'lost':>6}{'settled':>9}{'hits':>7}")
+    print(f"{'':19}{'Mpps':>9}{'Mpps':>9}{'':8}{'Mpps':>8}{'':7}{'':8}{'Mpps':>8}{'':7}"
+          f"{'ns':>7}{'ns':>7}")
     for r in results:
         lost = sum(r.lost.values())
         verdict = "ok" if r.ratio >= TARGET_RATIO else "MISSED"
         print(f"{r.flows:>9}{r.backends:>10}{r.ours_mpps:>9.2f}{r.mac_swap_mpps:>9.2f}"
-              f"{r.ratio:>8.3f}{r.ours_lb_mpps:>9.2f}{r.mac_swap_lb_mpps:>9.2f}"
-              f"{r.lb_ratio:>8.3f}{r.one_read_mpps:>9.2f}{r.one_read_ratio:>8.3f}"
-              f"{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>7}"
-              f"{r.conn_hit_fraction:>8.1%}  {verdict}")
+              f"{r.ratio:>8.3f}{r.table_mpps:>8.2f}{r.table_ratio:>7.3f}{r.lb_ratio:>8.3f}"
+              f"{r.one_read_mpps:>8.2f}{r.one_read_ratio:>7.3f}"
+              f"{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>6}"
+              f"{r.settled_fraction:>9.1%}{r.conn_hit_fraction:>7.1%}  {verdict}")
     print(f"Mpps per core: frames received / the kernel's time for all the work on the one "
-          f"CPU.\nLB side: 1000 / (ns per frame - floor ns), floor = generator + one veth "
-          f"hop + counting drop.\n1 read: the MAC swap after one read of a flow-table-sized "
-          f"array at a per-flow slot.\nTarget: whole-path ratio >= {TARGET_RATIO} for "
-          f"established flows (the LB-side ratio is the stricter reading).")
+          f"CPU.\ntable: the balancer with settled_refresh_s = 0 (every packet reads the flow "
+          f"table).\nLB side: xdplb vs swap with the floor (generator + one veth hop + "
+          f"counting drop) taken away from both.\n1 read: the MAC swap after one read of a "
+          f"flow-table-sized array at a per-flow slot.\nsettled / hits: measured frames "
+          f"sent by a settled ring slot / by the flow table.\nTarget: whole-path ratio >= "
+          f"{TARGET_RATIO} for established flows (the LB-side ratio is the stricter reading).")
 
 
 _MAIN_PID = os.getpid()
@@ -444,6 +471,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flows", type=int, nargs="+", default=list(FLOWS))
     parser.add_argument("--backends", type=int, nargs="+", default=list(BACKENDS))
+    parser.add_argument("--settled-refresh-s", type=int,
+                        default=DatapathSettings.settled_refresh_s,
+                        help="the datapath setting under test (0: the table on every packet)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/linerate.json"))
     args = parser.parse_args()
     if max(args.flows) > 1_000_000 or min(args.flows) < 1 or min(args.backends) < 1:
@@ -459,13 +489,14 @@ def main() -> None:
     results: list[CaseResult] = []
     with Lab(PREFIX) as lab:
         rig = Rig(lab, args.cpu, args.frames, args.chunk, args.max_seconds,
-                  args.flows, args.backends)
+                  args.flows, args.backends, args.settled_refresh_s)
         try:
             read_latency_ns = rig.probe.read_latency_ns()
             for n_backends in args.backends:
-                backend_range = rig.program_backends(n_backends)
+                rig.program_backends(n_backends)
                 for flows in args.flows:
-                    results.append(run_case(rig, flows, n_backends, backend_range, args.rounds))
+                    rig.bal.conns.clear()
+                    results.append(run_case(rig, flows, n_backends, args.rounds))
                     r = results[-1]
                     print(f"  flows={flows} backends={n_backends}: {r.ours_mpps:.2f} vs "
                           f"{r.mac_swap_mpps:.2f} Mpps per core", file=sys.stderr)
@@ -484,6 +515,7 @@ def main() -> None:
         "max_seconds": args.max_seconds, "rounds": args.rounds,
         "frame_len": len(rig.frame), "ring_size": RING_SIZE, "conn_entries": rig.conn_entries,
         "kernel": platform.release(), "target_ratio": TARGET_RATIO,
+        "settled_refresh_s": args.settled_refresh_s,
         "elapsed_s": round(elapsed, 1),
         "dependent_read_ns": read_latency_ns, "probe_table_bytes": rig.probe.table_bytes,
     }
