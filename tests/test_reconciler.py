@@ -23,7 +23,7 @@ from tests.conftest import CLIENT_MAC, LB_MAC, NEXTHOP_MAC, require_root
 from tests.packets import encapsulated
 from xdplb import maglev
 from xdplb import structs as s
-from xdplb.datapath import PIN_ROOT, XDP_TX, Balancer, MapSizes
+from xdplb.datapath import PIN_ROOT, XDP_TX, Balancer, DatapathError, MapSizes
 from xdplb.reconciler import (
     DatapathSettings,
     IndexPool,
@@ -363,6 +363,38 @@ def test_restart_on_pinned_maps_writes_nothing_and_recovers_marks(new_balancer, 
                                settings=SETTINGS).total_writes == 0
     assert restarted.reconcile(desired, down, settings=SETTINGS).total_writes == 0
     assert read_view(second) == view
+
+
+def test_restart_keeps_unsettled_bits_and_settles_after_its_own_quiet_period(
+        new_balancer, pin_dir):
+    desired = two_vips()
+    first = new_balancer(pin_dir=pin_dir)
+    Reconciler(first).reconcile(desired, settings=SETTINGS)
+    raw = first.read_ring(0, SIZES.ring_entries)
+    first.close()
+    second = new_balancer(pin_dir=pin_dir)
+    restarted = Reconciler(second)
+    assert second.read_ring(0, SIZES.ring_entries) == raw
+    assert restarted.unsettled_slots(A) == 1009
+    assert restarted.settle().vips_skipped == 2  # loaded just now: changed for all it knows
+    assert restarted.settle(quiet_s=0).slots_unsettled == 0
+
+
+def test_pinned_maps_of_other_shapes_are_refused_before_anything_loads(new_balancer, pin_dir):
+    first = new_balancer(pin_dir=pin_dir)
+    Reconciler(first).reconcile(two_vips(), settings=SETTINGS)
+    ring = first.read_ring(0, 1009)
+    first.close()
+    other = MapSizes(max_vips=16, max_backends=128, ring_entries=SIZES.ring_entries,
+                     conn_entries=8192)
+    with pytest.raises(DatapathError) as refused:
+        new_balancer(other, pin_dir)
+    assert str(refused.value) == (
+        f"pinned map {pin_dir}/conns is (key 4 B, value 128 B, 1024 entries), this build "
+        "needs (key 4 B, value 128 B, 2048 entries): they were made by another xdplb "
+        "version or other [maps] sizes. Stop the lbd that made them with --detach-on-exit, "
+        f"or detach it and remove {pin_dir}")
+    assert new_balancer(pin_dir=pin_dir).read_ring(0, 1009) == ring  # left as they were
 
 
 def test_restart_clears_backend_address_and_filter_entries_nothing_owns(new_balancer):

@@ -60,6 +60,18 @@ def test_map_layouts_agree(balancer_program, name):
     assert strip_pad(layout(leaf)) == layout(value_type)
 
 
+def test_map_shapes_are_what_bcc_creates(balancer_program):
+    """Balancer.map_shapes, against which pinned maps are checked, lists every
+    map of the program with the sizes bcc gave it."""
+    shapes = balancer_program.map_shapes()
+    assert set(shapes) == set(MAPS) | {"ring", "backend_stats"}
+    for name, (key_size, value_size, entries) in shapes.items():
+        table = balancer_program.bcc_table(name)
+        leaf = table.Leaf._type_ if hasattr(table, "total_cpu") else table.Leaf
+        assert (ct.sizeof(table.Key), ct.sizeof(leaf), table.max_entries) == (
+            key_size, value_size, entries), name
+
+
 def test_counter_names_cover_the_struct():
     names = [f for f, _ in s.GlobalCounters._fields_]
     assert names == list(s.OUTCOME_COUNTERS + s.EVENT_COUNTERS)

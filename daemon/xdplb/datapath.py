@@ -313,6 +313,30 @@ def _lib() -> Any:
     return _bcc().libbcc.lib
 
 
+class _MapInfo(ct.Structure):
+    """The head of the kernel's struct bpf_map_info (uapi/linux/bpf.h)."""
+
+    _fields_: ClassVar = [("type", ct.c_uint32), ("id", ct.c_uint32),
+                          ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
+                          ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+                          ("name", ct.c_char * 16), ("rest", ct.c_uint8 * 64)]
+
+
+def pinned_map_shape(path: Path) -> tuple[int, int, int]:
+    """(key size, value size, entries) of the map pinned at path."""
+    fd = _lib().bpf_obj_get(str(path).encode())
+    if fd < 0:
+        _raise_errno(f"opening pinned map {path}")
+    try:
+        info = _MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        if _lib().bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
+            _raise_errno(f"reading what {path} is")
+        return info.key_size, info.value_size, info.max_entries
+    finally:
+        os.close(fd)
+
+
 class VipTable:
     """The `vips` hash map, the source of truth, with the `vip_index` array
     that the datapath probes inline in front of it (bpf/balancer.c
@@ -915,6 +939,7 @@ class Balancer:
         }
         if pin_dir is not None:
             ensure_bpffs()
+            self._check_pinned_shapes(pin_dir)
             pin_dir.mkdir(parents=True, exist_ok=True)
             defines["XDPLB_PIN_DIR"] = f'"{pin_dir}"'
         self._bpf = _compile("balancer.c", defines)
@@ -940,6 +965,47 @@ class Balancer:
         self._settle = self._map("settle", ct.c_uint32, s.SettleState)
         self._settle_blocked = self._map("settle_blocked", ct.c_uint32, ct.c_uint64)
         self._settle_prog_fd: int | None = None
+
+    def map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Every map of bpf/balancer.c: (key size, value size, entries)."""
+        s, z = structs, self.sizes
+        u32, u64 = ct.sizeof(ct.c_uint32), ct.sizeof(ct.c_uint64)
+        return {
+            "addr_filter": (u32, u64, s.ADDR_FILTER_WORDS),
+            "vip_addrs": (ct.sizeof(s.Addr16), ct.sizeof(s.VipAddrMeta), z.max_vips),
+            "vips": (ct.sizeof(s.VipKey), ct.sizeof(s.VipMeta), z.max_vips),
+            "vip_index": (u32, ct.sizeof(s.VipIndexSlot), 1 << z.vip_index_bits),
+            "ring": (u32, u32, z.ring_entries),
+            "backends": (u32, ct.sizeof(s.Backend), z.max_backends),
+            "conns": (u32, ct.sizeof(s.FlowSet), 1 << z.conn_set_bits),
+            "config": (u32, ct.sizeof(s.LbConfig), 1),
+            "vip_stats": (u32, ct.sizeof(s.TrafficCounters), z.max_vips),
+            "backend_stats": (u32, ct.sizeof(s.TrafficCounters), z.max_backends),
+            "global_stats": (u32, ct.sizeof(s.GlobalCounters), 1),
+            "flood": (u32, ct.sizeof(s.FloodState), 1),
+            "hc_stats": (u32, ct.sizeof(s.HcCounters), 1),
+            "vip_rings": (u32, ct.sizeof(s.VipRing), z.max_vips),
+            "settle": (u32, ct.sizeof(s.SettleState), 1),
+            "settle_blocked": (u32, u64, (z.ring_entries + 63) // 64),
+        }
+
+    def _check_pinned_shapes(self, pin_dir: Path) -> None:
+        """Refuses, before anything is loaded, pinned maps this build cannot use:
+        left by an xdplb with other layouts, or by other [maps] sizes."""
+        if not pin_dir.is_dir():
+            return
+        for name, wanted in self.map_shapes().items():
+            path = pin_dir / name
+            if not path.exists():
+                continue  # a map this build adds: created empty
+            found = pinned_map_shape(path)
+            if found != wanted:
+                raise DatapathError(
+                    f"pinned map {path} is (key {found[0]} B, value {found[1]} B, "
+                    f"{found[2]} entries), this build needs (key {wanted[0]} B, value "
+                    f"{wanted[1]} B, {wanted[2]} entries): they were made by another xdplb "
+                    f"version or other [maps] sizes. Stop the lbd that made them with "
+                    f"--detach-on-exit, or detach it and remove {pin_dir}")
 
     def _fd(self, name: str) -> int:
         return self._bpf.get_table(name.encode()).map_fd
