@@ -26,7 +26,9 @@ single rule, so the keys are stable and lb.proto documents them:
               "check": CHECK, "panic_threshold": float, "when_none_healthy": str,
               "backends": [BACKEND, ...],
               "status": {"mode": str, "vip_id": int, "healthy_backends": int,
-                         "serving_backends": int, "packets": int, "bytes": int}}
+                         "serving_backends": int, "packets": int, "bytes": int,
+                         "ring_fingerprint": str, "announced": bool,
+                         "unsettled_positions": int}}
   BACKEND    {"address": str, "weight": int, "drained": bool, "check": CHECK | null,
               "status": {"healthy": bool, "available": bool, "index": int,
                          "ring_positions": int, "effective_weight": int,
@@ -291,6 +293,7 @@ def _optional(message: Message, name: str) -> str:
 def vip_details(vip: lb_pb2.Vip) -> str:
     """What the table leaves out: the checks in full and the failure policy."""
     rows = [("id", str(vip.status.vip_id)),
+            ("unsettled ring positions", str(vip.status.unsettled_positions)),
             ("check", describe_check(vip.check) if vip.HasField("check") else "-"),
             ("panic threshold", _panic_threshold(vip)),
             ("when none healthy", _optional(vip, "when_none_healthy"))]

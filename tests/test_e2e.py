@@ -13,7 +13,9 @@ flow, not just on totals:
   (DSR): the LB counts exactly the client's packets and sees none of the replies;
 * while long-lived connections carry requests, a backend is added, one drained,
   one reweighted and one fails: established connections keep their backend,
-  and new connections move exactly as `maglev.diff_positions` says.
+  whether their ring slot is settled (their packets skip the flow table) or
+  changed (the table keeps them), and new connections move exactly as
+  `maglev.diff_positions` says.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def e2e(tmp_path_factory):
             servers = [start_traffic_server(host, i) for i, host in enumerate(topo.backends)]
             for host in topo.backends:
                 labmod.wait_port(host, TRAFFIC_PORT, ip="::1")
-            lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"), sizes=SIZES)
+            # Sweeps every second, so the changes under traffic meet settled slots.
+            lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"), sizes=SIZES,
+                         config_extra="[flows]\nsettle_interval_s = 1\n")
             lbd.start()
             yield E2eLab(topo, lbd, servers)
         finally:
@@ -146,6 +150,26 @@ def traffic_stats(lbd) -> dict[tuple[str, str], tuple[int, int]]:
     doc = json.loads(ok(lbd, "stats", "-o", "json"))
     return {(t["vip"], t.get("backend", "")): (int(t.get("packets", 0)), int(t.get("bytes", 0)))
             for t in doc.get("traffic", [])}
+
+
+def datapath_events(lbd) -> dict[str, int]:
+    doc = json.loads(ok(lbd, "stats", "-o", "json"))
+    return {c["name"]: int(c.get("value", 0)) for c in doc.get("counters", [])}
+
+
+def unsettled_positions(lbd, vip: str) -> int:
+    return int(json.loads(ok(lbd, "vip", "show", vip, "-o", "json"))["status"]
+               .get("unsettled_positions", 0))
+
+
+def wait_settled(lbd, vip: str, timeout: float = CONVERGE_TIMEOUT_S) -> None:
+    """Until a sweep has settled every slot of the VIP (none is held by a flow)."""
+    deadline = time.monotonic() + timeout
+    while unsettled_positions(lbd, vip):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{vip}: {unsettled_positions(lbd, vip)} ring positions still "
+                        f"unsettled after {timeout} s\n{lbd.log_tail()}")
+        time.sleep(0.2)
 
 
 def grown(after: dict, before: dict, key: tuple[str, str]) -> tuple[int, int]:
@@ -716,6 +740,7 @@ def test_changes_under_traffic_move_only_the_flows_the_ring_moves(e2e, lbd):
         ok(lbd, "backend", "add", vip, address)
     weights = {b0: 100, b1: 100}
     ring = expect_rings(lbd, {vip: weights})[vip]
+    wait_settled(lbd, vip)  # from here on established packets may skip the table
 
     probe_ports = [45000 + i for i in range(PROBES)]
     slots = {p: s.ring_slot(s.flow_hash(client, vip_addr, p, port, s.IPPROTO_TCP), RING_SIZE)
@@ -767,7 +792,10 @@ def test_changes_under_traffic_move_only_the_flows_the_ring_moves(e2e, lbd):
             # Drained stays available (its flows stay), failed does not (they re-choose).
             assert available == {b for b in (b0, b1, b2)
                                  if b in new_weights and not (failed and b == b2)}, label
+            events = datapath_events(lbd)
             keeper.wait_rounds(2)
+            settled = datapath_events(lbd)["conn_settled"] - events["conn_settled"]
+            assert settled > 0, f"{label}: no established packet took a settled slot"
             answers, errors = keeper.state()
             broken = {p: e for p, e in errors.items() if home[p] != failed}
             assert not broken, f"{label}: established connections failed: {broken}"

@@ -87,7 +87,7 @@ def sample_vip() -> lb_pb2.Vip:
         vip=VIP_TEXT, hash="5tuple", encap="ipip", ring_size=65537, check=check_settings(),
         panic_threshold=0.0, when_none_healthy="drop", backends=[up, down],
         status=lb_pb2.VipStatus(mode="normal", vip_id=1, healthy_backends=1, serving_backends=1,
-                                packets=300, bytes=45000))
+                                packets=300, bytes=45000, unsettled_positions=12))
 
 
 def assert_usage_error(result: Result, message: str) -> None:
@@ -512,7 +512,8 @@ VIP_JSON = {
     ],
     "capacity": None, "slow_start_s": None,
     "status": {"mode": "normal", "vip_id": 1, "healthy_backends": 1, "serving_backends": 1,
-               "packets": 300, "bytes": 45000, "ring_fingerprint": "", "announced": False},
+               "packets": 300, "bytes": 45000, "ring_fingerprint": "", "announced": False,
+               "unsettled_positions": 12},
 }
 
 
@@ -535,12 +536,13 @@ def test_unset_optional_fields_are_null_in_json() -> None:
 
 def test_vip_show_table_adds_the_details() -> None:
     assert output.render_vip(sample_vip(), "table") == VIP_TABLE + """
-id                 1
-check              http, port 8080, path /healthz, status 200,204, every 2000 ms, \
+id                        1
+unsettled ring positions  12
+check                     http, port 8080, path /healthz, status 200,204, every 2000 ms, \
 timeout 1000 ms, rise 2, fall 3
-panic threshold    off
-when none healthy  drop
-check of 10.1.0.2  tcp, port 22, every 2000 ms, timeout 1000 ms, rise 2, fall 3
+panic threshold           off
+when none healthy         drop
+check of 10.1.0.2         tcp, port 22, every 2000 ms, timeout 1000 ms, rise 2, fall 3
 """
     assert json.loads(output.render_vip(sample_vip(), "json")) == VIP_JSON
 

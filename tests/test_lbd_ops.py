@@ -78,6 +78,14 @@ CONFIG_REFUSALS = [
     ("health-fwmark-type", BASE + '[health]\nfwmark = "0x58440000"\n',
      "health.fwmark: must be int, got '0x58440000'"),
     ("health-unknown-key", BASE + "[health]\nmark = 1\n", "health: unknown key 'mark'"),
+    ("flows-refresh-not-power-of-two", BASE + "[flows]\nsettled_refresh_s = 12\n",
+     "flows.settled_refresh_s 12: must be 0 or a power of two 2..1024"),
+    ("flows-idle-timeout-too-long", BASE + "[flows]\nidle_timeout_s = 40000\n",
+     "flows.idle_timeout_s: 40000 must be 0 (never) or 10..32767 seconds"),
+    ("flows-settle-interval", BASE + "[flows]\nsettle_interval_s = 0.5\n",
+     "flows.settle_interval_s: 0.5 must be 1..3600 seconds"),
+    ("flows-unknown-key", BASE + "[flows]\nidle_timeout = 60\n",
+     "flows: unknown key 'idle_timeout'"),
 ]
 
 

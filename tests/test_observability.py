@@ -69,6 +69,7 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_backend_capacity_ratio": ("gauge", VB),
     "xdplb_vip_ring_info": ("gauge", frozenset({"vip", "fingerprint"})),
     "xdplb_vip_mode": ("gauge", frozenset({"vip", "mode"})),
+    "xdplb_vip_unsettled_positions": ("gauge", frozenset({"vip"})),
     "xdplb_map_entries_used": ("gauge", frozenset({"map"})),
     "xdplb_map_entries_capacity": ("gauge", frozenset({"map"})),
     "xdplb_bgp_session_established": ("gauge", frozenset({"session"})),
@@ -81,6 +82,9 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_state_file_writes_total": ("counter", frozenset()),
     "xdplb_health_transitions_total": ("counter", frozenset({"backend", "state"})),
     "xdplb_health_check_duration_seconds": ("histogram", frozenset({"kind"})),
+    "xdplb_flow_sweep_duration_seconds": ("histogram", frozenset()),
+    "xdplb_flow_expired_entries_total": ("counter", frozenset()),
+    "xdplb_ring_settled_positions_total": ("counter", frozenset()),
 }
 # xdplb_<thing>_<unit>: the unit (or counted thing) is one of these words, in base
 # units and plural; a gauge without one must be a 0/1 state (healthy, mode, info).
@@ -131,7 +135,8 @@ def env(tmp_path_factory) -> Iterator[Env]:
         topo = labmod.build_lb_lab(lab, n_backends=3)
         labmod.start_http_backends(topo)
         workdir = tmp_path_factory.mktemp("obs")
-        lbd = LabLbd(topo, workdir / "lbd", sizes=SIZES)
+        lbd = LabLbd(topo, workdir / "lbd", sizes=SIZES,
+                     config_extra="[flows]\nsettle_interval_s = 1\n")
         lbd.start()
         try:
             ok(lbd, "vip", "add", BASE_VIP, "--check", "tcp")
@@ -469,6 +474,34 @@ def metric_names(expr: str) -> set[str]:
     return {name for name in names if name not in PROMQL_WORDS}
 
 
+def test_sweeps_settle_a_new_vips_ring_and_the_metrics_say_so(env, lbd, vips):
+    """A new VIP's ring starts unsettled; a sweep (every second here) finds no
+    flow holding any slot and settles them all, which the gauge, the counters
+    and `lbctl vip show` report; scapy flows then take the settled slots."""
+    topo = env.topo
+    vip = f"{VIP_ADDR}:9003/tcp"
+    before = parse_exposition(scrape(env))
+    settled_before = sample_value(before, "xdplb_ring_settled_positions_total")
+    add_vip(lbd, vips, vip, topo.backend_v4[:2], "--check", "none")
+    wait_for(lambda: sample_value(parse_exposition(scrape(env)),
+                                  "xdplb_vip_unsettled_positions", vip=vip) == 0
+             and f'xdplb_vip_unsettled_positions{{vip="{vip}"}}' in scrape(env), 15,
+             "the VIP's ring settled")
+    after = parse_exposition(scrape(env))
+    assert sample_value(after, "xdplb_ring_settled_positions_total") - settled_before >= 65537
+    sweeps = [v for n, _, v in after["xdplb_flow_sweep_duration_seconds"].samples
+              if n == "xdplb_flow_sweep_duration_seconds_count"]
+    assert sweeps and sweeps[0] > 0
+    shown = ok(lbd, "vip", "show", vip)
+    assert re.search(r"^unsettled ring positions\s+0$", shown, re.M), shown
+    events = sample_value(after, "xdplb_datapath_events_total", event="conn_settled")
+    flows = FlowTraffic(topo, VIP_ADDR, 9003, sports=list(range(46000, 46100)))
+    flows.send_rounds(3, 0.01)
+    wait_for(lambda: sample_value(parse_exposition(scrape(env)), "xdplb_datapath_events_total",
+                                  event="conn_settled") > events, 10,
+             "established packets counted on settled slots")
+
+
 def test_metric_name_extraction():
     assert metric_names('sum by (vip, backend) (rate(a_total{x="b c"}[1m])) * 8') == {"a_total"}
     assert metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m])))") \
@@ -638,7 +671,8 @@ def test_events_stream_tells_changes_and_ring_moves_in_order(env, lbd, vips):
     expected = [
         ("change", re.escape(f"add VIP {vip} (hash 5tuple, encap ipip, ring 65537, "
                              "0 backends)")),
-        ("reconcile", rf"change: wrote 2 map entries \(1 vip_stats, 1 vips\) in {MS}"),
+        ("reconcile", rf"change: wrote 3 map entries \(1 vip_rings, 1 vip_stats, 1 vips\) "
+                      rf"in {MS}"),
         ("change", re.escape(f"add backend {a} weight 100 to VIP {vip}")),
         ("reconcile", rf"change: wrote 65539 map entries \(1 backend_stats, 1 backends, "
                       rf"65537 ring\); ring positions {v}: 65537 in {MS}"),

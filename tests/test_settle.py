@@ -96,7 +96,7 @@ def slot_of(rec: Reconciler, key: VipKey, h: int) -> int:
 
 def reads_table(h: int, now: int) -> bool:
     """The flow's refresh second: its established packets read the table."""
-    return (h + now) % REFRESH == 0
+    return s.refresh_second(h, now, REFRESH)
 
 
 def backend_of(out: bytes) -> str:
@@ -203,8 +203,8 @@ def test_a_flow_first_seen_mid_stream_is_recorded_in_its_refresh_second(lb):
     rec.settle(quiet_s=0)
     sport = 4242
     h = hash_of(A, CLIENT, sport, 80)
-    quiet = next(t for t in range(NOW, NOW + REFRESH) if not reads_table(h, t))
-    refresh = next(t for t in range(NOW, NOW + REFRESH) if reads_table(h, t))
+    quiet = next(t for t in range(NOW, NOW + 100) if not reads_table(h, t))
+    refresh = next(t for t in range(NOW, NOW + 100) if reads_table(h, t))
     key = s.FlowKey(src=s.Addr16.of(CLIENT), sport=s.port_be(sport), dport=s.port_be(80),
                     vip_id=rec.vip_id(A))
     bal.global_stats.clear(0)
@@ -319,6 +319,14 @@ def test_the_sweep_finds_slots_as_the_datapath_does_for_ipv6_source_hash_and_por
     raw = np.array(bal.read_ring(0, SIZES.ring_entries), dtype=np.uint32)
     assert set(np.flatnonzero(raw & s.RING_UNSETTLED).tolist()) == (on_b | on_c) & moved
     assert len((on_b | on_c) & moved) > 0
+
+
+def test_refresh_seconds_are_one_in_the_period_whatever_a_flows_rhythm():
+    flows = [s.flow_hash(CLIENT, A.address, p, 80, s.IPPROTO_TCP) for p in range(2000, 3000)]
+    for step in (1, 8, 64, 7200):  # every second, and keepalive-like periods
+        hits = sum(s.refresh_second(h, NOW + i * step, REFRESH)
+                   for h in flows for i in range(64))
+        assert abs(hits / (len(flows) * 64) - 1 / REFRESH) < 0.01, step
 
 
 def test_refresh_zero_reads_the_table_on_every_packet(lb):

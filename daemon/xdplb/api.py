@@ -118,6 +118,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             serving_backends=plan.serving if plan else 0,
             packets=counters["packets"], bytes=counters["bytes"],
             ring_fingerprint=self.ctl.reconciler.fingerprints.get(vip.key, ""),
+            unsettled_positions=self.ctl.reconciler.unsettled_slots(vip.key),
             announced=self.ctl.announcer is not None and bgp.host_prefix(vip.key.address)
             in self.ctl.announcer.announced))
         positions = self.ctl.reconciler.ring_positions(vip.key)

@@ -53,6 +53,24 @@ class BgpConfig:
 
 
 @dataclass(frozen=True)
+class FlowsConfig:
+    """The flow table's upkeep (daemon/xdplb/reconciler.py settle)."""
+
+    settled_refresh_s: int = 8  # see DatapathSettings; 0: every packet reads the table
+    idle_timeout_s: int = 3600  # entries idle longer are removed by the sweep; 0: never
+    settle_interval_s: float = 10.0  # how often the table is swept and slots settled
+
+    def validate(self) -> None:
+        if self.idle_timeout_s and not 10 <= self.idle_timeout_s <= 32767:
+            # last_seen is kept modulo 2^16 s; ages are compared as such.
+            raise ConfigError(f"flows.idle_timeout_s: {self.idle_timeout_s} must be 0 (never) "
+                              "or 10..32767 seconds")
+        if not 1 <= self.settle_interval_s <= 3600:
+            raise ConfigError(f"flows.settle_interval_s: {self.settle_interval_s} must be "
+                              "1..3600 seconds")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     interfaces: tuple[str, ...] = ()
     xdp_mode: str = "native"
@@ -73,6 +91,7 @@ class DaemonConfig:
     encap_source_v4: str = "172.16.0.0/16"
     encap_source_v6: str = "fd00:ec::/112"
     max_new_flows_per_cpu: int = 0
+    flows: FlowsConfig = field(default_factory=FlowsConfig)
 
     @property
     def pin_dir(self) -> Path:
@@ -82,7 +101,8 @@ class DaemonConfig:
         return DatapathSettings(
             nexthop_mac=nexthop_mac, mtu=self.mtu, gue_port=self.gue_port,
             encap_source_v4=self.encap_source_v4, encap_source_v6=self.encap_source_v6,
-            max_new_flows_per_cpu=self.max_new_flows_per_cpu)
+            max_new_flows_per_cpu=self.max_new_flows_per_cpu,
+            settled_refresh_s=self.flows.settled_refresh_s)
 
     def validate(self) -> None:
         if not self.interfaces:
@@ -109,9 +129,12 @@ class DaemonConfig:
             self.health_marks.validate(self.maps.max_backends)
         except DatapathError as exc:
             raise ConfigError(f"health.{exc}") from None
+        self.flows.validate()
         try:
             self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
         except ValueError as exc:
+            if str(exc).startswith("settled_refresh_s"):
+                raise ConfigError(f"flows.{exc}") from None
             raise ConfigError(f"datapath: {exc}") from None
 
     def _validate_api(self) -> None:
@@ -198,6 +221,8 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
     values["metrics_listen"] = metrics.take("listen", str, defaults.metrics_listen)
     metrics.done()
     values["maps"] = _maps(top, defaults.maps)
+    values["flows"] = _section(top, "flows", defaults.flows, {
+        "settled_refresh_s": int, "idle_timeout_s": int, "settle_interval_s": (int, float)})
     health = StrictTable(top.take("health", dict, {}), "health")
     values["health_marks"] = HealthMarks(
         base=health.take("fwmark", int, defaults.health_marks.base),

@@ -29,6 +29,7 @@ from xdplb.reconciler import (
     Reconciler,
     ReconcileReport,
     Runtime,
+    SettleReport,
     VipPlan,
 )
 from xdplb.state import (
@@ -85,6 +86,7 @@ class Controller:
         self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
+        self.last_settle: SettleReport | None = None
         self.health: HealthChecker | None = None
         self.capacity: CapacityController | None = None
         self.metrics: ControlPlaneMetrics | None = None
@@ -216,6 +218,22 @@ class Controller:
     def tick(self) -> None:
         """Once a second: the datapath's clock."""
         self.reconciler.tick(int(time.monotonic()))
+
+    async def settle_flows(self) -> SettleReport:
+        """Every flows.settle_interval_s: sweeps the flow table off the event loop
+        (a million sets take tens of milliseconds), removing idle entries, and
+        settles the ring slots no entry holds. Reconciles may run meanwhile:
+        the reconciler settles only VIPs they left alone."""
+        start = self.reconciler.settle_begin()
+        sweep, blocked = await asyncio.to_thread(
+            self.balancer.sweep_flows, self.reconciler.clock(), self.config.flows.idle_timeout_s)
+        report = self.reconciler.settle_finish(start, sweep, blocked)
+        self.last_settle = report
+        if self.metrics is not None:
+            self.metrics.observe_settle(report)
+        if report.slots_settled or sweep.expired:
+            log.info("flow table: %s", report.summary())
+        return report
 
     def find_nexthop(self) -> nexthop.Nexthop | None:
         """The next hop as the kernel's tables say now (blocking: run it off the event

@@ -119,6 +119,8 @@ async def serve_until_stopped(controller: Controller) -> None:
         asyncio.create_task(health.run_batches()),
         asyncio.create_task(capacity.run()),
         asyncio.create_task(_every(1.0, lambda: _tick(controller), "clock tick")),
+        asyncio.create_task(_every(config.flows.settle_interval_s, controller.settle_flows,
+                                   "flow table sweep")),
         asyncio.create_task(_every(config.nexthop.refresh_s,
                                    lambda: _follow_nexthop(controller), "next hop refresh")),
         asyncio.create_task(_every(5.0, lambda: _refresh_bgp(controller), "BGP status")),

@@ -104,9 +104,26 @@ class ControlPlaneMetrics:
         self.health_transitions = Counter(
             "xdplb_health_transitions", "Health verdict changes, by backend and new state.",
             ["backend", "state"], registry=registry)
+        self.sweep_seconds = Histogram(
+            "xdplb_flow_sweep_duration_seconds",
+            "Time to sweep the flow table (idle entries removed, ring slots settled).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry)
+        self.expired = Counter(
+            "xdplb_flow_expired_entries", "Flow-table entries removed as idle by the sweep.",
+            registry=registry)
+        self.settled = Counter(
+            "xdplb_ring_settled_positions",
+            "Ring positions settled by the sweep: their established packets skip the "
+            "flow table.", registry=registry)
         self.check_seconds = CheckLatencies()
         registry.register(self.check_seconds)
         self.observe_check = self.check_seconds.observe  # every check's latency
+
+    def observe_settle(self, report: object) -> None:
+        self.sweep_seconds.observe(report.sweep.seconds)
+        self.expired.inc(report.sweep.expired)
+        self.settled.inc(report.slots_settled)
 
     def observe_reconcile(self, report: object) -> None:
         self.reconcile_seconds.observe(report.duration_s)
@@ -160,7 +177,8 @@ class DatapathCollector:
         events = CounterMetricFamily(
             "xdplb_datapath_events",
             "Connection-table and flow events: conn_hit, conn_miss, conn_rechosen, "
-            "new_flows, new_flows_unrecorded, conn_busy.", labels=["event"])
+            "new_flows, new_flows_unrecorded, conn_busy, conn_settled (sent by a settled "
+            "ring slot, the table not read).", labels=["event"])
         counters = self.ctl.global_counters()
         for name in s.OUTCOME_COUNTERS:
             action, reason = name.split("_", 1)
@@ -253,6 +271,14 @@ class DatapathCollector:
         for key, digest in sorted(self.ctl.reconciler.fingerprints.items()):
             fingerprint.add_metric([str(key), digest[:16]], 1)
         yield fingerprint
+        unsettled = GaugeMetricFamily(
+            "xdplb_vip_unsettled_positions",
+            "Ring positions whose established packets still read the flow table: changed "
+            "since the last sweep, or held by flows recorded with another backend.",
+            labels=["vip"])
+        for key in sorted(self.ctl.state.vips):
+            unsettled.add_metric([str(key)], self.ctl.reconciler.unsettled_slots(key))
+        yield unsettled
         mode = GaugeMetricFamily("xdplb_vip_mode",
                                  "1 for the VIP's current mode (normal, panic, fail-open, "
                                  "fail-closed), 0 for the others.", labels=["vip", "mode"])

@@ -294,6 +294,17 @@ def addr_filter_slot(address: str) -> tuple[int, int]:
     return (h >> 54) & (ADDR_FILTER_WORDS - 1), (h >> 48) & 63
 
 
+def refresh_second(hash_value: int, now_s: int, period: int) -> bool:
+    """Whether a settled-slot flow reads the flow table this second (bpf/hash.h)."""
+    x = hash_value ^ ((now_s * 0x9E3779B1) & 0xFFFFFFFF)
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x & (period - 1) == 0
+
+
 def ring_slot(hash_value: int, ring_size: int) -> int:
     """The ring position a hash selects (bpf/hash.h ring_slot)."""
     return (hash_value * ring_size) >> 32

@@ -147,7 +147,7 @@ class Vip(_message.Message):
     def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
 
 class VipStatus(_message.Message):
-    __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced")
+    __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced", "unsettled_positions")
     MODE_FIELD_NUMBER: _ClassVar[int]
     VIP_ID_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_BACKENDS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class VipStatus(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     RING_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    UNSETTLED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     vip_id: int
     healthy_backends: int
@@ -164,7 +165,8 @@ class VipStatus(_message.Message):
     bytes: int
     ring_fingerprint: str
     announced: bool
-    def __init__(self, mode: _Optional[str] = ..., vip_id: _Optional[int] = ..., healthy_backends: _Optional[int] = ..., serving_backends: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., ring_fingerprint: _Optional[str] = ..., announced: _Optional[bool] = ...) -> None: ...
+    unsettled_positions: int
+    def __init__(self, mode: _Optional[str] = ..., vip_id: _Optional[int] = ..., healthy_backends: _Optional[int] = ..., serving_backends: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., ring_fingerprint: _Optional[str] = ..., announced: _Optional[bool] = ..., unsettled_positions: _Optional[int] = ...) -> None: ...
 
 class VipRef(_message.Message):
     __slots__ = ("vip",)
