@@ -218,17 +218,17 @@ static __always_inline int is_usable(const struct backend *be)
 
 /* The settled-slot fast path: the ring's backend for an established packet
  * whose ring slot is settled (RING_UNSETTLED clear) and usable, outside the
- * flow's refresh second; 0 when the flow table must be read. On a settled
+ * flow's refresh seconds; 0 when the flow table must be read. On a settled
  * slot every entry names the slot's backend, so the table would answer the
  * same, and at 1M flows its read is a DRAM miss that costs more than the
- * rest of the packet. The refresh second, one in settled_refresh_s per flow
- * (the hash staggers flows), still reads the table: it keeps last_seen
- * fresh and records flows first seen mid-stream within that many seconds. */
+ * rest of the packet. A refresh second, one in settled_refresh_s of the
+ * seconds a flow sends in (hash.h refresh_second), still reads the table:
+ * it keeps last_seen fresh and records flows first seen mid-stream. */
 static __always_inline __u32 settled_pick(const struct vip_meta *vip, __u32 hash,
 					  const struct lb_config *cfg, struct backend **be)
 {
 	__u32 refresh = cfg->settled_refresh_s;
-	if (!refresh || !((hash + cfg->now_s) & (refresh - 1)))
+	if (!refresh || refresh_second(hash, cfg->now_s, refresh))
 		return 0;
 	__u32 slot = vip->ring_offset + ring_slot(hash, vip->ring_size);
 	__u32 *entry = ring.lookup(&slot);

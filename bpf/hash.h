@@ -122,6 +122,22 @@ static __always_inline __u64 flow_set_hash(const struct flow_key *k)
 				HASH_K_PORTS);
 }
 
+/* 1 when now_s is one of the flow's refresh seconds (bpf/balancer.c
+ * settled_pick): MurmurHash3's 32-bit finaliser over the flow hash and the
+ * second, so whatever the rhythm of a flow's packets (a keepalive every 64 s
+ * included), each second it sends in is one with probability 1/period, and
+ * flows are staggered. period is a power of two; mirrored in structs.py. */
+static __always_inline int refresh_second(__u32 hash, __u32 now_s, __u32 period)
+{
+	__u32 x = hash ^ (now_s * 0x9e3779b1U);
+	x ^= x >> 16;
+	x *= 0x85ebca6bU;
+	x ^= x >> 13;
+	x *= 0xc2b2ae35U;
+	x ^= x >> 16;
+	return (x & (period - 1)) == 0;
+}
+
 /* Lemire's multiply-shift maps a 32-bit hash onto [0, size) without a
  * division, which matters because ring sizes are per-VIP run-time primes. */
 static __always_inline __u32 ring_slot(__u32 hash, __u32 size)
