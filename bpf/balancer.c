@@ -664,8 +664,10 @@ static __always_inline void settle_set(struct settle_state *st, __u32 index)
 		if (!backend)
 			continue;
 		st->entries++;
-		__u16 age = (__u16)st->now_s - seen.last_seen[i];
-		if (st->idle_timeout_s && age > st->idle_timeout_s)
+		/* Signed: a packet may stamp the second after the one the sweep
+		 * was given, and such a flow is as fresh as can be. */
+		__s16 age = (__s16)((__u16)st->now_s - seen.last_seen[i]);
+		if (st->idle_timeout_s && age > (__s32)st->idle_timeout_s)
 			idle |= 1U << i;
 		else
 			settle_check(st, &seen.key[i], backend);

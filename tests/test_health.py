@@ -986,6 +986,7 @@ class Rings:
                  if i and b.vip_id == meta.vip_id and any(bytes(b))}
         ring = np.frombuffer(self.maps.ring.read_array(self.sizes.ring_entries),
                              dtype=np.uint32)[meta.ring_offset:meta.ring_offset + meta.ring_size]
+        ring = ring & s.RING_BACKEND_MASK  # without the unsettled bit
         in_ring = {names[int(i)] for i in np.unique(ring) if int(i) in names}
         available = {a for i, a in names.items() if table[i].flags & s.BACKEND_F_AVAILABLE}
         return in_ring, available

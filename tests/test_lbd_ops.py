@@ -81,7 +81,7 @@ CONFIG_REFUSALS = [
     ("flows-refresh-not-power-of-two", BASE + "[flows]\nsettled_refresh_s = 12\n",
      "flows.settled_refresh_s 12: must be 0 or a power of two 2..1024"),
     ("flows-idle-timeout-too-long", BASE + "[flows]\nidle_timeout_s = 40000\n",
-     "flows.idle_timeout_s: 40000 must be 0 (never) or 10..32767 seconds"),
+     "flows.idle_timeout_s: 40000 must be 0 (never) or 10..28800 seconds"),
     ("flows-settle-interval", BASE + "[flows]\nsettle_interval_s = 0.5\n",
      "flows.settle_interval_s: 0.5 must be 1..3600 seconds"),
     ("flows-unknown-key", BASE + "[flows]\nidle_timeout = 60\n",

@@ -235,6 +235,18 @@ def test_a_sweep_removes_idle_entries_and_keeps_the_others(lb):
     assert rec.settle(idle_timeout_s=0, quiet_s=0).sweep.entries == 100
 
 
+def test_a_flow_stamped_after_the_sweeps_second_is_not_idle(lb):
+    """The datapath's clock may tick while a sweep runs: an entry seen in the
+    next second is fresh, not 65,535 s old."""
+    bal, rec = lb()
+    apply(rec, build(vip_a()), now=200)
+    open_flows(bal, range(2000, 2050))
+    sweep, _ = bal.sweep_flows(199, 30)
+    assert (sweep.entries, sweep.expired) == (50, 0)
+    sweep, _ = bal.sweep_flows(200 + 31, 30)
+    assert (sweep.entries, sweep.expired) == (50, 50)
+
+
 def test_an_expired_entry_no_longer_holds_its_slot(lb):
     bal, rec = lb()
     desired = build(vip_a())

@@ -61,10 +61,11 @@ class FlowsConfig:
     settle_interval_s: float = 10.0  # how often the table is swept and slots settled
 
     def validate(self) -> None:
-        if self.idle_timeout_s and not 10 <= self.idle_timeout_s <= 32767:
-            # last_seen is kept modulo 2^16 s; ages are compared as such.
+        if self.idle_timeout_s and not 10 <= self.idle_timeout_s <= 28800:
+            # last_seen is kept modulo 2^16 s and the sweep reads ages as signed 16-bit
+            # numbers: an entry must be swept before its age passes 32767 s.
             raise ConfigError(f"flows.idle_timeout_s: {self.idle_timeout_s} must be 0 (never) "
-                              "or 10..32767 seconds")
+                              "or 10..28800 seconds")
         if not 1 <= self.settle_interval_s <= 3600:
             raise ConfigError(f"flows.settle_interval_s: {self.settle_interval_s} must be "
                               "1..3600 seconds")
