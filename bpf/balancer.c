@@ -570,22 +570,29 @@ int xdplb_balancer(struct xdp_md *ctx)
 
 /* The table sweep: run by the control plane through BPF_PROG_TEST_RUN, never
  * attached (daemon/xdplb/reconciler.py settle). Each run sweeps up to
- * SETTLE_SETS_PER_RUN sets from the cursor in `settle`: it removes entries
- * idle longer than idle_timeout_s, and for every other entry sets the
- * settle_blocked bit of the entry's ring slot when the slot's backend is
- * not the entry's. The control plane clears RING_UNSETTLED only on slots
- * whose bit stayed clear through a whole sweep that began after the slot's
- * last change. */
+ * SETTLE_SETS_PER_RUN sets from the cursor in `settle`. An entry whose
+ * backend is not its ring slot's holds that slot unsettled: the sweep sets
+ * the slot's settle_blocked bit, unless the entry has been idle longer than
+ * idle_timeout_s both since its last packet and since its VIP's ring last
+ * changed, in which case it is removed. Only such entries are ever removed:
+ * one that names its slot's backend holds nothing and sends every packet
+ * where the ring would, so it stays until a new flow evicts it. The control
+ * plane clears RING_UNSETTLED only on slots whose bit stayed clear through a
+ * whole sweep that began after the slot's last change. */
 #define SETTLE_SETS_PER_RUN 16
+/* A packet may stamp a second or two past the clock the sweep was given. */
+#define SETTLE_CLOCK_SLACK_S 60
 
 /* The ring slot a flow-table entry's flow hashes onto, the way the
- * balancer's packets of that flow compute it; -1 when no VIP has its id. */
-static __always_inline __s64 settle_slot_of(const struct flow_key *key)
+ * balancer's packets of that flow compute it, and its VIP's ring entry;
+ * -1 when no VIP has its id. */
+static __always_inline __s64 settle_slot_of(const struct flow_key *key, struct vip_ring **vip)
 {
 	__u32 id = key->vip_id;
 	struct vip_ring *vr = vip_rings.lookup(&id);
 	if (!vr || !vr->ring_size)
 		return -1;
+	*vip = vr;
 	__u32 hash = (vr->flags & VIP_F_HASH_SRC_ONLY)
 			     ? source_hash(&key->src, vr->ipv6)
 			     : flow_hash(&key->src, &vr->addr, key->sport, key->dport, vr->proto,
@@ -593,16 +600,8 @@ static __always_inline __s64 settle_slot_of(const struct flow_key *key)
 	return vr->ring_offset + ring_slot(hash, vr->ring_size);
 }
 
-static __always_inline void settle_check(struct settle_state *st, const struct flow_key *key,
-					 __u32 backend)
+static __always_inline void settle_block(struct settle_state *st, __u32 slot)
 {
-	__s64 at = settle_slot_of(key);
-	if (at < 0)
-		return;
-	__u32 slot = at;
-	__u32 *entry = ring.lookup(&slot);
-	if (!entry || (*entry & RING_BACKEND_MASK) == backend)
-		return;
 	st->blocking++;
 	__u32 word = slot / 64;
 	__u64 *bits = settle_blocked.lookup(&word);
@@ -610,30 +609,49 @@ static __always_inline void settle_check(struct settle_state *st, const struct f
 		__sync_fetch_and_or(bits, 1ULL << (slot & 63));
 }
 
-/* Removes the ways in `idle` that still hold what `seen` read; a way
- * rewritten since holds a live flow, which is checked instead. A set that
- * cannot be locked keeps its flows unchecked and counts busy: a sweep with
- * any busy set vouches for nothing. */
-static __always_inline void settle_expire(struct settle_state *st, struct flow_set *set,
-					  const struct flow_set *seen, __u32 idle)
+/* Idle beyond the timeout since both its last packet and its VIP's last ring
+ * change: before that change the entry may have been on a settled slot,
+ * whose packets refresh last_seen only in their refresh seconds. */
+static __always_inline int settle_idle(const struct settle_state *st, __u16 last_seen,
+				       const struct vip_ring *vr)
 {
-	if (!flow_set_lock(set)) {
-		st->busy++;
-		return;
+	if (!st->idle_timeout_s)
+		return 0;
+	__u16 age = (__u16)st->now_s - last_seen;
+	if (age > (__u16)(0xffff - SETTLE_CLOCK_SLACK_S))
+		return 0; /* stamped after the sweep's clock: fresh */
+	return age > st->idle_timeout_s &&
+	       (__s64)st->now_s - (__s64)vr->changed_s > (__s64)st->idle_timeout_s;
+}
+
+/* Removes the ways in `idle` that still hold what `seen` read. A way
+ * rewritten since, or a set another CPU holds, keeps its entry, which then
+ * holds its slot (at[way]) like any other. The set is held only for the
+ * compares: a reader meeting it tries again a few times, then takes the ring. */
+static __always_inline void settle_expire(struct settle_state *st, struct flow_set *set,
+					  const struct flow_set *seen, __u32 idle,
+					  const __u32 *at)
+{
+	__u32 kept = idle;
+	if (flow_set_lock(set)) {
+#pragma unroll
+		for (int i = 0; i < FLOW_WAYS; i++) {
+			if ((idle & (1U << i)) && set->backend[i] == seen->backend[i] &&
+			    set->last_seen[i] == seen->last_seen[i] &&
+			    flow_key_eq(&set->key[i], &seen->key[i])) {
+				set->backend[i] = 0;
+				kept &= ~(1U << i);
+			}
+		}
+		flow_set_unlock(set);
 	}
 #pragma unroll
 	for (int i = 0; i < FLOW_WAYS; i++) {
-		if (!(idle & (1U << i)))
-			continue;
-		if (set->backend[i] == seen->backend[i] && set->last_seen[i] == seen->last_seen[i] &&
-		    flow_key_eq(&set->key[i], &seen->key[i])) {
-			set->backend[i] = 0;
+		if (kept & (1U << i))
+			settle_block(st, at[i]);
+		else if (idle & (1U << i))
 			st->expired++;
-		} else if (set->backend[i]) {
-			settle_check(st, &set->key[i], set->backend[i]);
-		}
 	}
-	flow_set_unlock(set);
 }
 
 static __always_inline void settle_set(struct settle_state *st, __u32 index)
@@ -658,22 +676,29 @@ static __always_inline void settle_set(struct settle_state *st, __u32 index)
 		return;
 	}
 	__u32 idle = 0;
+	__u32 at[FLOW_WAYS] = {};
 #pragma unroll
 	for (int i = 0; i < FLOW_WAYS; i++) {
 		__u32 backend = seen.backend[i];
 		if (!backend)
 			continue;
 		st->entries++;
-		/* Signed: a packet may stamp the second after the one the sweep
-		 * was given, and such a flow is as fresh as can be. */
-		__s16 age = (__s16)((__u16)st->now_s - seen.last_seen[i]);
-		if (st->idle_timeout_s && age > (__s32)st->idle_timeout_s)
+		struct vip_ring *vr = NULL;
+		__s64 slot = settle_slot_of(&seen.key[i], &vr);
+		if (slot < 0 || !vr)
+			continue; /* no VIP has its id: it holds no slot */
+		__u32 s = slot;
+		__u32 *entry = ring.lookup(&s);
+		if (!entry || (*entry & RING_BACKEND_MASK) == backend)
+			continue;
+		at[i] = s;
+		if (settle_idle(st, seen.last_seen[i], vr))
 			idle |= 1U << i;
 		else
-			settle_check(st, &seen.key[i], backend);
+			settle_block(st, s);
 	}
 	if (idle)
-		settle_expire(st, set, &seen, idle);
+		settle_expire(st, set, &seen, idle, at);
 }
 
 int xdplb_settle(struct xdp_md *ctx)

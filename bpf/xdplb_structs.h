@@ -58,6 +58,7 @@ struct vip_ring {
 	__u8 proto;
 	__u8 ipv6;
 	__u16 pad;
+	__u32 changed_s;    /* lb_config.now_s when the VIP's ring last changed */
 };
 
 /* Value of the `vip_addrs` map (key: struct addr16): every address that has
@@ -196,7 +197,7 @@ struct lb_config {
 struct settle_state {
 	__u32 next_set;
 	__u32 end_set;
-	__u32 idle_timeout_s; /* entries idle longer are removed; 0: none are */
+	__u32 idle_timeout_s; /* entries holding a slot idle longer are removed; 0: none */
 	__u32 now_s;          /* lb_config.now_s, as last_seen compares to it */
 	__u64 entries;        /* entries seen */
 	__u64 blocking;       /* entries naming another backend than their slot's */

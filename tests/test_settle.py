@@ -9,6 +9,7 @@ compares with the slots and backends computed here from structs.py."""
 from __future__ import annotations
 
 import ctypes as ct
+import shutil
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from scapy.layers.l2 import Ether
 from tests.conftest import CLIENT_MAC, LB_MAC, NEXTHOP_MAC, nonzero, require_root
 from tests.packets import encapsulated
 from xdplb import structs as s
-from xdplb.datapath import XDP_TX, Balancer, BpfMap, MapSizes
+from xdplb.datapath import PIN_ROOT, XDP_TX, Balancer, BpfMap, MapSizes
 from xdplb.reconciler import DatapathSettings, Reconciler
 from xdplb.state import (
     AddBackend,
@@ -29,6 +30,7 @@ from xdplb.state import (
     Change,
     DesiredState,
     Limits,
+    SetBackend,
     SetVip,
     VipKey,
     apply_changes,
@@ -221,30 +223,116 @@ def test_a_flow_first_seen_mid_stream_is_recorded_in_its_refresh_second(lb):
     assert recorded.backend == rec.member_index(A, backend)
 
 
-def test_a_sweep_removes_idle_entries_and_keeps_the_others(lb):
+def changed_ports(rec: Reconciler, before: np.ndarray, ports) -> set[int]:
+    """The ports whose flow's slot of A got another backend since `before`."""
+    offset = rec.vips[A].offset
+    after = rec.ring[offset:offset + 1009] & s.RING_BACKEND_MASK
+    return {p for p in ports
+            if after[slot_of(rec, A, hash_of(A, CLIENT, p, 80)) - offset]
+            != before[slot_of(rec, A, hash_of(A, CLIENT, p, 80)) - offset]}
+
+
+def backends_of_a(rec: Reconciler) -> np.ndarray:
+    offset = rec.vips[A].offset
+    return rec.ring[offset:offset + 1009] & s.RING_BACKEND_MASK
+
+
+def test_only_idle_entries_that_hold_a_changed_slot_are_removed(lb):
     bal, rec = lb()
-    apply(rec, build(vip_a()), now=100)
-    old = open_flows(bal, range(2000, 2100))
-    rec.tick(150)
-    fresh = open_flows(bal, range(3000, 3100))
-    rec.tick(160)
+    desired = build(vip_a())
+    apply(rec, desired, now=100)
+    open_flows(bal, range(2000, 2300))  # stamped 100
+    before = backends_of_a(rec)
+    rec.tick(110)
+    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                  settings=SETTINGS)  # the ring changes at 110
+    moved = changed_ports(rec, before, range(2000, 2300))
+    rec.tick(170)
+    for sport in range(2000, 2100):  # these stay active: stamped 170
+        send(bal, frame(sport, "A"))
+    rec.tick(190)
     report = rec.settle(idle_timeout_s=30, quiet_s=0)
-    assert (report.sweep.entries, report.sweep.expired) == (200, 100)
-    kept = sorted(s.port_be(k.sport) for k, _ in bal.conns.items())
-    assert kept == sorted(fresh) and not set(old) & set(kept)
-    assert rec.settle(idle_timeout_s=0, quiet_s=0).sweep.entries == 100
+    idle_held = {p for p in moved if p >= 2100}
+    assert 0 < len(idle_held) < len(moved)
+    assert (report.sweep.entries, report.sweep.expired, report.sweep.blocking) == (
+        300, len(idle_held), len(moved) - len(idle_held))
+    kept = {s.port_be(k.sport) for k, _ in bal.conns.items()}
+    assert kept == set(range(2000, 2300)) - idle_held  # idle on unchanged slots: kept
+
+
+def test_a_ring_change_restarts_the_idle_clock_of_the_entries_it_strands(lb):
+    """Entries on settled slots are refreshed only in refresh seconds, so their
+    last_seen may be old when their slot changes: they count idle from the change."""
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired, now=100)
+    open_flows(bal, range(2000, 2300))  # stamped 100, never again
+    before = backends_of_a(rec)
+    rec.tick(1000)
+    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                  settings=SETTINGS)
+    moved = changed_ports(rec, before, range(2000, 2300))
+    rec.tick(1060)
+    assert rec.settle(idle_timeout_s=60, quiet_s=0).sweep.expired == 0
+    rec.tick(1061)
+    report = rec.settle(idle_timeout_s=60, quiet_s=0)
+    assert (report.sweep.expired, report.slots_unsettled) == (len(moved), 0)
 
 
 def test_a_flow_stamped_after_the_sweeps_second_is_not_idle(lb):
     """The datapath's clock may tick while a sweep runs: an entry seen in the
     next second is fresh, not 65,535 s old."""
     bal, rec = lb()
-    apply(rec, build(vip_a()), now=200)
-    open_flows(bal, range(2000, 2050))
+    desired = build(vip_a())
+    apply(rec, desired, now=100)
+    open_flows(bal, range(2000, 2100))
+    before = backends_of_a(rec)
+    rec.tick(101)
+    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                  settings=SETTINGS)
+    moved = changed_ports(rec, before, range(2000, 2100))
+    rec.tick(200)
+    for sport in moved:
+        send(bal, frame(sport, "A"))  # stamped 200
     sweep, _ = bal.sweep_flows(199, 30)
-    assert (sweep.entries, sweep.expired) == (50, 0)
-    sweep, _ = bal.sweep_flows(200 + 31, 30)
-    assert (sweep.entries, sweep.expired) == (50, 50)
+    assert (sweep.expired, sweep.blocking) == (0, len(moved)) and moved
+    sweep, _ = bal.sweep_flows(231, 30)
+    assert (sweep.expired, sweep.blocking) == (len(moved), 0)
+
+
+def test_a_restarted_control_plane_counts_idle_time_from_its_start(tmp_path):
+    """While no lbd runs the datapath's clock stands still and every packet is
+    stamped with it; a restart must not count that time as idle."""
+    require_root()
+    pins = PIN_ROOT / f"test-settle-{tmp_path.name}"
+    try:
+        first = Balancer(SIZES, pins)
+        rec = Reconciler(first)
+        desired = build(vip_a())
+        apply(rec, desired, now=1000)
+        open_flows(first, range(2000, 2200))
+        before = backends_of_a(rec)
+        rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                      settings=SETTINGS)
+        moved = changed_ports(rec, before, range(2000, 2200))
+        first.close()
+        second = Balancer(SIZES, pins)
+        try:
+            restarted = Reconciler(second)
+            restarted.tick(1000 + 7200)  # two hours later: lbd's start ticks first
+            restarted.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")),
+                                      state=desired), settings=SETTINGS)
+            assert s.VipRing.from_buffer_copy(restarted.vip_rings[restarted.vip_id(A)]
+                                              ).changed_s == 8200
+            restarted.tick(8200 + 3600)
+            assert restarted.settle(idle_timeout_s=3600, quiet_s=0).sweep.expired == 0
+            restarted.tick(8200 + 3601)
+            assert restarted.settle(idle_timeout_s=3600, quiet_s=0).sweep.expired == len(moved)
+        finally:
+            second.unpin()
+            second.close()
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
 
 
 def test_an_expired_entry_no_longer_holds_its_slot(lb):
@@ -252,12 +340,15 @@ def test_an_expired_entry_no_longer_holds_its_slot(lb):
     desired = build(vip_a())
     apply(rec, desired, now=100)
     opened = open_flows(bal, range(2000, 2600))
+    before = backends_of_a(rec)
     rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
                   settings=SETTINGS)
+    moved = changed_ports(rec, before, opened)
     assert rec.settle(quiet_s=0).slots_unsettled > 0  # the old flows hold their slots
     rec.tick(200)
     report = rec.settle(idle_timeout_s=60, quiet_s=0)
-    assert (report.sweep.expired, report.slots_unsettled) == (len(opened), 0)
+    assert (report.sweep.expired, report.slots_unsettled) == (len(moved), 0)
+    assert len(list(bal.conns.keys())) == len(opened) - len(moved)
 
 
 def test_a_sweep_vouches_only_for_vips_unchanged_since_it_began(lb):
@@ -273,6 +364,58 @@ def test_a_sweep_vouches_only_for_vips_unchanged_since_it_began(lb):
     report = rec.settle_finish(start, sweep, blocked)
     assert (report.vips_settled, report.vips_skipped, report.slots_settled) == (0, 1, 0)
     assert rec.unsettled_slots(A) == 1009
+
+
+def test_a_vip_removed_and_added_again_during_a_sweep_is_not_vouched_for(lb):
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    start = rec.settle_begin(quiet_s=0)
+    sweep, blocked = bal.sweep_flows(rec.clock(), 0)
+    rec.reconcile(DesiredState(), settings=SETTINGS)
+    rec.reconcile(desired, settings=SETTINGS)
+    report = rec.settle_finish(start, sweep, blocked)
+    assert (report.vips_settled, report.vips_skipped, report.slots_settled) == (0, 1, 0)
+
+
+def test_a_settled_slot_whose_backend_is_unavailable_reads_the_table(lb):
+    bal, rec = lb()
+    apply(rec, build(vip_a()))
+    opened = open_flows(bal, range(2000, 2200))
+    rec.settle(quiet_s=0)
+    down = rec.member_index(A, A_BACKENDS[0])
+    entry = bal.backends.get(ct.c_uint32(down))
+    entry.flags &= ~s.BACKEND_F_AVAILABLE  # as health marks it, before the ring follows
+    bal.backends.put(ct.c_uint32(down), entry)
+    bal.global_stats.clear(0)
+    on_down = [p for p, b in opened.items() if b == A_BACKENDS[0]]
+    for sport in on_down:
+        send(bal, frame(sport, "A"))
+    assert nonzero(bal.counters()) == {"tx_forwarded": len(on_down),
+                                       "conn_rechosen": len(on_down)}
+
+
+def test_empty_slots_are_unsettled_and_never_settle(lb):
+    """All backends drained: the ring is empty, established flows stay on their
+    (available) backends through the table; filling a slot later changes only its
+    backend's bytes, the bit staying set."""
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    opened = open_flows(bal, range(2000, 2100))
+    rec.settle(quiet_s=0)
+    drained = desired
+    for address in A_BACKENDS:
+        drained = build(SetBackend(A, address, {"drained": True}), state=drained)
+    rec.reconcile(drained, settings=SETTINGS)
+    raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+    assert (raw == s.RING_UNSETTLED).all() and rec.unsettled_slots(A) == 0
+    assert rec.settle(quiet_s=0).slots_settled == 0
+    assert (np.array(bal.read_ring(rec.vips[A].offset, 1009)) == s.RING_UNSETTLED).all()
+    bal.global_stats.clear(0)
+    for sport, backend in opened.items():
+        assert send(bal, frame(sport, "A")) == backend
+    assert nonzero(bal.counters()) == {"tx_forwarded": 100, "conn_hit": 100}
 
 
 def test_a_set_held_by_a_writer_through_the_sweep_settles_nothing(lb):
@@ -297,6 +440,14 @@ def test_a_new_hash_mode_unsettles_every_slot_and_keeps_every_flow(lb):
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     assert bal.counters()["conn_hit"] == 300 and bal.counters()["conn_settled"] == 0
+    # Every flow of the one client now hashes onto one slot; its entries name
+    # all three backends, so that slot, and only it, stays unsettled.
+    report = rec.settle(quiet_s=0)
+    held = slot_of(rec, A, s.source_hash(CLIENT))
+    raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
+    unsettled = {rec.vips[A].offset + int(i) for i in np.flatnonzero(raw & s.RING_UNSETTLED)}
+    assert unsettled == {held} and report.slots_unsettled == 1
+    assert len(set(opened.values())) == 3
 
 
 def test_the_sweep_finds_slots_as_the_datapath_does_for_ipv6_source_hash_and_portless(lb):

@@ -105,6 +105,9 @@ class Controller:
         """Resolves the next hop, realises the loaded state, then attaches:
         the program replaces a running one atomically, on the same pinned maps."""
         self.nexthop = self._resolve_nexthop()
+        # Pinned maps kept the clock where the last lbd left it: catch it up
+        # first, so the VIPs' ring-change times recorded now are today's.
+        self.tick()
         self._reconcile("start")
         generic = self.config.xdp_mode == "generic"
         for ifname in self.config.interfaces:

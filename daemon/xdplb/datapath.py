@@ -232,14 +232,19 @@ class BpfMap(Generic[K, V]):
 
     def read_array(self, count: int, chunk: int = 65536) -> ct.Array:
         """Values 0..count-1 of an array map, a chunk of entries per syscall."""
+        return self.read_range(0, count, chunk)
+
+    def read_range(self, start: int, count: int, chunk: int = 65536) -> ct.Array:
+        """Values start..start+count-1 of an array map, a chunk per syscall."""
         values = (self.value_type * count)()
-        keys = (ct.c_uint32 * min(chunk, count))()
+        keys = (ct.c_uint32 * max(1, min(chunk, count)))()
         size = ct.sizeof(self.value_type)
-        cursor, done = ct.c_uint32(0), 0
+        # A batch continues after the key its cursor holds: the one before start.
+        cursor, done = ct.c_uint32(max(start - 1, 0)), 0
         while done < count:
             n = ct.c_uint32(min(chunk, count - done))
             batch = (self.value_type * n.value).from_address(ct.addressof(values) + done * size)
-            first = done == 0
+            first = done == 0 and start == 0
             rc = _lib().bpf_lookup_batch(self.fd, None if first else ct.byref(cursor),
                                          ct.byref(cursor), ct.byref(keys), ct.byref(batch),
                                          ct.byref(n))
@@ -249,7 +254,8 @@ class BpfMap(Generic[K, V]):
             if rc != 0 or n.value == 0:
                 break
         if done != count:
-            raise DatapathError(f"batch lookup in {self.name}: read {done} of {count}")
+            raise DatapathError(f"batch lookup in {self.name}: read {done} of {count} "
+                                f"from {start}")
         return values
 
     def values_batch(self, chunk: int = 8192) -> Iterator[list[Any]]:

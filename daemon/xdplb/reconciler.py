@@ -292,8 +292,9 @@ class _RealisedVip:
     size: int
     meta: bytes
     inputs: Any = None  # what its ring was last built from; None: compare positions
-    generation: int = 0  # bumped on every write to its ring or region
-    changed_at: float = field(default_factory=time.monotonic)
+    generation: int = 0  # Reconciler.generation at its last ring or region change
+    changed_at: float = field(default_factory=time.monotonic)  # after that change's writes
+    changed_s: int = -1  # the datapath clock at that change; -1: not yet (just loaded)
 
 
 class Reconciler:
@@ -306,6 +307,7 @@ class Reconciler:
         self.members: dict[MemberId, int] = {}
         self.plans: dict[VipKey, VipPlan] = {}
         self.fingerprints: dict[VipKey, str] = {}  # of each ring as last built
+        self.generation = 0  # counts ring and region changes of every VIP
         self._load(sizes)
 
     # -- reading what the maps hold (a restart reuses pinned maps) --
@@ -474,8 +476,10 @@ class Reconciler:
                            dtype=np.uint32)
         backends = indexes[ring.table]  # slot -1 (no backend) picks the trailing 0
         current = self.ring[offset:offset + len(backends)]
-        unsettled = (((current & s.RING_UNSETTLED) != 0)
-                     | ((current & s.RING_BACKEND_MASK) != backends)) & (backends != 0)
+        # An empty slot is unsettled too, so filling it changes no byte but the
+        # backend's: a packet never reads a half-written entry as settled.
+        unsettled = (((current & s.RING_UNSETTLED) != 0) | (backends == 0)
+                     | ((current & s.RING_BACKEND_MASK) != backends))
         return np.where(unsettled, backends | s.RING_UNSETTLED, backends).astype(np.uint32)
 
     def _write_ring(self, offset: int, values: np.ndarray, report: ReconcileReport,
@@ -496,6 +500,7 @@ class Reconciler:
         new = realised.offset < 0
         resized = not new and realised.size != vip.ring_size
         old_region = (realised.offset, realised.size)
+        old_meta = s.VipMeta.from_buffer_copy(realised.meta) if realised.meta else None
         if new or resized:
             realised.offset, realised.size = self.space.take(vip.ring_size), vip.ring_size
             realised.inputs = None
@@ -503,42 +508,70 @@ class Reconciler:
                          ring_size=realised.size, flags=vip_flags(vip))
         # A new hash mode sends every flow to another slot: none stays settled,
         # and the bits must be set before the VIP entry switches the hash.
-        rehashed = bool(realised.meta) and (
-            s.VipMeta.from_buffer_copy(realised.meta).flags ^ meta.flags) & s.VIP_F_HASH_SRC_ONLY
+        rehashed = old_meta is not None and bool(
+            (old_meta.flags ^ meta.flags) & s.VIP_F_HASH_SRC_ONLY)
+        values = None
         if realised.inputs != inputs or rehashed:
             values = self._ring_values(vip, plan, realised.offset)
             if rehashed:
-                values = np.where(values != 0, values | s.RING_UNSETTLED, 0).astype(np.uint32)
-            if self._write_ring(realised.offset, values, report, str(vip.key)):
-                self._ring_changed(realised)
-            realised.inputs = inputs
-        self._put_vip_ring(realised.vip_id, vip, meta, report)
-        if bytes(meta) != realised.meta:
+                values = (values | s.RING_UNSETTLED).astype(np.uint32)
+            current = self.ring[realised.offset:realised.offset + len(values)]
+            if np.array_equal(current, values):
+                values = None
+        meta_changed = bytes(meta) != realised.meta
+        if realised.changed_s < 0 or values is not None or meta_changed:
+            # Before any write: a sweep meanwhile must neither vouch for this VIP
+            # nor count its entries idle from before the change.
+            self._ring_changing(realised)
+            if old_meta is not None:
+                self._put_vip_ring(realised.vip_id, vip, old_meta, realised.changed_s, report)
+        if values is not None:
+            if not new and not resized:  # a region packets read
+                self._flag_before_change(realised.offset, values, str(vip.key))
+            self._write_ring(realised.offset, values, report, str(vip.key))
+        realised.inputs = inputs
+        self._put_vip_ring(realised.vip_id, vip, meta, realised.changed_s, report)
+        if meta_changed:
             self.bal.vips.put(map_key(vip.key), meta)
             realised.meta = bytes(meta)
-            self._ring_changed(realised)
             report.writes["vips"] += 1
             if not new:
                 report.vips_changed.append(str(vip.key))
+        if values is not None or meta_changed:
+            realised.changed_at = time.monotonic()  # the quiet period starts after the writes
         if new:
             report.vips_added.append(str(vip.key))
         if resized:
             self._clear_region(*old_region, report, str(vip.key))
 
-    @staticmethod
-    def _ring_changed(realised: _RealisedVip) -> None:
-        realised.generation += 1
+    def _ring_changing(self, realised: _RealisedVip) -> None:
+        self.generation += 1
+        realised.generation = self.generation
+        realised.changed_s = self.clock()
         realised.changed_at = time.monotonic()
 
+    def _flag_before_change(self, offset: int, values: np.ndarray, vip: str) -> None:
+        """Settled slots about to get another backend are first marked unsettled,
+        a store that changes only the entry's top byte; the new backend follows
+        in a second store that leaves the bit set. A 4-byte map write need not be
+        one store, and a packet must never read a mix as settled. The report
+        counts each position once."""
+        current = self.ring[offset:offset + len(values)]
+        first = (((current & s.RING_UNSETTLED) == 0)
+                 & ((current & s.RING_BACKEND_MASK) != (values & s.RING_BACKEND_MASK)))
+        if first.any():
+            flagged = np.where(first, current | s.RING_UNSETTLED, current).astype(np.uint32)
+            self._write_ring(offset, flagged, ReconcileReport(), vip)
+
     def _put_vip_ring(self, vip_id: int, vip: VipSpec | None, meta: s.VipMeta | None,
-                      report: ReconcileReport) -> None:
+                      changed_s: int, report: ReconcileReport) -> None:
         """What the table sweep needs to find a flow's ring slot from its vip_id."""
         entry = s.VipRing()
         if vip is not None and meta is not None:
             entry = s.VipRing(addr=s.Addr16.of(vip.key.address), ring_offset=meta.ring_offset,
                               ring_size=meta.ring_size, flags=meta.flags,
                               proto=PROTO_NUMBERS[vip.key.protocol],
-                              ipv6=int(is_ipv6(vip.key.address)))
+                              ipv6=int(is_ipv6(vip.key.address)), changed_s=max(changed_s, 0))
         if bytes(entry) != self.vip_rings[vip_id]:
             self.bal.vip_rings.put(ct.c_uint32(vip_id), entry)
             self.vip_rings[vip_id] = bytes(entry)
@@ -555,7 +588,7 @@ class Reconciler:
         report.writes["vips"] += 1
         report.vips_removed.append(str(key))
         self._clear_region(realised.offset, realised.size, report, str(key))
-        self._put_vip_ring(realised.vip_id, None, None, report)
+        self._put_vip_ring(realised.vip_id, None, None, 0, report)
         self.vip_ids.give_back(realised.vip_id)
 
     def _remove_stale_keys(self, report: ReconcileReport) -> None:
@@ -635,7 +668,8 @@ class Reconciler:
         if realised is None or realised.offset < 0:
             return 0
         region = self.ring[realised.offset:realised.offset + realised.size]
-        return int(np.count_nonzero(region & s.RING_UNSETTLED))
+        return int(np.count_nonzero(((region & s.RING_UNSETTLED) != 0)
+                                    & ((region & s.RING_BACKEND_MASK) != 0)))
 
     # -- settling ring slots (module docstring) --
 
@@ -658,7 +692,11 @@ class Reconciler:
                 continue
             lo, hi = realised.offset, realised.offset + realised.size
             region = self.ring[lo:hi]
-            settle = ((region & s.RING_UNSETTLED) != 0) & ~blocked[lo:hi]
+            # Only where the map holds what this copy says: a write that failed
+            # half-way may have left other backends there.
+            held = np.frombuffer(self.bal.ring.read_range(lo, hi - lo), dtype=np.uint32)
+            settle = (((region & s.RING_UNSETTLED) != 0) & ((region & s.RING_BACKEND_MASK) != 0)
+                      & ~blocked[lo:hi] & (held == region))
             if settle.any():
                 report.slots_settled += self._write_ring(
                     lo, np.where(settle, region & s.RING_BACKEND_MASK, region).astype(np.uint32),

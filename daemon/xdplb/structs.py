@@ -193,6 +193,7 @@ class VipRing(ct.Structure):
         ("proto", ct.c_uint8),
         ("ipv6", ct.c_uint8),
         ("pad", ct.c_uint16),
+        ("changed_s", ct.c_uint32),  # lb_config.now_s when its ring last changed
     ]
 
 
