@@ -674,12 +674,17 @@ def test_events_stream_tells_changes_and_ring_moves_in_order(env, lbd, vips):
         ("reconcile", rf"change: wrote 3 map entries \(1 vip_rings, 1 vip_stats, 1 vips\) "
                       rf"in {MS}"),
         ("change", re.escape(f"add backend {a} weight 100 to VIP {vip}")),
+        # vip_rings: the time of the VIP's ring change, unless one came in the same second.
         ("reconcile", rf"change: wrote 65539 map entries \(1 backend_stats, 1 backends, "
-                      rf"65537 ring\); ring positions {v}: 65537 in {MS}"),
+                      rf"65537 ring\); ring positions {v}: 65537 in {MS}|change: wrote 65540 map "
+                      rf"entries \(1 backend_stats, 1 backends, 65537 ring, 1 vip_rings\); "
+                      rf"ring positions {v}: 65537 in {MS}"),
         ("reconcile", rf"ring of {v}: 65537 positions written"),
         ("change", re.escape(f"add backend {b} weight 100 to VIP {vip}")),
         ("reconcile", rf"change: wrote {moved + 2} map entries \(1 backend_stats, 1 backends, "
-                      rf"{moved} ring\); ring positions {v}: {moved} in {MS}"),
+                      rf"{moved} ring\); ring positions {v}: {moved} in {MS}|change: wrote "
+                      rf"{moved + 3} map entries \(1 backend_stats, 1 backends, {moved} ring, "
+                      rf"1 vip_rings\); ring positions {v}: {moved} in {MS}"),
         ("reconcile", rf"ring of {v}: {moved} positions written"),
     ]
     got = [(e["kind"], e["message"]) for e in lines]

@@ -395,10 +395,47 @@ def test_a_settled_slot_whose_backend_is_unavailable_reads_the_table(lb):
                                        "conn_rechosen": len(on_down)}
 
 
-def test_empty_slots_are_unsettled_and_never_settle(lb):
-    """All backends drained: the ring is empty, established flows stay on their
-    (available) backends through the table; filling a slot later changes only its
-    backend's bytes, the bit staying set."""
+def test_ring_entries_packets_read_change_in_stores_none_can_misread(lb, monkeypatch):
+    """Every store the reconciler makes into a VIP's live ring either changes
+    only the top byte (the unsettled bit) or keeps the bit set before and after:
+    a packet reading a half-done 4-byte write never sees a settled slot with a
+    mixed backend."""
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired)
+    open_flows(bal, range(2000, 2300))
+    rec.settle(quiet_s=0)
+    stores: list[tuple[list[int], list[int]]] = []
+    write_ring = bal.write_ring
+
+    def recording(slots, backends):
+        slots, backends = list(slots), list(backends)
+        stores.append((slots, backends))
+        return write_ring(slots, backends)
+
+    monkeypatch.setattr(bal, "write_ring", recording)
+    held = dict(enumerate(bal.read_ring(0, SIZES.ring_entries)))
+    steps = [build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired)]
+    steps.append(build(*[SetBackend(A, a, {"drained": True})
+                         for a in [*A_BACKENDS, "10.100.13.2"]], state=steps[-1]))
+    steps.append(build(SetBackend(A, A_BACKENDS[1], {"drained": False}), state=steps[-1]))
+    for step in steps:
+        rec.reconcile(step, settings=SETTINGS)
+        rec.settle(quiet_s=0)
+    assert len(stores) >= 6
+    for slots, values in stores:
+        for slot, new in zip(slots, values, strict=True):
+            old = held[slot]
+            top_only = old & 0xFFFFFF == new & 0xFFFFFF
+            flagged = old & s.RING_UNSETTLED and new & s.RING_UNSETTLED
+            assert top_only or flagged, (slot, hex(old), hex(new))
+            held[slot] = new
+    assert [held[i] for i in range(SIZES.ring_entries)] == bal.read_ring(0, SIZES.ring_entries)
+
+
+def test_empty_slots_read_the_table_and_never_settle(lb):
+    """All backends drained: the ring is empty, and established flows stay on
+    their (still available) backends through the table."""
     bal, rec = lb()
     desired = build(vip_a())
     apply(rec, desired)
@@ -407,11 +444,12 @@ def test_empty_slots_are_unsettled_and_never_settle(lb):
     drained = desired
     for address in A_BACKENDS:
         drained = build(SetBackend(A, address, {"drained": True}), state=drained)
-    rec.reconcile(drained, settings=SETTINGS)
-    raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
-    assert (raw == s.RING_UNSETTLED).all() and rec.unsettled_slots(A) == 0
+    report = rec.reconcile(drained, settings=SETTINGS)
+    assert report.ring_positions[str(A)] == 1009
+    assert bal.read_ring(rec.vips[A].offset, 1009) == [0] * 1009
+    assert rec.unsettled_slots(A) == 0
     assert rec.settle(quiet_s=0).slots_settled == 0
-    assert (np.array(bal.read_ring(rec.vips[A].offset, 1009)) == s.RING_UNSETTLED).all()
+    assert bal.read_ring(rec.vips[A].offset, 1009) == [0] * 1009
     bal.global_stats.clear(0)
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend

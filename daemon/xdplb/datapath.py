@@ -72,6 +72,9 @@ class MapSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
+        if self.max_backends > 1 << 24:  # a ring entry's top byte holds RING_UNSETTLED
+            raise DatapathError(f"map size max_backends={self.max_backends!r}: must be "
+                                f"<= {1 << 24}")
         if self.conn_entries & (self.conn_entries - 1):
             raise DatapathError(f"map size conn_entries={self.conn_entries!r}: must be a power "
                                 f"of two (sets x {structs.FLOW_WAYS} ways)")

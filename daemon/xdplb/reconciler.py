@@ -469,17 +469,16 @@ class Reconciler:
 
     def _ring_values(self, vip: VipSpec, plan: VipPlan, offset: int) -> np.ndarray:
         """The region's new entries: backend indexes, with RING_UNSETTLED on every
-        slot whose backend changes, and kept where it was set."""
+        slot whose backend changes, and kept where it was set (never on an empty
+        slot, which no packet takes as settled)."""
         ring = maglev.build_ring(plan.ring_weights, vip.ring_size)
         self.fingerprints[vip.key] = ring.fingerprint()
         indexes = np.array([self.members[(vip.key, a)] for a in ring.order] + [0],
                            dtype=np.uint32)
         backends = indexes[ring.table]  # slot -1 (no backend) picks the trailing 0
         current = self.ring[offset:offset + len(backends)]
-        # An empty slot is unsettled too, so filling it changes no byte but the
-        # backend's: a packet never reads a half-written entry as settled.
-        unsettled = (((current & s.RING_UNSETTLED) != 0) | (backends == 0)
-                     | ((current & s.RING_BACKEND_MASK) != backends))
+        unsettled = (((current & s.RING_UNSETTLED) != 0)
+                     | ((current & s.RING_BACKEND_MASK) != backends)) & (backends != 0)
         return np.where(unsettled, backends | s.RING_UNSETTLED, backends).astype(np.uint32)
 
     def _write_ring(self, offset: int, values: np.ndarray, report: ReconcileReport,
@@ -514,7 +513,7 @@ class Reconciler:
         if realised.inputs != inputs or rehashed:
             values = self._ring_values(vip, plan, realised.offset)
             if rehashed:
-                values = (values | s.RING_UNSETTLED).astype(np.uint32)
+                values = np.where(values != 0, values | s.RING_UNSETTLED, 0).astype(np.uint32)
             current = self.ring[realised.offset:realised.offset + len(values)]
             if np.array_equal(current, values):
                 values = None
@@ -526,9 +525,10 @@ class Reconciler:
             if old_meta is not None:
                 self._put_vip_ring(realised.vip_id, vip, old_meta, realised.changed_s, report)
         if values is not None:
-            if not new and not resized:  # a region packets read
-                self._flag_before_change(realised.offset, values, str(vip.key))
-            self._write_ring(realised.offset, values, report, str(vip.key))
+            if new or resized:  # no packet reads the region yet
+                self._write_ring(realised.offset, values, report, str(vip.key))
+            else:
+                self._write_read_region(realised.offset, values, report, str(vip.key))
         realised.inputs = inputs
         self._put_vip_ring(realised.vip_id, vip, meta, realised.changed_s, report)
         if meta_changed:
@@ -550,18 +550,23 @@ class Reconciler:
         realised.changed_s = self.clock()
         realised.changed_at = time.monotonic()
 
-    def _flag_before_change(self, offset: int, values: np.ndarray, vip: str) -> None:
-        """Settled slots about to get another backend are first marked unsettled,
-        a store that changes only the entry's top byte; the new backend follows
-        in a second store that leaves the bit set. A 4-byte map write need not be
-        one store, and a packet must never read a mix as settled. The report
+    def _write_read_region(self, offset: int, values: np.ndarray, report: ReconcileReport,
+                           vip: str) -> None:
+        """Rewrites ring entries packets may be reading so that none reads a
+        half-written entry as settled (a 4-byte map write need not be one store):
+        a slot whose backend changes is first marked unsettled, a store of its top
+        byte alone; its new backend follows with the bit still set, the low bytes
+        alone; an emptied slot then loses the bit, its top byte alone. The report
         counts each position once."""
-        current = self.ring[offset:offset + len(values)]
-        first = (((current & s.RING_UNSETTLED) == 0)
-                 & ((current & s.RING_BACKEND_MASK) != (values & s.RING_BACKEND_MASK)))
-        if first.any():
-            flagged = np.where(first, current | s.RING_UNSETTLED, current).astype(np.uint32)
-            self._write_ring(offset, flagged, ReconcileReport(), vip)
+        current = self.ring[offset:offset + len(values)].copy()
+        moving = (current & s.RING_BACKEND_MASK) != (values & s.RING_BACKEND_MASK)
+        changed = int(np.count_nonzero(current != values))
+        scratch = ReconcileReport()
+        for stage in (np.where(moving, current | s.RING_UNSETTLED, current),
+                      np.where(moving, values | s.RING_UNSETTLED, current), values):
+            self._write_ring(offset, stage.astype(np.uint32), scratch, vip)
+        report.writes["ring"] += changed
+        report.ring_positions[vip] = report.ring_positions.get(vip, 0) + changed
 
     def _put_vip_ring(self, vip_id: int, vip: VipSpec | None, meta: s.VipMeta | None,
                       changed_s: int, report: ReconcileReport) -> None:
