@@ -22,7 +22,7 @@ from tests.conftest import CLIENT_MAC, LB_MAC, NEXTHOP_MAC, nonzero, require_roo
 from tests.packets import encapsulated
 from xdplb import structs as s
 from xdplb.datapath import PIN_ROOT, XDP_TX, Balancer, BpfMap, MapSizes
-from xdplb.reconciler import DatapathSettings, Reconciler
+from xdplb.reconciler import DatapathSettings, Reconciler, ReconcileReport
 from xdplb.state import (
     AddBackend,
     AddVip,
@@ -76,6 +76,24 @@ def apply(rec: Reconciler, desired: DesiredState, now: int = NOW,
           settings: DatapathSettings = SETTINGS) -> None:
     rec.reconcile(desired, settings=settings)
     rec.tick(now)
+
+
+def vip_with_flows(lb, ports: range, now: int = NOW, settle: bool = True
+                   ) -> tuple[Balancer, Reconciler, DesiredState, dict[int, str]]:
+    """VIP A realised at `now`, a SYN of each port recorded, then (settle) swept."""
+    bal, rec = lb()
+    desired = build(vip_a())
+    apply(rec, desired, now=now)
+    opened = open_flows(bal, ports)
+    if settle:
+        rec.settle(quiet_s=0)
+    return bal, rec, desired, opened
+
+
+def add_fourth_backend(rec: Reconciler, desired: DesiredState) -> ReconcileReport:
+    """A ring change: a fourth backend takes about a quarter of the slots."""
+    return rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
+                         settings=SETTINGS)
 
 
 def frame(sport: int, flags: str, dst: str = A.address, dport: int = 80,
@@ -159,15 +177,10 @@ def test_a_settled_packet_is_byte_for_byte_what_the_table_would_send(lb):
 
 
 def test_a_ring_change_unsettles_exactly_the_changed_slots_and_moves_no_flow(lb):
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired)
-    opened = open_flows(bal, range(2000, 2600))
-    rec.settle(quiet_s=0)
+    bal, rec, desired, opened = vip_with_flows(lb, range(2000, 2600))
     before = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
 
-    report = rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                           settings=SETTINGS)
+    report = add_fourth_backend(rec, desired)
     after = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
     changed = (after & s.RING_BACKEND_MASK) != before
     assert report.ring_positions[str(A)] == int(changed.sum()) > 0
@@ -238,14 +251,11 @@ def backends_of_a(rec: Reconciler) -> np.ndarray:
 
 
 def test_only_idle_entries_that_hold_a_changed_slot_are_removed(lb):
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired, now=100)
-    open_flows(bal, range(2000, 2300))  # stamped 100
+    bal, rec, desired, _ = vip_with_flows(
+        lb, range(2000, 2300), now=100, settle=False)  # stamped 100
     before = backends_of_a(rec)
     rec.tick(110)
-    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                  settings=SETTINGS)  # the ring changes at 110
+    add_fourth_backend(rec, desired)  # the ring changes at 110
     moved = changed_ports(rec, before, range(2000, 2300))
     rec.tick(170)
     for sport in range(2000, 2100):  # these stay active: stamped 170
@@ -263,14 +273,11 @@ def test_only_idle_entries_that_hold_a_changed_slot_are_removed(lb):
 def test_a_ring_change_restarts_the_idle_clock_of_the_entries_it_strands(lb):
     """Entries on settled slots are refreshed only in refresh seconds, so their
     last_seen may be old when their slot changes: they count idle from the change."""
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired, now=100)
-    open_flows(bal, range(2000, 2300))  # stamped 100, never again
+    _, rec, desired, _ = vip_with_flows(
+        lb, range(2000, 2300), now=100, settle=False)  # stamped 100, never again
     before = backends_of_a(rec)
     rec.tick(1000)
-    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                  settings=SETTINGS)
+    add_fourth_backend(rec, desired)
     moved = changed_ports(rec, before, range(2000, 2300))
     rec.tick(1060)
     assert rec.settle(idle_timeout_s=60, quiet_s=0).sweep.expired == 0
@@ -282,14 +289,11 @@ def test_a_ring_change_restarts_the_idle_clock_of_the_entries_it_strands(lb):
 def test_a_flow_stamped_after_the_sweeps_second_is_not_idle(lb):
     """The datapath's clock may tick while a sweep runs: an entry seen in the
     next second is fresh, not 65,535 s old."""
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired, now=100)
-    open_flows(bal, range(2000, 2100))
+    bal, rec, desired, _ = vip_with_flows(
+        lb, range(2000, 2100), now=100, settle=False)
     before = backends_of_a(rec)
     rec.tick(101)
-    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                  settings=SETTINGS)
+    add_fourth_backend(rec, desired)
     moved = changed_ports(rec, before, range(2000, 2100))
     rec.tick(200)
     for sport in moved:
@@ -312,8 +316,7 @@ def test_a_restarted_control_plane_counts_idle_time_from_its_start(tmp_path):
         apply(rec, desired, now=1000)
         open_flows(first, range(2000, 2200))
         before = backends_of_a(rec)
-        rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                      settings=SETTINGS)
+        add_fourth_backend(rec, desired)
         moved = changed_ports(rec, before, range(2000, 2200))
         first.close()
         second = Balancer(SIZES, pins)
@@ -336,13 +339,10 @@ def test_a_restarted_control_plane_counts_idle_time_from_its_start(tmp_path):
 
 
 def test_an_expired_entry_no_longer_holds_its_slot(lb):
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired, now=100)
-    opened = open_flows(bal, range(2000, 2600))
+    bal, rec, desired, opened = vip_with_flows(
+        lb, range(2000, 2600), now=100, settle=False)
     before = backends_of_a(rec)
-    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                  settings=SETTINGS)
+    add_fourth_backend(rec, desired)
     moved = changed_ports(rec, before, opened)
     assert rec.settle(quiet_s=0).slots_unsettled > 0  # the old flows hold their slots
     rec.tick(200)
@@ -359,8 +359,7 @@ def test_a_sweep_vouches_only_for_vips_unchanged_since_it_began(lb):
     assert rec.unsettled_slots(A) == 1009
     start = rec.settle_begin(quiet_s=0)
     sweep, blocked = bal.sweep_flows(rec.clock(), 0)
-    rec.reconcile(build(AddBackend(A, BackendSpec("10.100.13.2")), state=desired),
-                  settings=SETTINGS)
+    add_fourth_backend(rec, desired)
     report = rec.settle_finish(start, sweep, blocked)
     assert (report.vips_settled, report.vips_skipped, report.slots_settled) == (0, 1, 0)
     assert rec.unsettled_slots(A) == 1009
@@ -379,10 +378,7 @@ def test_a_vip_removed_and_added_again_during_a_sweep_is_not_vouched_for(lb):
 
 
 def test_a_settled_slot_whose_backend_is_unavailable_reads_the_table(lb):
-    bal, rec = lb()
-    apply(rec, build(vip_a()))
-    opened = open_flows(bal, range(2000, 2200))
-    rec.settle(quiet_s=0)
+    bal, rec, _, opened = vip_with_flows(lb, range(2000, 2200))
     down = rec.member_index(A, A_BACKENDS[0])
     entry = bal.backends.get(ct.c_uint32(down))
     entry.flags &= ~s.BACKEND_F_AVAILABLE  # as health marks it, before the ring follows
@@ -400,11 +396,7 @@ def test_ring_entries_packets_read_change_in_stores_none_can_misread(lb, monkeyp
     only the top byte (the unsettled bit) or keeps the bit set before and after:
     a packet reading a half-done 4-byte write never sees a settled slot with a
     mixed backend."""
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired)
-    open_flows(bal, range(2000, 2300))
-    rec.settle(quiet_s=0)
+    bal, rec, desired, _ = vip_with_flows(lb, range(2000, 2300))
     stores: list[tuple[list[int], list[int]]] = []
     write_ring = bal.write_ring
 
@@ -436,11 +428,7 @@ def test_ring_entries_packets_read_change_in_stores_none_can_misread(lb, monkeyp
 def test_empty_slots_read_the_table_and_never_settle(lb):
     """All backends drained: the ring is empty, and established flows stay on
     their (still available) backends through the table."""
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired)
-    opened = open_flows(bal, range(2000, 2100))
-    rec.settle(quiet_s=0)
+    bal, rec, desired, opened = vip_with_flows(lb, range(2000, 2100))
     drained = desired
     for address in A_BACKENDS:
         drained = build(SetBackend(A, address, {"drained": True}), state=drained)
@@ -467,11 +455,7 @@ def test_a_set_held_by_a_writer_through_the_sweep_settles_nothing(lb):
 
 
 def test_a_new_hash_mode_unsettles_every_slot_and_keeps_every_flow(lb):
-    bal, rec = lb()
-    desired = build(vip_a())
-    apply(rec, desired)
-    opened = open_flows(bal, range(2000, 2300))
-    rec.settle(quiet_s=0)
+    bal, rec, desired, opened = vip_with_flows(lb, range(2000, 2300))
     rec.reconcile(build(SetVip(A, {"hash": "source"}), state=desired), settings=SETTINGS)
     assert rec.unsettled_slots(A) == 1009
     bal.global_stats.clear(0)
