@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto
+.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,19 @@ bench: setup
 proto: setup
 	@$(PY) -m grpc_tools.protoc -I daemon --python_out=daemon --pyi_out=daemon \
 		--grpc_python_out=daemon daemon/xdplb/v1/lb.proto
+
+# Re-resolves every dependency to the newest release that pyproject.toml allows
+# and pins it, with hashes: requirements.lock (runtime + dev: what setup.sh,
+# CI, the demo and Vagrant install) and requirements-runtime.lock (an LB
+# host), the second constrained by the first so the two never disagree.
+# Debian 12 (Python 3.11, glibc 2.36) on x86_64 is the platform of record.
+LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_36 --custom-compile-command "make lock"
+lock: setup
+	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) --upgrade --extra dev pyproject.toml \
+		-o requirements.lock
+	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) --constraint requirements.lock pyproject.toml \
+		-o requirements-runtime.lock
 
 demo: setup
 	@$(PY) -m xdplb.demo up

@@ -11,6 +11,8 @@ APT_PACKAGES=(
   iproute2 iputils-ping ethtool tcpdump curl openssl util-linux
   prometheus  # promtool checks the metrics; the server scrapes lbd in the tests
   bird2  # BGP: lbd announces VIPs through it; the multi-host lab runs it as the router
+  netsniff-ng  # trafgen: the line-rate benchmark's generator where live frames are refused
+  systemd  # systemd-analyze verifies and scores lbd's unit in the tests
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -63,16 +65,24 @@ mount_bpffs() {
 
 # Debian's bcc module lives in /usr/bin/python3's dist-packages, so the venv
 # must be built from that interpreter with system site-packages visible.
+# Python packages come from requirements.lock, every version and hash pinned
+# (`make lock` renews it), so a new machine gets exactly what the suite passed
+# with; then xdplb itself, editable, built with the locked setuptools (which
+# compiles the Maglev fill).
 make_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv $VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
   fi
-  local stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+  local inputs stamp
+  inputs=$(cat "$REPO/pyproject.toml" "$REPO/requirements.lock" "$REPO/daemon/xdplb/_maglev.c" \
+    | sha256sum | cut -c1-16)
+  stamp="$VENV/.installed-$inputs"
   [ -e "$stamp" ] && return 0
-  log "installing python dependencies into $VENV"
+  log "installing python dependencies into $VENV (requirements.lock)"
   local pip_log="$VENV/pip-install.log"
-  if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e "$REPO[dev]"; } \
+  if ! { "$VENV/bin/pip" install --require-hashes --no-deps -r "$REPO/requirements.lock" \
+         && "$VENV/bin/pip" install --no-deps --no-build-isolation -e "$REPO"; } \
       >"$pip_log" 2>&1; then
     tail -n 30 "$pip_log" >&2
     echo "setup: pip install failed (full log: $pip_log)" >&2

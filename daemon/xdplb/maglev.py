@@ -62,10 +62,11 @@ Measured on the 2-core dev VM at M=65537, N=1000, equal weights: the pure Python
 probing loop alone takes ~33 ms (650k probes); a numpy version that vectorises each
 round and commits the longest conflict-free prefix takes ~320 ms (110k small numpy
 calls); the 20 ms target is out of reach for both.  So the fill runs in a ~80-line C
-helper (``_maglev.c``), compiled with gcc on first use into
-``$XDG_CACHE_HOME/xdplb`` (default ``~/.cache/xdplb``) and loaded with ctypes:
-6.9 ms for the whole build at N=1000 (hashing and sorting included).  Without gcc, or
-with ``XDPLB_MAGLEV_NATIVE=0``, a pure Python/numpy fallback builds the byte-identical
+helper (``_maglev.c``), compiled when the package is built (the ``xdplb._maglev``
+extension of pyproject.toml, so an LB host needs no compiler) and loaded with
+ctypes: 6.9 ms for the whole build at N=1000 (hashing and sorting included).  Where
+the helper is missing (a checkout run without building it), or with
+``XDPLB_MAGLEV_NATIVE=0``, a pure Python/numpy fallback builds the byte-identical
 table, more slowly (40-48 ms at N=1000; 0.8-1.8 s at N=1000, M=655373).
 """
 
@@ -74,14 +75,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -375,8 +373,10 @@ def _schedule(weight: np.ndarray, size: int) -> np.ndarray:
 
 # --- native helper -----------------------------------------------------------------------
 
-_C_SOURCE = Path(__file__).with_name("_maglev.c")
-_CFLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
+# The compiled helper: built by setuptools as an extension module's file, but a plain
+# C library without a Python init function, so it is found (never imported) and loaded
+# with ctypes.
+NATIVE_MODULE = "xdplb._maglev"
 
 
 @functools.cache
@@ -387,12 +387,16 @@ def _native_fill() -> Callable[..., int] | None:
     """
     if os.environ.get("XDPLB_MAGLEV_NATIVE", "1") == "0":
         return None
+    path = native_library_path()
+    if path is None:
+        log.warning("maglev: the compiled fill %s is not installed (a checkout that was "
+                    "not built?); using the slower Python fill", NATIVE_MODULE)
+        return None
     try:
-        lib = ctypes.CDLL(str(_compiled_library()))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None) or b""
-        log.warning("maglev: C helper unavailable (%s %s); using the slower Python fill",
-                    exc, detail.decode(errors="replace").strip())
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        log.warning("maglev: cannot load the compiled fill (%s); using the slower Python "
+                    "fill", exc)
         return None
     fill = lib.xdplb_maglev_fill
     u32 = np.ctypeslib.ndpointer(np.uint32, flags="C_CONTIGUOUS")
@@ -403,34 +407,7 @@ def _native_fill() -> Callable[..., int] | None:
     return fill
 
 
-def _compiled_library() -> Path:
-    """Path of the helper for this source and machine, compiling it if not cached.
-
-    The name hashes the source, flags and machine, so an edited source or a shared
-    home directory across architectures never loads a stale object.  Compiling to a
-    temporary file and renaming keeps concurrent first uses from seeing half a file.
-    """
-    source = _C_SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "gcc")
-    tag = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, _CFLAGS),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"maglev-{tag}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".maglev-", suffix=".so")
-    os.close(fd)
-    try:
-        # Compile from stdin so the object is built from exactly the bytes hashed above.
-        subprocess.run([compiler, *_CFLAGS, "-x", "c", "-o", tmp, "-"], input=source,
-                       check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-def _cache_dir() -> Path:
-    """Per-user cache directory, following the XDG base directory convention."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "xdplb"
+def native_library_path() -> str | None:
+    """Where the built helper is, or None if this installation has none."""
+    spec = importlib.util.find_spec(NATIVE_MODULE)
+    return spec.origin if spec is not None and spec.origin else None
