@@ -36,7 +36,7 @@ from lbctl.client import (
     LbdError,
     choose_endpoint,
 )
-from xdplb import maglev, state
+from xdplb import __version__, maglev, state
 from xdplb.state import StateError, VipKey
 from xdplb.v1 import lb_pb2
 
@@ -142,6 +142,21 @@ class StatusCodesType(click.ParamType):
         return tuple(int(code) for code in codes)
 
 
+class RingSizeType(click.ParamType):
+    """A Maglev ring size: a prime in 3..maglev.MAX_SIZE (a range error: exit 2)."""
+
+    name = "PRIME"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        size = click.IntRange(3, maglev.MAX_SIZE).convert(value, param, ctx)
+        if not maglev.is_prime(size):
+            lower = next(n for n in range(size - 1, 1, -1) if maglev.is_prime(n))
+            upper = next(n for n in range(size + 1, 2 * size) if maglev.is_prime(n))
+            self.fail(f"{size} is not a prime (nearest primes: {lower}, {upper})", param, ctx)
+        return size
+
+
 VIP = VipType()
 ADDRESS = AddressType()
 # The ranges state.HealthCheck.validate enforces: lbd checks again, but here a
@@ -236,7 +251,7 @@ vip_spec_options = _apply_options([
                  help="Flow hash: the 5-tuple, or the source address only."),
     click.option("--encap", type=click.Choice(state.ENCAPSULATIONS),
                  help="Encapsulation to the backends."),
-    click.option("--ring-size", type=click.IntRange(3, maglev.MAX_SIZE), metavar="PRIME",
+    click.option("--ring-size", type=RingSizeType(), metavar="PRIME",
                  help=f"Maglev ring size, a prime (lbd's default: {maglev.DEFAULT_SIZE})."),
     check_options,
     click.option("--panic-threshold", type=click.FloatRange(0.0, 1.0), metavar="FRACTION",
@@ -337,6 +352,8 @@ def _read_bytes(path: str) -> bytes:
 
 @click.group(name=PROG_NAME, cls=LbctlGroup,
              context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name=PROG_NAME,
+                      message="%(prog)s %(version)s")
 @click.option("--socket", "socket_path", metavar="PATH", default=DEFAULT_SOCKET,
               envvar="LBCTL_SOCKET", show_default=True, show_envvar=True,
               help="lbd's unix socket.")

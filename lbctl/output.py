@@ -34,7 +34,10 @@ single rule, so the keys are stable and lb.proto documents them:
                          "ring_positions": int, "effective_weight": int,
                          "packets": int, "bytes": int, "health": str,
                          "last_result": str, "check_latency_ms": float,
-                         "since": float (unix time, 0: never), "check": str}}
+                         "since": float (unix time of the verdict, 0: never),
+                         "check": str, "health_realised": bool (the maps hold
+                         the verdict), "realised_since": float (unix time the
+                         maps got what they hold), ...}}
   CHECK      {"kind": str, "port": int, "path": str, "host": str, "expect_status": [int],
               "body": str, "grpc_service": str, "interval_ms": int, "timeout_ms": int,
               "rise": int, "fall": int, "via": str ("backend" or "vip")}
@@ -53,7 +56,9 @@ line aligned on its own. WEIGHT is the configured weight, EFF the one the ring
 uses (0 when down or drained; scaled by load feedback and slow start); LOAD is
 the smoothed load and its age, or why there is none. A backend's STATE is
 drained, or its health: up, down,
-unchecked (no verdict yet), held-down (flapping) or not-checked (check none);
+unchecked (no verdict yet), held-down (flapping) or not-checked (check none),
+followed by "(leaving ring)" or "(joining ring)" while the datapath does not
+hold that verdict yet (the reconcile that writes it comes within 200 ms);
 LAST is its last check's result and latency, SINCE how long its verdict holds;
 AVAIL says whether the datapath may pick it; RING is its number of ring
 positions and SHARE their fraction of the ring; CHECK "-" means it uses the
@@ -277,9 +282,16 @@ def since(unix_time: float, now: float | None = None) -> str:
 
 
 def backend_state(backend: lb_pb2.Backend) -> str:
+    """drained, or the health verdict, with what the datapath still does meanwhile: a
+    verdict the maps do not hold yet shows as "down (leaving ring)" or "up (joining
+    ring)" until the reconcile that writes it."""
     if backend.drained:
         return "drained"
-    return backend.status.health or ("up" if backend.status.healthy else "down")
+    status = backend.status
+    health = status.health or ("up" if status.healthy else "down")
+    if status.health_realised:
+        return health
+    return f"{health} (joining ring)" if health == "up" else f"{health} (leaving ring)"
 
 
 def _share(positions: int, ring_size: int) -> str:
@@ -379,11 +391,21 @@ def _status_rows(status: lb_pb2.StatusResponse) -> list[tuple[str, str]]:
              ("backends", f"{status.backends} of {status.max_backends}"),
              ("ring entries", f"{status.ring_entries_used} of {status.ring_entries}"
                               f" ({_share(status.ring_entries_used, status.ring_entries)})")]
+    rows.append(("host", _describe_host(status)))
     if status.HasField("last_reconcile"):
         last = status.last_reconcile
         rows.append(("last reconcile", f"{last.map_writes} map writes in "
                                        f"{last.duration_ms:.1f} ms"))
     return rows
+
+
+def _describe_host(status: lb_pb2.StatusResponse) -> str:
+    if not status.host_drained:
+        return "in service"
+    if status.bgp.enabled:
+        return "drained: every VIP withdrawn from BGP (drain-host --undo ends it)"
+    return ("drained, but BGP is disabled: no route was withdrawn, routers still send "
+            "traffic here (drain-host --undo ends it)")
 
 
 def _describe_interface(interface: lb_pb2.Interface) -> str:

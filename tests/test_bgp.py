@@ -813,7 +813,8 @@ def test_drain_host_withdraws_every_vip_and_reports_when_no_new_flow_arrives(top
     assert not any(name.startswith("xdplb_bgp_announced") for name in samples)
     assert status(lb2)["bgp"]["announced"] == [P4, P6]
 
-    assert "announcing VIPs again" in ok(lb1, "drain-host", "--undo")
+    assert "host back in service: VIPs with a healthy backend are announced again" in ok(
+        lb1, "drain-host", "--undo")
     for prefix in (P4, P6):
         topo.wait_paths(prefix, BOTH)
     assert status(lb1)["host_drained"] is False

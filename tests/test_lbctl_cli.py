@@ -74,7 +74,8 @@ def sample_vip() -> lb_pb2.Vip:
         address="10.1.0.1", weight=100, drained=False,
         status=lb_pb2.BackendStatus(healthy=True, available=True, index=1, ring_positions=43691,
                                     effective_weight=100, packets=200, bytes=30000,
-                                    health="up", last_result="ok", check_latency_ms=0.4))
+                                    health="up", last_result="ok", check_latency_ms=0.4,
+                                    health_realised=True, realised_since=1.5e9))
     down = lb_pb2.Backend(
         address="10.1.0.2", weight=50, drained=False,
         check=check_settings(kind="tcp", port=22, path="/", expect_status=[200]),
@@ -82,7 +83,8 @@ def sample_vip() -> lb_pb2.Vip:
                                     ring_positions=21846, effective_weight=50,
                                     packets=2**40, bytes=2**50, health="down",
                                     last_result="refused", check_latency_ms=0.25,
-                                    check="tcp 10.1.0.2:22"))
+                                    check="tcp 10.1.0.2:22", health_realised=True,
+                                    realised_since=1.5e9))
     return lb_pb2.Vip(
         vip=VIP_TEXT, hash="5tuple", encap="ipip", ring_size=65537, check=check_settings(),
         panic_threshold=0.0, when_none_healthy="drop", backends=[up, down],
@@ -309,8 +311,9 @@ class RefusingLoadBalancer(lb_pb2_grpc.LoadBalancerServicer):
         return lb_pb2.ListVipsResponse(vips=[sample_vip()])
 
     def AddVip(self, request: Any, context: grpc.ServicerContext) -> lb_pb2.ChangeResponse:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"VIP {request.vip.vip}.ring_size: {request.vip.ring_size} is not a prime")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"rings need {request.vip.ring_size} entries in total, more than the "
+                      "65537 of map size ring_entries")
 
 
 @pytest.fixture
@@ -326,9 +329,10 @@ def stub_lbd(tmp_path: Path) -> Any:
 
 
 def test_the_real_client_reports_a_refusal(stub_lbd: Path) -> None:
-    result = run(["--socket", str(stub_lbd), "vip", "add", VIP_TEXT, "--ring-size", "65536"])
+    result = run(["--socket", str(stub_lbd), "vip", "add", VIP_TEXT, "--ring-size", "65539"])
     assert result.exit_code == 1
-    assert result.stderr == "lbctl: VIP 10.0.0.10:80/tcp.ring_size: 65536 is not a prime\n"
+    assert result.stderr == ("lbctl: rings need 65539 entries in total, more than the 65537 of "
+                             "map size ring_entries\n")
 
 
 def test_the_real_client_renders_an_answer(stub_lbd: Path) -> None:
@@ -493,6 +497,7 @@ def check_json(**overrides: Any) -> dict[str, Any]:
 
 NO_LOAD = {"load": 0.0, "load_age_s": 0.0, "load_state": "", "capacity_factor": 0.0,
            "slow_start_factor": 0.0}
+REALISED = {"health_realised": True, "realised_since": 1.5e9}
 
 VIP_JSON = {
     "vip": VIP_TEXT, "hash": "5tuple", "encap": "ipip", "ring_size": 65537,
@@ -502,13 +507,13 @@ VIP_JSON = {
          "status": {"healthy": True, "available": True, "index": 1, "ring_positions": 43691,
                     "effective_weight": 100, "packets": 200, "bytes": 30000, "health": "up",
                     "last_result": "ok", "check_latency_ms": 0.4, "since": 0.0, "check": "",
-                    **NO_LOAD}},
+                    **NO_LOAD, **REALISED}},
         {"address": "10.1.0.2", "weight": 50, "drained": False,
          "check": check_json(kind="tcp", port=22, path="/", expect_status=[200]),
          "status": {"healthy": False, "available": False, "index": 2, "ring_positions": 21846,
                     "effective_weight": 50, "packets": 2**40, "bytes": 2**50,
                     "health": "down", "last_result": "refused", "check_latency_ms": 0.25,
-                    "since": 0.0, "check": "tcp 10.1.0.2:22", **NO_LOAD}},
+                    "since": 0.0, "check": "tcp 10.1.0.2:22", **NO_LOAD, **REALISED}},
     ],
     "capacity": None, "slow_start_s": None,
     "status": {"mode": "normal", "vip_id": 1, "healthy_backends": 1, "serving_backends": 1,
@@ -626,6 +631,7 @@ pin dir         /sys/fs/bpf/xdplb
 vips            1 of 511
 backends        2 of 4095
 ring entries    65537 of 4194368 (1.6%)
+host            in service
 last reconcile  12 map writes in 0.8 ms
 
 VIP               MODE   HEALTHY  SERVING  PACKETS  BYTES  ANNOUNCED  RING
@@ -748,3 +754,102 @@ def test_backend_add_with_a_check_through_the_vip() -> None:
     assert result.exit_code == 0, result.stderr
     request = client.calls[0][1]
     assert request.backend.check == lb_pb2.HealthCheck(via="vip")
+
+
+# --- health verdicts and what the datapath holds ------------------------------------------
+
+
+@pytest.mark.parametrize(("health", "realised", "shown"), [
+    ("down", False, "down (leaving ring)"),
+    ("down", True, "down"),
+    ("held-down", False, "held-down (leaving ring)"),
+    ("up", False, "up (joining ring)"),
+    ("up", True, "up"),
+    ("unchecked", True, "unchecked"),
+])
+def test_a_verdict_the_maps_do_not_hold_yet_says_so(health: str, realised: bool,
+                                                    shown: str) -> None:
+    backend = lb_pb2.Backend(address="10.1.0.3", status=lb_pb2.BackendStatus(
+        health=health, health_realised=realised))
+    assert output.backend_state(backend) == shown
+
+
+# --- the host's state in `lbctl status` ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bgp", "shown"), [
+    (True, "drained: every VIP withdrawn from BGP (drain-host --undo ends it)"),
+    (False, "drained, but BGP is disabled: no route was withdrawn, routers still send "
+            "traffic here (drain-host --undo ends it)"),
+])
+def test_status_shows_a_drained_host(bgp: bool, shown: str) -> None:
+    status = sample_status()
+    status.host_drained = True
+    status.bgp.enabled = bgp
+    assert f"\nhost            {shown}\n" in output.render_status(status, "table")
+    assert json.loads(output.render_status(status, "json"))["host_drained"] is True
+
+
+# --- exit codes: 0 success, 1 refused / unreachable / wait ran out, 2 usage -------------------
+
+
+class WaitingClient(RecordingClient):
+    """A drain that never ends, and hosts whose rings differ."""
+
+    def call(self, method: str, request: Any) -> Any:
+        self.calls.append((method, request))
+        if method == "CountFlows":
+            return lb_pb2.FlowCount(flows=3, active=2)
+        if method == "GetStatus":
+            ring = "ab" * 8 if len(self.calls) == 1 else "cd" * 8
+            return lb_pb2.StatusResponse(vip_status=[lb_pb2.Vip(
+                vip=VIP_TEXT, status=lb_pb2.VipStatus(ring_fingerprint=ring))])
+        return lb_pb2.ChangeResponse(changes=[f"did {method}"])
+
+    def for_endpoint(self, host: str) -> WaitingClient:
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+EXIT_CODES = [
+    # (arguments, client, exit code): every kind of outcome the README names
+    (["vip", "add", VIP_TEXT], RecordingClient(), 0),
+    (["--version"], RecordingClient(), 0),
+    (["vip", "add", "10.0.0.10:80"], RecordingClient(), 2),  # malformed VIP
+    (["vip", "add", "fd00::1:80/tcp"], RecordingClient(), 2),  # ambiguous IPv6 VIP
+    (["vip", "add", "[fd77::1%eth0]:80/tcp"], RecordingClient(), 2),  # zone id
+    (["backend", "add", VIP_TEXT, "10.1.0.300"], RecordingClient(), 2),  # address
+    (["backend", "add", VIP_TEXT, "10.1.0.1", "--weight", "10001"], RecordingClient(), 2),
+    (["vip", "add", VIP_TEXT, "--ring-size", "65536"], RecordingClient(), 2),  # not prime
+    (["vip", "add", VIP_TEXT, "--ring-size", "2"], RecordingClient(), 2),  # out of range
+    (["vip", "add", VIP_TEXT, "--check-interval", "99"], RecordingClient(), 2),
+    (["vip", "add", VIP_TEXT, "--panic-threshold", "1.5"], RecordingClient(), 2),
+    (["vip", "add", VIP_TEXT, "--hash", "crc"], RecordingClient(), 2),  # not a choice
+    (["vip", "set", VIP_TEXT], RecordingClient(), 2),  # nothing to set
+    (["vip", "lst"], RecordingClient(), 2),  # no such command
+    (["vip", "list", "--colour"], RecordingClient(), 2),  # no such option
+    (["vip", "add", VIP_TEXT], RecordingClient(refusal="VIP 10.0.0.10:80/tcp: already "
+                                                      "exists"), 1),
+    (["backend", "drain", VIP_TEXT, "10.1.0.1", "--wait", "--timeout", "1"],
+     WaitingClient(), 1),  # the wait ran out
+    (["compare", "a.sock", "b.sock"], WaitingClient(), 1),  # the rings differ
+]
+
+
+@pytest.mark.parametrize(("args", "client", "code"), EXIT_CODES,
+                         ids=[" ".join(c[0]) for c in EXIT_CODES])
+def test_exit_codes(args: list[str], client: RecordingClient, code: int) -> None:
+    result = run(args, client)
+    assert result.exit_code == code, result.output
+    if code == 2:
+        assert client.calls == []  # a usage error is found before any call
+        assert result.stderr.startswith("lbctl: ") and result.stderr.count("\n") == 1
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    result = run(["--version"])
+    assert result.stdout == f"lbctl {version('xdplb')}\n"

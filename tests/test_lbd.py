@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -416,3 +417,77 @@ def test_backend_drain_wait_reports_flows_until_idle(lab, lbd):
     assert lines[-1] == f"{backend} is idle"
     assert lines[-2].endswith(" flows in the connection table, 0 active within 2 s")
     assert int(lines[-2].split()[1]) >= 25
+
+
+# --- what an operator is shown is what the datapath holds ----------------------------------
+
+LISTENER = ("import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind(('0.0.0.0', 8081)); s.listen(128)\n"
+            "time.sleep(300)\n")
+
+
+def test_a_failing_backend_reads_down_only_once_the_ring_no_longer_names_it(lab, lbd):
+    """Polls the backend's status as fast as the API answers while its check fails:
+    no reading may say "down" (realised) while lbd's pinned ring still holds it, and
+    a reading that says it is still leaving shows its ring positions."""
+    from lbctl import output
+    from lbctl.client import LbdClient, unix_endpoint
+    from xdplb import lab as labmod
+    from xdplb.v1 import lb_pb2
+
+    topo, _ = lab
+    failing, others = topo.backend_v4[0], topo.backend_v4[1:3]
+    listener = topo.backends[0].popen(["python3", "-c", LISTENER])
+    labmod.wait_port(topo.backends[0], 8081, ip=failing)
+    ok(lbd, "vip", "add", VIP4, "--check", "tcp", "--check-interval", "100", "--rise", "1",
+       "--fall", "1")
+    ok(lbd, "backend", "add", VIP4, failing, "--check-port", "8081")
+    for address in others:
+        ok(lbd, "backend", "add", VIP4, address)
+    assert failing in maps_view(lbd)["vips"][VIP4]["ring"]
+    client = LbdClient(unix_endpoint(str(lbd.socket)), 5.0)
+    readings: list[tuple[str, bool, int]] = []
+    try:
+        listener.kill()
+        listener.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            vip = output.message_to_json(client.call("GetVip", lb_pb2.VipRef(vip=VIP4)))
+            status = next(b for b in vip["backends"] if b["address"] == failing)["status"]
+            readings.append((status["health"], status["health_realised"],
+                             status["ring_positions"]))
+            if status["health"] == "down" and status["health_realised"]:
+                assert failing not in maps_view(lbd)["vips"][VIP4]["ring"]
+                break
+    finally:
+        client.close()
+    assert readings[-1] == ("down", True, 0), readings[-10:]
+    for health, realised, positions in readings:
+        assert health == "up" or (health == "down" and (realised or positions > 0))
+        assert realised or positions > 0  # not realised: the ring still names it
+    table = ok(lbd, "backend", "list", VIP4)
+    assert [line.split()[3] for line in table.splitlines() if failing in line] == ["down"]
+    assert f"{failing} of {VIP4}: down is realised in the datapath (0 ring positions" in (
+        lbd.log_text())
+
+
+# --- host maintenance without BGP ------------------------------------------------------------
+
+
+def test_drain_host_without_bgp_says_what_it_did_and_status_shows_it(lab, lbd):
+    drained = lbd.lbctl("drain-host")
+    assert drained.returncode == 0, drained.stderr
+    assert drained.stdout == ("host marked drained (persisted), but BGP is disabled in lbd's "
+                              "configuration: no route was withdrawn and routers keep sending "
+                              "new flows here; not waiting for new flows to stop\n")
+    try:
+        assert json.loads(ok(lbd, "status", "-o", "json"))["host_drained"] is True
+        assert ("host            drained, but BGP is disabled: no route was withdrawn, routers "
+                "still send traffic here (drain-host --undo ends it)\n") in ok(lbd, "status")
+    finally:
+        undone = ok(lbd, "drain-host", "--undo")
+    assert undone == "host back in service (BGP is disabled: nothing to announce)\n"
+    assert json.loads(ok(lbd, "status", "-o", "json"))["host_drained"] is False
+    assert "host            in service\n" in ok(lbd, "status")

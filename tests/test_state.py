@@ -99,6 +99,8 @@ def test_vip_key_canonicalises_its_address():
     ("[2001:db8::10]/tcp", "2001:db8::10/tcp"),
     ("10.0.0.10:80/UDP", "10.0.0.10:80/udp"),
     ("[2001:DB8:0::10]:443/udp", "[2001:db8::10]:443/udp"),
+    ("[fd00::1:80]/tcp", "[fd00::1:80]/tcp"),  # unbracketed it would read as port 80
+    ("[fd00::80]/tcp", "fd00::80/tcp"),  # fd00: is no address: not ambiguous
 ])
 def test_vip_key_str_is_canonical_and_parses_back(text, canonical):
     key = state.VipKey.parse(text)
@@ -128,6 +130,13 @@ def test_vip_key_str_is_canonical_and_parses_back(text, canonical):
     ("255.255.255.255:80/tcp", "VIP address: 255.255.255.255 is the broadcast address"),
     ("[::ffff:10.0.0.1]:80/tcp", "is IPv4-mapped: write the IPv4 address 10.0.0.1"),
     ("", "expected ADDRESS[:PORT]/PROTOCOL"),
+    ("fd00::1:80/tcp", "VIP 'fd00::1:80/tcp' is ambiguous: write [fd00::1]:80/tcp for port 80, "
+                       "or [fd00::1:80]/tcp for every port of that address"),
+    ("2001:db8::1:443/udp", "write [2001:db8::1]:443/udp for port 443, or "
+                            "[2001:db8::1:443]/udp for every port"),
+    ("[fd77:100::1%eth0]:80/tcp", "VIP address: 'fd77:100::1%eth0' has a zone id (%...): "
+                                  "VIPs and backends are global addresses; leave the zone out"),
+    ("fd77:100::1%eth0/tcp", "has a zone id"),
 ])
 def test_parse_vip_key_refuses(text, message):
     with pytest.raises(state.StateError) as info:
@@ -722,3 +731,34 @@ def test_diff_of_a_state_with_itself_is_empty(desired):
 @given(desired_states())
 def test_diff_from_empty_rebuilds_the_state(desired):
     assert apply(state.DesiredState(), *state.diff(state.DesiredState(), desired)) == desired
+
+
+# --- one datapath address, one key ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["fd77::c%x", "fd77::b%\x00evil", "fe80::1%eth0", "10.0.0.1%0"])
+def test_a_zone_id_is_refused_in_a_backend_address(text):
+    with pytest.raises(state.StateError, match="has a zone id"):
+        state.canonical_address(text, "backend address")
+
+
+# --- a timeout nobody set follows the interval ---------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "timeout"), [
+    ({"interval_ms": 500}, 500),  # the default 1000 would exceed it: clamped
+    ({"interval_ms": 5000}, 1000),  # the default fits: kept
+    ({"interval_ms": 500, "timeout_ms": 200}, 200),
+])
+def test_an_unset_timeout_is_clamped_to_the_interval(given, timeout):
+    assert state.check_from_dict(given, "check").timeout_ms == timeout
+
+
+def test_an_explicit_timeout_over_the_interval_is_still_refused():
+    with pytest.raises(state.StateError, match=r"check\.timeout_ms: 1000 exceeds interval_ms 500"):
+        state.check_from_dict({"interval_ms": 500, "timeout_ms": 1000}, "check")
+
+
+def test_a_shorter_interval_clamps_the_timeout_the_vip_had():
+    base = state.check_from_dict({"interval_ms": 2000, "timeout_ms": 1500}, "check")
+    assert state.check_from_dict({"interval_ms": 1000}, "check", base).timeout_ms == 1000

@@ -138,6 +138,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             ring_positions=positions.get(address, 0),
             effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
             packets=counters["packets"], bytes=counters["bytes"])
+        status.health_realised, status.realised_since = self.ctl.health_realised(member)
         self._fill_health(status, member)
         self._fill_load(status, member)
         backend.status.CopyFrom(status)
@@ -315,14 +316,21 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
                                 "wait_s and quiet_s must not be negative")
         await self._run(context, "DrainHost", lambda: self.ctl.set_host_drained(
             not request.undo))
+        bgp_on = self.ctl.announcer is not None
         if request.undo:
-            return pb.DrainHostResponse(drained=False, message="announcing VIPs again")
+            return pb.DrainHostResponse(drained=False, message=(
+                "host back in service: VIPs with a healthy backend are announced again"
+                if bgp_on else "host back in service (BGP is disabled: nothing to announce)"))
+        done = ("host drained: every VIP withdrawn from BGP" if bgp_on else
+                "host marked drained (persisted), but BGP is disabled in lbd's configuration: "
+                "no route was withdrawn and routers keep sending new flows here")
         if request.wait_s == 0:
-            return pb.DrainHostResponse(drained=False, message="VIPs withdrawn; not waiting")
+            return pb.DrainHostResponse(drained=False, message=f"{done}; not waiting for new "
+                                                               "flows to stop")
         quiet = request.quiet_s or 5.0
         idle, waited, flows = await self.ctl.wait_idle(request.wait_s, quiet)
-        message = (f"no new flow for {quiet:g} s: drained" if idle else
-                   f"still receiving new flows after {waited:.1f} s")
+        message = (f"{done}; no new flow for {quiet:g} s: drained" if idle else
+                   f"{done}; still receiving new flows after {waited:.1f} s")
         return pb.DrainHostResponse(drained=idle, waited_s=waited, new_flows=flows,
                                     message=message)
 

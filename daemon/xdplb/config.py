@@ -6,9 +6,11 @@ runs. A bad file is refused at start with the file, the key and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,25 @@ LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
-    """The configuration is refused; the message names the file, key and reason."""
+    """The configuration is refused; the message names the file, key and reason.
+
+    `problems` holds every refusal found (one line each), so an operator fixes
+    them in one go."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class _Problems(list[str]):
+    """Refusals collected while reading and validating a configuration."""
+
+    @contextlib.contextmanager
+    def checking(self) -> Iterator[None]:
+        try:
+            yield
+        except (ConfigError, StateError, DatapathError) as exc:
+            self.extend(getattr(exc, "problems", [str(exc)]))
 
 
 @dataclass(frozen=True)
@@ -106,31 +126,66 @@ class DaemonConfig:
             settled_refresh_s=self.flows.settled_refresh_s)
 
     def validate(self) -> None:
-        if not self.interfaces:
-            raise ConfigError("interfaces: at least one is needed (--interface IFNAME)")
-        if self.xdp_mode not in XDP_MODES:
-            raise ConfigError(f"xdp_mode: {self.xdp_mode!r} is not one of native, generic")
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"name: {self.name!r} must be a plain file name")
+        """Raises ConfigError naming every problem, if there is any."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
+
+    def problems(self) -> list[str]:
+        """Every refusal of this configuration, one line each ("key: reason")."""
+        found = _Problems()
+        for check in self._checks():
+            with found.checking():
+                check()
+        return found
+
+    def _checks(self) -> list[Callable[[], object]]:
+        return [
+            self._validate_basics, self._validate_nexthop, self._validate_bgp,
+            self._validate_api, self._validate_marks, self.flows.validate,
+            self._validate_datapath_settings,
+        ]
+
+    def _validate_basics(self) -> None:
+        found = _Problems()
+        with found.checking():
+            if not self.interfaces:
+                raise ConfigError("interfaces: at least one is needed (--interface IFNAME)")
+        with found.checking():
+            if self.xdp_mode not in XDP_MODES:
+                raise ConfigError(f"xdp_mode: {self.xdp_mode!r} is not one of native, generic")
+        with found.checking():
+            if self.log_format not in LOG_FORMATS:
+                raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+        with found.checking():
+            if not self.name or "/" in self.name or self.name.startswith("."):
+                raise ConfigError(f"name: {self.name!r} must be a plain file name")
+        with found.checking():
+            if self.metrics_listen:
+                split_host_port(self.metrics_listen, "metrics.listen")
+        if found:
+            raise ConfigError("; ".join(found), found)
+
+    def _validate_nexthop(self) -> None:
         if self.nexthop.mac:
             _check_mac(self.nexthop.mac)
         if self.nexthop.via:
             _check_ip(self.nexthop.via, "nexthop.via")
         if not 0.5 <= self.nexthop.refresh_s <= 3600:
             raise ConfigError("nexthop.refresh_s: must be 0.5..3600 seconds")
-        if self.metrics_listen:
-            split_host_port(self.metrics_listen, "metrics.listen")
+
+    def _validate_bgp(self) -> None:
         for key in ("bird_socket", "include_dir"):
             if self.bgp.enabled and not Path(getattr(self.bgp, key)).is_absolute():
                 raise ConfigError(f"bgp.{key}: {getattr(self.bgp, key)} must be an absolute path")
-        self._validate_api()
+
+    def _validate_marks(self) -> None:
         try:
             self.health_marks.validate(self.maps.max_backends)
         except DatapathError as exc:
             raise ConfigError(f"health.{exc}") from None
-        self.flows.validate()
+
+    def _validate_datapath_settings(self) -> None:
         try:
             self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
         except ValueError as exc:
@@ -197,8 +252,9 @@ def split_host_port(text: str, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
-    top = StrictTable(data, "")
+def _read_tables(data: dict[str, Any], defaults: DaemonConfig,
+                 problems: list[str]) -> DaemonConfig:
+    top = StrictTable(data, "", problems)
     values: dict[str, Any] = {}
     for name, kind in (("xdp_mode", str), ("name", str), ("log_format", str),
                        ("detach_on_exit", bool), ("mtu", int), ("gue_port", int),
@@ -207,7 +263,8 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
         values[name] = top.take(name, kind, getattr(defaults, name))
     interfaces = top.take("interfaces", list, list(defaults.interfaces))
     if not all(isinstance(i, str) and i for i in interfaces):
-        raise ConfigError("interfaces: must be a list of interface names")
+        problems.append("interfaces: must be a list of interface names")
+        interfaces = list(defaults.interfaces)
     values["interfaces"] = tuple(interfaces)
     values["state_dir"] = Path(top.take("state_dir", str, str(defaults.state_dir)))
     values["nexthop"] = _section(top, "nexthop", defaults.nexthop,
@@ -218,13 +275,13 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
     values["api"] = replace(api, socket=Path(api.socket))
     values["bgp"] = _section(top, "bgp", defaults.bgp, {
         "enabled": bool, "bird_socket": str, "include_dir": str, "birdc": str})
-    metrics = StrictTable(top.take("metrics", dict, {}), "metrics")
+    metrics = StrictTable(top.take("metrics", dict, {}), "metrics", problems)
     values["metrics_listen"] = metrics.take("listen", str, defaults.metrics_listen)
     metrics.done()
-    values["maps"] = _maps(top, defaults.maps)
+    values["maps"] = _maps(top, defaults.maps, problems)
     values["flows"] = _section(top, "flows", defaults.flows, {
         "settled_refresh_s": int, "idle_timeout_s": int, "settle_interval_s": (int, float)})
-    health = StrictTable(top.take("health", dict, {}), "health")
+    health = StrictTable(top.take("health", dict, {}), "health", problems)
     values["health_marks"] = HealthMarks(
         base=health.take("fwmark", int, defaults.health_marks.base),
         mask=health.take("fwmark_mask", int, defaults.health_marks.mask))
@@ -234,7 +291,7 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig) -> DaemonConfig:
 
 
 def _section(top: StrictTable, name: str, default: Any, kinds: dict[str, Any]) -> Any:
-    table = StrictTable(top.take(name, dict, {}), name)
+    table = StrictTable(top.take(name, dict, {}), name, top.problems)
     values = {key: table.take(key, kind, getattr(default, key)) for key, kind in kinds.items()}
     table.done()
     if "socket" in values:
@@ -242,35 +299,44 @@ def _section(top: StrictTable, name: str, default: Any, kinds: dict[str, Any]) -
     return replace(default, **values)
 
 
-def _maps(top: StrictTable, default: MapSizes) -> MapSizes:
-    table = StrictTable(top.take("maps", dict, {}), "maps")
+def _maps(top: StrictTable, default: MapSizes, problems: list[str]) -> MapSizes:
+    table = StrictTable(top.take("maps", dict, {}), "maps", problems)
     values = {key: table.take(key, int, getattr(default, key))
               for key in ("max_vips", "max_backends", "ring_entries", "conn_entries")}
     table.done()
     try:
         return MapSizes(**values)
     except Exception as exc:  # "map size max_vips=0: must..." -> "maps.max_vips: must..., got 0"
-        message = re.sub(r"^map size (\w+)=(.*?): (.*)$", r"maps.\1: \3, got \2", str(exc))
-        raise ConfigError(message) from None
+        problems.append(re.sub(r"^map size (\w+)=(.*?): (.*)$", r"maps.\1: \3, got \2",
+                               str(exc)))
+        return default
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        problems.append(f"cannot read it: {exc}")
+    except UnicodeDecodeError as exc:
+        problems.append(f"not UTF-8 text: {exc}")
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"not valid TOML: {exc}")
+    return None
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
-    """The file (if any), then the command line's overrides, validated."""
+    """The file (if any), then the command line's overrides, validated. A refusal
+    (ConfigError) names every problem, each as "WHERE: key: reason"."""
     config = DaemonConfig()
     where = f"config {path}" if path else "command line"
-    try:
-        if path is not None:
-            try:
-                data = tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise ConfigError(f"cannot read it: {exc}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"not valid TOML: {exc}") from None
-            config = _read_tables(data, config)
-        config = _apply_overrides(config, overrides)
-        config.validate()
-    except (ConfigError, StateError) as exc:
-        raise ConfigError(f"{where}: {str(exc).lstrip('.')}") from None
+    problems: list[str] = []
+    data = {} if path is None else _read_toml(path, problems)
+    if data is not None:  # an unreadable file: the defaults' problems would only add noise
+        config = _apply_overrides(_read_tables(data, config, problems), overrides)
+        problems.extend(config.problems())
+    if problems:
+        lines = [f"{where}: {p.lstrip('.')}" for p in problems]
+        raise ConfigError("\n".join(lines), lines)
     return config
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xdplb import bgp, datapath, nexthop
+from xdplb import __version__, bgp, datapath, nexthop
 from xdplb.capacity import CapacityController
 from xdplb.config import DaemonConfig
 from xdplb.health import HealthChecker
@@ -45,7 +45,7 @@ from xdplb.state import (
 from xdplb.store import StateStore
 
 log = logging.getLogger("xdplb.lbd")
-VERSION = "0.1.0"
+VERSION = __version__
 WATCH_QUEUE_LIMIT = 1024
 
 
@@ -56,6 +56,14 @@ class Event:
     vip: str = ""
     backend: str = ""
     time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Realised:
+    """What the maps hold for one backend's health, and since when."""
+
+    serving: bool  # the verdict the last written reconcile used
+    at: float  # unix time that reconcile finished
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,9 @@ class Controller:
         self.tunnel_checks = False  # the tc program of checks through the VIP is attached
         self.reconciler = Reconciler(self.balancer)
         self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
+        # Per backend, the health verdict the maps realise: a verdict is only true of
+        # the datapath once the reconcile that writes it has run.
+        self.realised_health: dict[MemberId, Realised] = {}
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
         self.last_settle: SettleReport | None = None
@@ -308,6 +319,7 @@ class Controller:
         settings = self.config.datapath_settings(self.nexthop.mac) if self.nexthop else None
         report = self.reconciler.reconcile(self.state, self.runtime, settings)
         self.last_report = report
+        self._note_realised_health()
         if self.metrics is not None:
             self.metrics.observe_reconcile(report)
         self._announce()
@@ -318,6 +330,43 @@ class Controller:
                     self.publish("reconcile", f"ring of {vip}: {positions} positions written",
                                  vip=vip)
         return report
+
+    def _note_realised_health(self) -> None:
+        """After a reconcile was written: each backend's health as the maps now hold
+        it; a verdict that reached the maps is published (kind "realised")."""
+        now = time.time()
+        realised: dict[MemberId, Realised] = {}
+        for key, vip in self.state.vips.items():
+            for address in vip.backends:
+                member = (key, address)
+                serving = self.runtime.healthy.get(member, True)
+                before = self.realised_health.get(member)
+                if before is not None and before.serving == serving:
+                    realised[member] = before
+                    continue
+                realised[member] = Realised(serving, now)
+                if before is not None:
+                    self._publish_realised(member, serving, now)
+        self.realised_health = realised
+
+    def _publish_realised(self, member: MemberId, serving: bool, now: float) -> None:
+        key, address = member
+        verdict = self.health.verdict_of(member) if self.health else None
+        lag = f", {now - verdict.since:.2f} s after the verdict" if verdict else ""
+        positions = self.reconciler.ring_positions(key).get(address, 0)
+        state = "up" if serving else "down"
+        self.publish("realised", f"{address} of {key}: {state} is realised in the datapath "
+                                 f"({positions} ring positions{lag})",
+                     vip=str(key), backend=address)
+
+    def health_realised(self, member: MemberId) -> tuple[bool, float]:
+        """Whether the maps hold this backend's current verdict, and since when they
+        hold what they hold (0: not written yet)."""
+        realised = self.realised_health.get(member)
+        if realised is None:
+            return False, 0.0
+        verdict = self.health.serving(member) if self.health else realised.serving
+        return verdict == realised.serving, realised.at
 
     # -- BGP and host maintenance --
 

@@ -648,14 +648,15 @@ class HealthChecker:
         self._arm(now)
 
     def healthy(self) -> dict[MemberId, bool]:
-        out = {}
-        for member, probe in self.members.items():
-            if probe is None:
-                out[member] = True
-            else:
-                verdict = self.verdicts.get(probe)
-                out[member] = bool(verdict and verdict.serving())
-        return out
+        return {member: self.serving(member) for member in self.members}
+
+    def serving(self, member: MemberId) -> bool:
+        """Whether the current verdict lets this backend serve (no check: it may)."""
+        probe = self.members.get(member)
+        if probe is None:
+            return True
+        verdict = self.verdicts.get(probe)
+        return bool(verdict and verdict.serving())
 
     def unchecked(self) -> list[Probe]:
         return [p for p, v in self.verdicts.items() if v.up is None]

@@ -25,13 +25,14 @@ from typing import Any
 
 import click
 
-from xdplb import api, metrics
+from xdplb import __version__, api, metrics
 from xdplb.config import ConfigError, DaemonConfig, load_config, split_host_port
 from xdplb.controller import Controller
 from xdplb.datapath import DatapathError
 from xdplb.nexthop import NexthopError
 from xdplb.reconciler import ReconcileError
-from xdplb.store import StoreError
+from xdplb.state import Limits
+from xdplb.store import StoreError, check_state_file
 
 log = logging.getLogger("xdplb.lbd")
 STARTUP_ERRORS = (StoreError, DatapathError, NexthopError, api.ApiError, ReconcileError,
@@ -189,34 +190,89 @@ def run(config: DaemonConfig) -> None:
             controller.stop(detach=config.detach_on_exit)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML configuration file.")
-@click.option("--interface", "-i", "interfaces", multiple=True,
-              help="Interface to attach to (repeatable; replaces the file's list).")
-@click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default=None)
-@click.option("--name", default=None, help="Instance name: maps pinned under "
-                                           "/sys/fs/bpf/xdplb/NAME.")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
-              help="API unix socket (mode 0600).")
-@click.option("--listen", default=None, help="Also serve the API on HOST:PORT (TLS).")
-@click.option("--tls-cert", default=None)
-@click.option("--tls-key", default=None)
-@click.option("--client-ca", default=None, help="Require client certificates signed by it.")
-@click.option("--insecure", is_flag=True, default=False,
-              help="Plaintext on --listen; loopback addresses only.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
-@click.option("--detach-on-exit", is_flag=True, default=None,
-              help="On SIGTERM detach XDP and unpin the maps (default: keep forwarding).")
-def main(config_path: Path | None, interfaces: tuple[str, ...], socket_path: str | None,
-         **options: Any) -> None:
-    """Run the xdplb daemon."""
-    overrides = {"interfaces": interfaces, "socket": socket_path, **options}
+def check_files(config_path: Path | None, state_path: Path | None,
+                overrides: dict[str, Any]) -> list[str]:
+    """Every problem of the configuration (and of a state file, checked against the
+    configuration's map sizes), one line each; nothing on the system is touched."""
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
-        click.echo(f"lbd: {exc}", err=True)
+        return exc.problems
+    if state_path is None:
+        return []
+    return [f"state file {state_path}: {p}" for p in check_state_file(
+        state_path, Limits.of_map_sizes(config.maps))]
+
+
+CONFIG_HELP = "TOML configuration file (see docs: the configuration reference)."
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="lbd",
+                      message="%(prog)s %(version)s")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=CONFIG_HELP)
+@click.option("--check-config", "check_path", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Only check FILE (a configuration; the command line's options apply "
+                   "on top, as at a start) and report every problem; exit 0 if there is "
+                   "none, 2 if there is any. Touches nothing.")
+@click.option("--state", "state_path", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="With --check-config: also check this state file (state.json) against "
+                   "the configuration's map sizes.")
+@click.option("--interface", "-i", "interfaces", multiple=True, metavar="IFNAME",
+              help="Interface to attach the balancer to (repeatable; replaces the file's "
+                   "interfaces).")
+@click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default=None,
+              help="native: in the driver (the fast path); generic: in the kernel's stack "
+                   "(any interface, slower). Default: native.")
+@click.option("--name", default=None, help="Instance name: maps pinned under "
+                                           "/sys/fs/bpf/xdplb/NAME. Default: default.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where state.json (the desired state) and host.json (host drain) live. "
+                   "Default: /var/lib/xdplb.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
+              metavar="PATH", help="API unix socket, mode 0600. Default: /run/xdplb/lbd.sock.")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Also serve the API on TCP (TLS, or --insecure on loopback).")
+@click.option("--tls-cert", default=None, metavar="FILE",
+              help="Server certificate (PEM) for --listen; needs --tls-key.")
+@click.option("--tls-key", default=None, metavar="FILE",
+              help="Server private key (PEM) for --listen; needs --tls-cert.")
+@click.option("--client-ca", default=None, metavar="FILE",
+              help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--insecure", is_flag=True, default=False,
+              help="Plaintext on --listen; loopback addresses only.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="One line per event on stderr, as text or as JSON objects. Default: text.")
+@click.option("--detach-on-exit", is_flag=True, default=None,
+              help="On SIGTERM detach XDP and unpin the maps (default: keep forwarding).")
+def main(config_path: Path | None, check_path: Path | None, state_path: Path | None,
+         interfaces: tuple[str, ...], socket_path: str | None, **options: Any) -> None:
+    """Run the xdplb daemon: the XDP balancer on the given interfaces, the API
+    lbctl talks to, health checks, load feedback, BGP announcements and metrics.
+
+    Exit codes: 0 stopped cleanly (or --check-config found nothing); 1 a start
+    refused (state file, maps, another lbd); 2 a bad configuration or usage."""
+    overrides = {"interfaces": interfaces, "socket": socket_path, **options}
+    if state_path is not None and check_path is None:
+        raise click.UsageError("--state goes with --check-config")
+    if check_path is not None:
+        if config_path is not None:
+            raise click.UsageError("--check-config takes the file to check: leave out --config")
+        problems = check_files(check_path, state_path, overrides)
+        for line in problems:
+            click.echo(f"lbd: {line}", err=True)
+        if not problems:
+            checked = f"{check_path}" + (f" and {state_path}" if state_path else "")
+            click.echo(f"{checked}: ok")
+        sys.exit(2 if problems else 0)
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(f"lbd: {line}", err=True)
         sys.exit(2)
     setup_logging(config.log_format)
     try:

@@ -15,6 +15,7 @@ and the `lbctl apply` file format.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,6 +63,11 @@ def canonical_address(text: object, where: str = "address") -> str:
     """The canonical text of a unicast IP address usable as a VIP or backend."""
     if not isinstance(text, str):
         raise _fail(where, f"must be an IP address string, got {text!r}")
+    if "%" in text:
+        # ipaddress keeps a zone id in the address's identity, the datapath has no
+        # zones: fd00::1%eth0 would be a second key for the address fd00::1.
+        raise _fail(where, f"{text!r} has a zone id (%...): VIPs and backends are "
+                           "global addresses; leave the zone out")
     try:
         ip = ipaddress.ip_address(text.strip())
     except ValueError:
@@ -87,18 +93,23 @@ def ip_sort_key(address: str) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _ipv6_with_port(host: str) -> bool:
-    """Whether `host` only reads as an address once a trailing :PORT is cut off."""
-    try:
-        ipaddress.IPv6Address(host)
-        return False
-    except ValueError:
-        pass
-    try:
-        ipaddress.IPv6Address(host.rpartition(":")[0])
-        return True
-    except ValueError:
-        return False
+    """Whether `host` reads as an IPv6 address once a trailing :PORT is cut off."""
+    head, _, tail = host.rpartition(":")
+    return tail.isdigit() and _is_ipv6(head)
+
+
+def _ambiguous_without_brackets(address: str) -> bool:
+    """Whether the unbracketed text of this IPv6 address also reads as ADDRESS:PORT."""
+    return ":" in address and _ipv6_with_port(address)
 
 
 @dataclass(frozen=True, order=True)
@@ -139,6 +150,11 @@ class VipKey:
         else:
             address = host  # IPv4 alone, or a bare IPv6 address: port-less
             if host.count(":") > 1 and _ipv6_with_port(host):
+                if _is_ipv6(host):  # fd00::1:80 is an address, and fd00::1 port 80
+                    head, _, tail = host.rpartition(":")
+                    raise StateError(f"VIP {text!r} is ambiguous: write [{head}]:{tail}/"
+                                     f"{protocol} for port {tail}, or [{host}]/{protocol} "
+                                     "for every port of that address")
                 raise StateError(f"VIP {text!r}: put an IPv6 address in brackets: "
                                  "[ADDR]:PORT/PROTO")
         port = 0
@@ -154,7 +170,8 @@ class VipKey:
         return is_ipv6(self.address)
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if self.ipv6 and self.port else self.address
+        bracket = self.ipv6 and (self.port or _ambiguous_without_brackets(self.address))
+        host = f"[{self.address}]" if bracket else self.address
         return f"{host}:{self.port}/{self.protocol}" if self.port else f"{host}/{self.protocol}"
 
 
@@ -465,17 +482,26 @@ class DesiredState:
                 "vips": [vip_to_dict(self.vips[k]) for k in sorted(self.vips)]}
 
     @classmethod
-    def from_dict(cls, data: object, where: str = "state") -> DesiredState:
-        obj = StrictTable(data, where)
+    def from_dict(cls, data: object, where: str = "state",
+                  problems: list[str] | None = None) -> DesiredState:
+        """The state a document describes. With `problems`, every VIP is read and
+        each refusal (one per VIP at most) is appended there instead of raised."""
+        obj = StrictTable(data, where, problems)
         version = obj.take("version", int, FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise _fail(f"{where}.version", f"format {version} is not supported "
                                             f"(this lbd reads {FORMAT_VERSION})")
         vips: dict[VipKey, VipSpec] = {}
         for i, item in enumerate(obj.take("vips", list, [])):
-            vip = vip_from_dict(item, f"{where}.vips[{i}]")
-            if vip.key in vips:
-                raise _fail(f"{where}.vips[{i}]", f"VIP {vip.key} is listed twice")
+            try:
+                vip = vip_from_dict(item, f"{where}.vips[{i}]")
+                if vip.key in vips:
+                    raise _fail(f"{where}.vips[{i}]", f"VIP {vip.key} is listed twice")
+            except StateError as exc:
+                if problems is None:
+                    raise
+                problems.append(str(exc))
+                continue
             vips[vip.key] = vip
         obj.done()
         return cls(vips)
@@ -485,12 +511,19 @@ class DesiredState:
 
 
 class StrictTable:
-    """Reads one table of the dict form strictly: types checked, unknown keys refused."""
+    """Reads one table of the dict form strictly: types checked, unknown keys refused.
 
-    def __init__(self, data: object, where: str):
-        if not isinstance(data, dict):
-            raise _fail(where, f"must be a table/object, got {type(data).__name__}")
-        self.data, self.where, self.seen = data, where, set()
+    By default the first problem raises StateError. Given a `problems` list
+    (lbd --check-config), each problem is appended to it instead and reading
+    goes on with the default, so one pass reports them all."""
+
+    def __init__(self, data: object, where: str, problems: list[str] | None = None):
+        self.where, self.seen, self.problems = where, set(), problems
+        self.data: dict[str, Any] = {}
+        if isinstance(data, dict):
+            self.data = data
+        else:
+            self._problem(_fail(where, f"must be a table/object, got {type(data).__name__}"))
 
     def take(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         self.seen.add(name)
@@ -499,13 +532,24 @@ class StrictTable:
         value = self.data[name]
         if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise _fail(f"{self.where}.{name}", f"must be {names}, got {value!r}")
+            self._problem(_fail(f"{self.where}.{name}", f"must be {names}, got {value!r}"))
+            return default
         return value
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise _fail(self.where, f"unknown key {unknown[0]!r}")
+        for key in sorted(set(self.data) - self.seen, key=str):
+            self._problem(_fail(self.where, f"unknown key {key!r}{did_you_mean(key, self.seen)}"))
+
+    def _problem(self, error: StateError) -> None:
+        if self.problems is None:
+            raise error
+        self.problems.append(str(error))
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _CHECK_DEFAULTS = HealthCheck()
@@ -528,6 +572,9 @@ def check_from_dict(data: object, where: str, base: HealthCheck = _CHECK_DEFAULT
         else:
             values[f.name] = obj.take(f.name, type(current), current)
     obj.done()
+    if "timeout_ms" not in obj.data and values["timeout_ms"] > values["interval_ms"]:
+        # A timeout nobody asked for follows a shorter interval rather than refuse it.
+        values["timeout_ms"] = values["interval_ms"]
     check = HealthCheck(**values)
     check.validate(where)
     return check

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from xdplb.state import DesiredState, StateError
+from xdplb.state import DesiredState, Limits, StateError
 
 STATE_FILE_NAME = "state.json"
 HOST_FILE_NAME = "host.json"  # host maintenance (drained), apart from the VIPs apply manages
@@ -28,18 +28,13 @@ class StateStore:
     def load(self) -> DesiredState:
         """The persisted state; an empty one when there is no file yet."""
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return DesiredState()
         except OSError as exc:
             raise StoreError(f"state file {self.path}: cannot read it: {exc}") from exc
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"state file {self.path}: not valid JSON: {exc}; it is left "
-                             "untouched: repair or move it away, then start lbd") from None
-        try:
-            return DesiredState.from_dict(data)
+            return DesiredState.from_dict(decode_state_json(raw))
         except StateError as exc:
             raise StoreError(f"state file {self.path}: {exc}; it is left untouched: repair "
                              "or move it away, then start lbd") from None
@@ -68,6 +63,35 @@ class StateStore:
         except OSError as exc:
             raise StoreError(f"{path}: cannot write it: {exc}") from exc
         self.writes += 1
+
+
+def decode_state_json(raw: bytes) -> object:
+    """The JSON document of a state file's bytes; StateError says why not."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise StateError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise StateError(f"not valid JSON: {exc}") from None
+
+
+def check_state_file(path: Path, limits: Limits) -> list[str]:
+    """Every problem of a state file (at most one per VIP, then the limits), without
+    loading it into anything: `lbd --check-config --state`."""
+    try:
+        data = decode_state_json(path.read_bytes())
+    except OSError as exc:
+        return [f"cannot read it: {exc}"]
+    except StateError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    try:
+        state = DesiredState.from_dict(data, problems=problems)
+        if not problems:
+            state.validate(limits)
+    except StateError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -83,7 +83,7 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor")
+    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor", "health_realised", "realised_since")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class BackendStatus(_message.Message):
     LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FACTOR_FIELD_NUMBER: _ClassVar[int]
     SLOW_START_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REALISED_FIELD_NUMBER: _ClassVar[int]
+    REALISED_SINCE_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     available: bool
     index: int
@@ -118,7 +120,9 @@ class BackendStatus(_message.Message):
     load_state: str
     capacity_factor: float
     slow_start_factor: float
-    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ...) -> None: ...
+    health_realised: bool
+    realised_since: float
+    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ..., health_realised: _Optional[bool] = ..., realised_since: _Optional[float] = ...) -> None: ...
 
 class Vip(_message.Message):
     __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "status")
