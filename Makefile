@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock
+.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock wheel
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,11 @@ lock: setup
 	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) --constraint requirements.lock pyproject.toml \
 		-o requirements-runtime.lock
 
+# The package for an LB host or a backend host: dist/xdplb-VERSION-*.whl, with the
+# Maglev fill compiled (the host needs no compiler). See the README's install steps.
+wheel: setup
+	@$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+
 demo: setup
 	@$(PY) -m xdplb.demo up
 
@@ -61,4 +66,4 @@ bgp-lab-down: setup
 	@$(PY) -m xdplb.lab_bgp down
 
 clean: demo-down bgp-lab-down
-	rm -rf $(VENV) bench-results
+	rm -rf $(VENV) bench-results dist build

@@ -1,0 +1,143 @@
+"""The package an LB host gets: the wheel is built from the tracked files,
+installed by the README's steps into a new venv, runs without a compiler on
+the PATH (the Maglev fill is compiled in and builds the same ring as the pure
+fallback), and its systemd unit verifies and scores as the README says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from xdplb import maglev
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "/opt/xdplb"  # where the README installs
+# The README's install steps that put lbd in place, with PREFIX spelled out there.
+INSTALL_STEPS = [
+    "python3 -m venv --system-site-packages {prefix}",
+    "{prefix}/bin/pip install --require-hashes --no-deps -r requirements-runtime.lock",
+    "{prefix}/bin/pip install --no-deps xdplb-*.whl",
+    "cp {prefix}/lib/python3.11/site-packages/xdplb/lbd.service /etc/systemd/system/",
+]
+MAX_EXPOSURE = 5.0
+RING_WEIGHTS = {f"10.1.{i // 200}.{i % 200 + 1}": 100 + i for i in range(300)}
+
+
+def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False,
+                            **kwargs)
+    assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `make wheel` builds, from a copy of the tracked files only."""
+    source = tmp_path_factory.mktemp("source")
+    tracked = run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0")
+    for name in filter(None, tracked):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name).read_bytes())
+    dist = tmp_path_factory.mktemp("dist")
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "-w", str(dist), str(source)])
+    [built] = dist.glob("xdplb-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file-system root where the README's install steps ran (PREFIX inside it)."""
+    readme = (REPO / "README.md").read_text()
+    for step in INSTALL_STEPS:
+        assert step.format(prefix=PREFIX) in readme, f"the README no longer says: {step}"
+    root = tmp_path_factory.mktemp("root")
+    prefix = root / PREFIX.lstrip("/")
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(prefix)])
+    run([f"{prefix}/bin/pip", "install", "--quiet", "--require-hashes", "--no-deps", "-r",
+         str(REPO / "requirements-runtime.lock")])
+    run([f"{prefix}/bin/pip", "install", "--quiet", "--no-deps", str(wheel)])
+    site = prefix / "lib" / "python3.11" / "site-packages"
+    (units / "lbd.service").write_bytes((site / "xdplb" / "lbd.service").read_bytes())
+    return root
+
+
+def without_compiler(prefix: Path) -> dict[str, str]:
+    """An environment whose PATH has the venv alone: no gcc, cc or clang."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "PYTHONPATH")}
+    env["PATH"] = str(prefix / "bin")
+    return env
+
+
+def test_the_wheel_carries_the_compiled_fill_and_what_lbd_loads(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(re.fullmatch(r"xdplb/_maglev\.cpython-311-x86_64-linux-gnu\.so", n)
+               for n in names)
+    assert "xdplb/_maglev.c" not in names
+    for needed in ("xdplb/bpf/balancer.c", "xdplb/bpf/decap.c", "xdplb/lbd.service",
+                   "xdplb/v1/lb_pb2.py", "lbctl/cli.py"):
+        assert needed in names, needed
+    assert re.search(r"^Requires-Dist: grpcio>=", zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("METADATA"))).decode(), re.M)
+    assert not any("scapy" in n for n in names)
+
+
+def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path) -> None:
+    prefix = root / PREFIX.lstrip("/")
+    env = without_compiler(prefix)
+    for compiler in ("gcc", "cc", "clang"):
+        probe = subprocess.run(["/bin/sh", "-c", f"command -v {compiler}"], env=env,
+                               capture_output=True, text=True, check=False)
+        assert probe.returncode != 0, f"{compiler} is on the test's PATH"
+    version = run([str(prefix / "bin" / "lbd"), "--version"], env=env).stdout
+    assert re.fullmatch(r"lbd \d+\.\d+\.\d+\S*\n", version)
+    config = tmp_path / "lbd.toml"
+    config.write_text('interfaces = ["eth0"]\n')
+    assert run([str(prefix / "bin" / "lbd"), "--check-config", str(config)],
+               env=env).stdout == f"{config}: ok\n"
+    script = ("import json, sys\nfrom xdplb import maglev\n"
+              "ring = maglev.build_ring(json.loads(sys.argv[1]), 65537)\n"
+              "print(maglev.native_available(), maglev.native_library_path())\n"
+              "sys.stdout.write(ring.table.tobytes().hex())\n")
+    out = run([str(prefix / "bin" / "python"), "-c", script, json.dumps(RING_WEIGHTS)],
+              env=env, cwd=tmp_path).stdout
+    header, table = out.split("\n", 1)
+    native, path = header.split(" ", 1)
+    assert native == "True" and path.startswith(str(prefix))
+    with mock.patch.object(maglev, "_native_fill", return_value=None):
+        fallback = maglev.build_ring(RING_WEIGHTS, 65537)
+    assert bytes.fromhex(table) == fallback.table.tobytes()
+
+
+def test_the_unit_verifies_once_installed(root: Path) -> None:
+    # verify resolves units and ExecStart inside --root: give it systemd's own units.
+    system = root / "usr" / "lib" / "systemd"
+    system.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-a", "/usr/lib/systemd/system", str(system)])
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}",
+                             "/etc/systemd/system/lbd.service"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_unit_scores_at_most_five(root: Path) -> None:
+    unit = root / "etc" / "systemd" / "system" / "lbd.service"
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    score = float(re.search(r"Overall exposure level for lbd\.service: ([0-9.]+)",
+                            result.stdout)[1])
+    assert score <= MAX_EXPOSURE, result.stdout
+    text = unit.read_text()
+    assert "\nRestart=always\n" in text
+    assert "\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN\n" in text
