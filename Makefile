@@ -18,14 +18,17 @@ test: setup
 lint: setup
 	@$(VENV)/bin/ruff check .
 
+# Every benchmark runs even when one before it fails; the failures are listed
+# at the end (and make exits 1).
+BENCHES := bench_datapath bench_maglev bench_reconcile bench_health bench_linerate \
+	bench_memlatency sim_capacity
 bench: setup
-	@$(PY) benchmarks/bench_datapath.py --json bench-results/datapath.json
-	@$(PY) benchmarks/bench_maglev.py --json bench-results/maglev.json
-	@$(PY) benchmarks/bench_reconcile.py --json bench-results/reconcile.json
-	@$(PY) benchmarks/bench_health.py --json bench-results/health.json
-	@$(PY) benchmarks/bench_linerate.py --json bench-results/linerate.json
-	@$(PY) benchmarks/bench_memlatency.py --json bench-results/memlatency.json
-	@$(PY) benchmarks/sim_capacity.py --json bench-results/capacity.json
+	@failed=""; for b in $(BENCHES); do \
+		echo "== $$b"; \
+		$(PY) benchmarks/$$b.py --json bench-results/$${b#*_}.json || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi; \
+	echo "make bench: all $(words $(BENCHES)) benchmarks ran"
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
 # tests/test_api_proto.py checks they match the proto).

@@ -3,11 +3,13 @@
 Topology (a Lab, prefix "xbrate", torn down on exit or failure): two network
 namespaces joined by one veth pair, gen:eth0 <-> lb:eth1.
 
-  - gen: the generator (bpf/trafficgen.c) runs under BPF_PROG_TEST_RUN in
-    live-frames mode with gen:eth0 as its ingress device, so every frame it
-    returns XDP_TX for is transmitted into lb:eth1. It writes a 66-byte IPv4
-    TCP ACK to the VIP into each frame and makes it one of F distinct flows
-    (source address and port from a per-CPU frame counter modulo F).
+  - gen: the generator. Live frames (bpf/trafficgen.c under BPF_PROG_TEST_RUN
+    in live-frames mode with gen:eth0 as its ingress device, so every frame it
+    returns XDP_TX for is transmitted into lb:eth1) where the kernel allows
+    it; else trafgen (benchmarks/trafgen_sender.py: an AF_PACKET TX ring out
+    of gen:eth0), which needs no special privilege (--generator chooses; the
+    table names the one used). Both send a 66-byte IPv4 TCP ACK to the VIP,
+    each frame one of F distinct flows.
   - lb: the program under test, native XDP on lb:eth1, XDP_TXes each frame
     back out of lb:eth1: the balancer encapsulates it (IPIP) towards one of
     N backends; the baseline (bench_harness.c's bench_mac_swap, the one
@@ -33,9 +35,12 @@ generator's transmit raises lb:eth1's receive softirq on the sending CPU,
 whose XDP_TX raises gen:eth0's on the same CPU, and the kernel runs both when
 the generator's loop re-enables softirqs. So one CPU (--cpu; the process is
 pinned to it) does all the work of a frame: generating it, two veth hops,
-the program under test and the counting. The kernel times that loop itself
-(BPF_PROG_TEST_RUN's duration, paused whenever the thread gives up the CPU,
-so other processes on a shared machine are not counted):
+the program under test and the counting. With live frames the kernel times
+that loop itself (BPF_PROG_TEST_RUN's duration, paused whenever the thread
+gives up the CPU, so other processes on a shared machine are not counted);
+with trafgen it is the CPU time of trafgen and ksoftirqd (the softirqs run in
+trafgen's system calls), less trafgen's start-up. The MAC-swap baseline is
+always measured with the same generator in the same rounds:
 
     Mpps per core = frames received / (duration x frames sent)
 
@@ -71,6 +76,7 @@ import platform
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -78,6 +84,7 @@ from pathlib import Path
 # Lets the benchmark run from a checkout without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
+import trafgen_sender
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from timing import write_json
@@ -86,6 +93,7 @@ from xdplb import structs as s
 from xdplb.datapath import (
     Balancer,
     BenchHarness,
+    DatapathError,
     MapSizes,
     MemoryProbe,
     TrafficGenerator,
@@ -212,12 +220,15 @@ class Rig:
     """The lab, the programs, and how a run is measured."""
 
     def __init__(self, lab: Lab, cpu: int, frames: int, chunk: int, max_seconds: float,
-                 flows: list[int], backends: list[int], settled_refresh_s: int):
+                 flows: list[int], backends: list[int], settled_refresh_s: int,
+                 workdir: Path):
         self.cpu, self.frames, self.chunk, self.max_seconds = cpu, frames, chunk, max_seconds
         self.gen_host, self.lb_host = lab.add_host("gen"), lab.add_host("lb")
         self.gen_if, self.lb_if = lab.connect(self.gen_host, self.lb_host, "eth0", "eth1")
         self.hosts = {"gen": self.gen_host, "lb": self.lb_host}
-        self.gen = TrafficGenerator()
+        self.gen = TrafficGenerator()  # the counter, and the live-frames generator
+        self.workdir = workdir
+        self.trafgen: trafgen_sender.TrafgenSender | None = None  # None: live frames
         self.harness = BenchHarness()
         self.conn_entries = conn_entries(flows)
         # As many bytes as the flow table (32 per entry), so as many cache lines and pages.
@@ -241,8 +252,35 @@ class Rig:
                                          settled_refresh_s=settled_refresh_s)
         self.members: list[int] = []
 
+    def use_trafgen(self) -> None:
+        self.trafgen = trafgen_sender.TrafgenSender(self.workdir, self.max_seconds)
+
+    def live_frames_refused(self) -> str | None:
+        """Why live frames cannot be used here (a one-frame try), or None."""
+        self.gen.configure(self.frame, 1)
+        try:
+            self.gen.send(self.gen_if.ifindex, 1, netns=self.gen_host.name)
+        except DatapathError as exc:
+            if "errno 1)" in str(exc):  # EPERM: refused, not broken
+                return str(exc)
+            raise
+        return None
+
+    @property
+    def generator(self) -> str:
+        return "live-frames" if self.trafgen is None else trafgen_sender.NAME
+
+    def configure_flows(self, flows: int) -> None:
+        if self.trafgen is None:
+            self.gen.configure(self.frame, flows)
+        else:
+            self.trafgen.configure(self.frame, flows, netns=self.gen_host.name,
+                                   ifname=self.gen_if.name)
+
     def close(self) -> None:
-        for part in (self.bal, self.harness, self.gen, self.probe):
+        for part in (self.bal, self.harness, self.gen, self.probe, self.trafgen):
+            if part is None:
+                continue
             with contextlib.suppress(Exception):
                 part.close()
 
@@ -270,6 +308,9 @@ class Rig:
     def send(self, count: int) -> tuple[int, int, int, int]:
         """count frames in chunks, bounded by max_seconds: (sent, kernel ns,
         wall ns, thread CPU ns)."""
+        if self.trafgen is not None:  # one run, bounded in frames and time by trafgen
+            run = self.trafgen.send(count)
+            return run.frames, int(run.duration_ns * run.frames), run.wall_ns, run.cpu_ns
         sent = kernel = wall = cpu = 0
         deadline = time.monotonic() + self.max_seconds
         while sent < count and time.monotonic() < deadline:
@@ -365,7 +406,7 @@ def _runtime_ns(pid: int | None) -> int:
 
 
 def run_case(rig: Rig, flows: int, n_backends: int, rounds: int) -> CaseResult:
-    rig.gen.configure(rig.frame, flows)
+    rig.configure_flows(flows)
     rig.attach("table")  # the warm-up records every flow, as their SYNs would
     passes = rig.warm_up(flows)
     # No frame is in flight between the warm-up and the measurement, so the
@@ -423,7 +464,11 @@ def _sample_json(x: Sample) -> dict:
     return d
 
 
-def print_table(results: list[CaseResult]) -> None:
+def print_table(results: list[CaseResult], generator: str) -> None:
+    described = (trafgen_sender.DESCRIPTION if generator == trafgen_sender.NAME else
+                 "live frames: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, the "
+                 "kernel's own timing of the loop")
+    print(f"generator: {described}")
     print(f"{'':19}{'whole path on one core':^26}{'table':^15}{'LB side':^8}"
           f"{'1 read':^15}")
     print(f"{'flows':>9}{'backends':>10}{'xdplb':>9}{'swap':>9}{'ratio':>8}"
@@ -446,6 +491,17 @@ def print_table(results: list[CaseResult]) -> None:
           f"flow-table-sized array at a per-flow slot.\nsettled / hits: measured frames "
           f"sent by a settled ring slot / by the flow table.\nTarget: whole-path ratio >= "
           f"{TARGET_RATIO} for established flows (the LB-side ratio is the stricter reading).")
+
+
+def choose_generator(rig: Rig, wanted: str) -> None:
+    if wanted == "auto":
+        refused = rig.live_frames_refused()
+        if refused is None:
+            return
+        print(f"live frames refused here ({refused}): using trafgen", file=sys.stderr)
+        wanted = trafgen_sender.NAME
+    if wanted == trafgen_sender.NAME:
+        rig.use_trafgen()
 
 
 _MAIN_PID = os.getpid()
@@ -474,6 +530,9 @@ def main() -> None:
     parser.add_argument("--settled-refresh-s", type=int,
                         default=DatapathSettings.settled_refresh_s,
                         help="the datapath setting under test (0: the table on every packet)")
+    parser.add_argument("--generator", choices=("auto", "live-frames", trafgen_sender.NAME),
+                        default="auto", help="auto: live frames where the kernel allows "
+                        "them, else trafgen (the table says which ran)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/linerate.json"))
     args = parser.parse_args()
     if max(args.flows) > 1_000_000 or min(args.flows) < 1 or min(args.backends) < 1:
@@ -487,10 +546,11 @@ def main() -> None:
     remove_stale(PREFIX)
     started = time.monotonic()
     results: list[CaseResult] = []
-    with Lab(PREFIX) as lab:
+    with Lab(PREFIX) as lab, tempfile.TemporaryDirectory(prefix="xbrate-") as workdir:
         rig = Rig(lab, args.cpu, args.frames, args.chunk, args.max_seconds,
-                  args.flows, args.backends, args.settled_refresh_s)
+                  args.flows, args.backends, args.settled_refresh_s, Path(workdir))
         try:
+            choose_generator(rig, args.generator)
             read_latency_ns = rig.probe.read_latency_ns()
             for n_backends in args.backends:
                 rig.program_backends(n_backends)
@@ -503,14 +563,18 @@ def main() -> None:
         finally:
             rig.close()
     elapsed = time.monotonic() - started
-    print_table(results)
+    print_table(results, rig.generator)
     print(f"A read whose slot depends on the read before, in an array as large as the "
           f"connection table ({rig.probe.table_bytes >> 20} MiB): {read_latency_ns:.0f} ns "
           f"(bench_memlatency.py).")
     print(f"took {elapsed:.0f} s")
     meta = {
-        "method": "live-frames generator -> veth -> program under test (XDP_TX) -> veth -> "
-                  "counter, all on one CPU; Mpps per core = received / kernel-timed CPU work",
+        "generator": rig.generator,
+        "method": f"{rig.generator} generator -> veth -> program under test (XDP_TX) -> veth "
+                  "-> counter, all on one CPU; Mpps per core = received / CPU work "
+                  + ("(kernel-timed)" if rig.trafgen is None else
+                     "(trafgen + ksoftirqd CPU time, start-up taken away)"),
+        "trafgen_startup_ns": rig.trafgen.startup_ns if rig.trafgen else None,
         "cpu": args.cpu, "frames_per_run": args.frames, "chunk": args.chunk,
         "max_seconds": args.max_seconds, "rounds": args.rounds,
         "frame_len": len(rig.frame), "ring_size": RING_SIZE, "conn_entries": rig.conn_entries,
