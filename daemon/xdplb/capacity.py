@@ -108,14 +108,18 @@ A member added to an existing VIP while healthy, or becoming healthy again
 (0.1) to 1 over the VIP's slow_start_s (0: off): s(t) = 0.1 + 0.9 x min(1,
 t / slow_start_s). Members present at the first update() (a restart: they
 already carry traffic) and members of a VIP added in the same update (all
-ramping alike changes no share) do not ramp on addition. Entering at the
-floor is part of the membership change and is not counted against the churn
-budget; every step of the ramp after it is.
+ramping alike changes no share) do not ramp on addition. The ramp is the
+operator's schedule, not adaptation: every step of it is taken when due
+(every max(0.1 s, slow_start_s / 10)) and none is charged to the churn
+budget. Adding the backend at full weight at once would move the same
+positions in one go, unbudgeted; the ramp only spreads them over
+slow_start_s. (Charging the steps made a 10 s ramp take about a minute
+under the default budget.)
 
 Churn budget
 ------------
-Ring positions rewritten by adaptation (capacity steps, fallbacks and
-slow-start steps) are capped per VIP: in any churn_window_s-long interval
+Ring positions rewritten by adaptation (capacity steps and fallbacks) are
+capped per VIP: in any churn_window_s-long interval
 [t, t + window) at most floor(churn_budget x ring_size) positions (a sliding
 window: positions used at time t stop counting at t + window). The positions
 a candidate moves are counted exactly: the ring the reconciler would build
@@ -125,25 +129,15 @@ maglev.build_ring and maglev.diff_positions. Changes triggered by the
 operator or by health (adding, removing, draining, reweighting, a backend
 going down) are not adaptation and are not counted.
 
-Each step first tries the whole change. If it does not fit what is left of
-the budget, the changes are taken in priority order: slow-start steps, then
-fallbacks to the configured weight, then capacity steps. Within a group the
-most urgent members (largest load error; furthest behind their ramp) go
+Each step first takes the due slow-start steps, then tries the whole
+adaptation. If that does not fit what is left of the budget, the changes are
+taken in priority order: fallbacks to the configured weight, then capacity
+steps. Within a group the most urgent members (largest load error) go
 first: as many of them in full as fit (a binary search over how many);
 failing that, part of the most urgent member's step, halving it until it
 fits; failing that, one weight unit of one member. What does not fit is
-deferred to a later interval (and said once per member). Slow-start steps go
-first so capacity adaptation can never starve a ramp: a ramp progresses in
-every window that can fit one weight unit of it.
-
-The one case where the budget cannot hold: one weight unit of a ramping
-member moves more positions than the whole budget (tiny weights, e.g. 5
-among three backends at the default 5%). A ramp is therefore only started
-when its first unit step fits the budget (otherwise the member enters at its
-full weight, said in a notify line); should a later unit step still not fit
-an empty window, it is taken anyway once the window is empty, so a ramp
-always ends, and the notify line says "over budget". Capacity and fallback
-steps never exceed the budget.
+deferred to a later interval (and said once per member). Capacity and
+fallback steps never exceed the budget.
 
 Interface (what the controller, the API and lbctl use)
 ------------------------------------------------------
@@ -601,15 +595,6 @@ class CapacityController:
         floor = member.effective(ramp=SLOW_START_FLOOR)
         if floor >= member.effective(ramp=1.0):
             return  # the weight is too small to ramp (e.g. 1): nothing to do
-        base = vip.weights({address: (member.factor, SLOW_START_FLOOR)})
-        step = dict(base)
-        step[address] = floor + 1
-        moved = len(maglev.diff_positions(vip.ring(base), vip.ring(step)))
-        if moved > vip.budget:
-            self.notify(f"{vip.spec.key}: {address} enters at its full weight, no slow start: "
-                        f"one weight unit of its ramp moves {moved} ring positions, over the "
-                        f"whole churn budget of {vip.budget}", address)
-            return
         member.ramp, member.ramp_from = SLOW_START_FLOOR, now
         self.notify(f"{vip.spec.key}: {address} starts its slow start at "
                     f"{SLOW_START_FLOOR:g} of its weight (weight {floor} of "
@@ -787,17 +772,31 @@ class CapacityController:
                 m.deferred = False
         if not everything:
             return False
+        changed = False
+        base = vip.ring(vip.weights())
+        ramps = dict(groups).get("slow start")
+        if ramps:
+            # The operator's schedule, not adaptation: taken whole, never charged to
+            # the churn budget (adding the backend at full weight at once would move
+            # the same positions, unbudgeted).
+            ring = vip.ring(vip.weights(_plan(ramps)))
+            changed = self._commit(vip, ramps, base, ring,
+                                   len(maglev.diff_positions(base, ring)), now, "",
+                                   charged=False)
+            base = ring
+            groups = [(name, wants) for name, wants in groups if name != "slow start"]
+            everything = {a: w for _, wants in groups for a, w in wants.items()}
+            if not everything:
+                return changed
         current = vip.weights()
-        base = vip.ring(current)
         weights = vip.weights(_plan(everything))
         if weights == current:  # only sub-unit changes: take them, no ring moves
             self._commit(vip, everything, base, base, 0, now, "")
-            return False
+            return changed
         ring = vip.ring(weights)
         moved = len(maglev.diff_positions(base, ring))
         if moved <= vip.budget - vip.used(now):
-            return self._commit(vip, everything, base, ring, moved, now, "")
-        changed = False
+            return self._commit(vip, everything, base, ring, moved, now, "") or changed
         for name, wants in groups:
             found = self._fit(vip, wants, base, now, name)
             if found is None:
@@ -876,14 +875,11 @@ class CapacityController:
                 continue
             if tried[1] <= left:
                 return chosen, *tried, "one weight unit"
-            if name == "slow start" and vip.used(now) == 0 and tried[1] > vip.budget:
-                return (chosen, *tried,
-                        f"over budget: one weight unit moves {tried[1]} positions, more "
-                        f"than the whole budget {vip.budget}; a slow start must end")
         return None
 
     def _commit(self, vip: _Vip, chosen: Mapping[str, _Want], base: maglev.Ring,
-                ring: maglev.Ring, moved: int, now: float, note: str) -> bool:
+                ring: maglev.Ring, moved: int, now: float, note: str,
+                charged: bool = True) -> bool:
         before = {a: (m.factor, m.ramp, m.effective()) for a, m in vip.members.items()}
         for address, want in chosen.items():
             m = vip.members[address]
@@ -891,7 +887,8 @@ class CapacityController:
             if m.ramp_from is not None and want.ramp >= 1 - _EPS:
                 m.ramp, m.ramp_from = 1.0, None
         if moved:
-            vip.moves.append((now, moved))
+            if charged:
+                vip.moves.append((now, moved))
             old_shares, new_shares = base.shares(), ring.shares()
             for address, m in vip.members.items():
                 old, new = old_shares.get(address, 0), new_shares.get(address, 0)
@@ -912,8 +909,9 @@ class CapacityController:
             self.notify(
                 f"{vip.spec.key}: {address} weight {w0} -> {w1} of {m.weight} "
                 f"({want.why}; {load}factor {f0:.4g} -> {m.factor:.4g}, "
-                f"slow start {r0:.4g} -> {m.ramp:.4g}; ring {moved} positions moved, budget "
-                f"{left}/{vip.budget} left in {vip.window_s:g} s"
+                f"slow start {r0:.4g} -> {m.ramp:.4g}; ring {moved} positions moved, "
+                + (f"budget {left}/{vip.budget} left in {vip.window_s:g} s" if charged else
+                   "not charged to the churn budget")
                 + (f"; {note}" if note else "") + ")", address)
         return changed
 
