@@ -484,8 +484,10 @@ def print_table(results: list[CaseResult], generator: str) -> None:
               f"{r.one_read_mpps:>8.2f}{r.one_read_ratio:>7.3f}"
               f"{r.extra_ns:>7.0f}{r.floor_ns:>7.0f}{lost:>6}"
               f"{r.settled_fraction:>9.1%}{r.conn_hit_fraction:>7.1%}  {verdict}")
-    print(f"Mpps per core: frames received / the kernel's time for all the work on the one "
-          f"CPU.\ntable: the balancer with settled_refresh_s = 0 (every packet reads the flow "
+    timing = ("the kernel's own timing of the loop" if generator != trafgen_sender.NAME else
+              "the CPU time of trafgen and ksoftirqd, trafgen's start-up taken away")
+    print(f"Mpps per core: frames received / the CPU time of all the work of a frame "
+          f"({timing}).\ntable: the balancer with settled_refresh_s = 0 (every packet reads the flow "
           f"table).\nLB side: xdplb vs swap with the floor (generator + one veth hop + "
           f"counting drop) taken away from both.\n1 read: the MAC swap after one read of a "
           f"flow-table-sized array at a per-flow slot.\nsettled / hits: measured frames "
