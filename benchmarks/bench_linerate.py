@@ -487,8 +487,8 @@ def print_table(results: list[CaseResult], generator: str) -> None:
     timing = ("the kernel's own timing of the loop" if generator != trafgen_sender.NAME else
               "the CPU time of trafgen and ksoftirqd, trafgen's start-up taken away")
     print(f"Mpps per core: frames received / the CPU time of all the work of a frame "
-          f"({timing}).\ntable: the balancer with settled_refresh_s = 0 (every packet reads the flow "
-          f"table).\nLB side: xdplb vs swap with the floor (generator + one veth hop + "
+          f"({timing}).\ntable: the balancer with settled_refresh_s = 0 (every packet reads "
+          f"the flow table).\nLB side: xdplb vs swap with the floor (generator + one veth hop + "
           f"counting drop) taken away from both.\n1 read: the MAC swap after one read of a "
           f"flow-table-sized array at a per-flow slot.\nsettled / hits: measured frames "
           f"sent by a settled ring slot / by the flow table.\nTarget: whole-path ratio >= "

@@ -65,6 +65,13 @@ static __always_inline int icmp_echo_reply(void *data, void *data_end, const str
 	__u16 *icmp_word = data + HDR_OFF(pkt->l4_off); /* [0]: type and code, [1]: checksum */
 	if ((void *)(icmp_word + 2) > data_end)
 		return -1;
+	/* A corrupt request is not answered (a host would drop it), rather than sent
+	 * back with a checksum that is still wrong. */
+	if (!pkt->ipv6) {
+		__u32 header_len = (__u32)HDR_OFF(pkt->l4_off) - (__u32)HDR_OFF(pkt->l3_off);
+		if (!ipv4_header_valid(data + HDR_OFF(pkt->l3_off), data_end, header_len >> 2))
+			return -1;
+	}
 	swap_macs(eth);
 
 	__u16 old_word = icmp_word[0];

@@ -334,12 +334,14 @@ def read_document(path: str) -> str:
     try:
         raw = sys.stdin.buffer.read() if path == "-" else _read_bytes(path)
         data = tomllib.loads(raw.decode()) if kind == "TOML" else json.loads(raw)
+        # TOML dates have no JSON form: as strings lbd refuses them by name.
+        return json.dumps(data, default=str)
     except OSError as error:
         raise OneLineUsageError(f"cannot read {name}: {error.strerror}") from None
-    except ValueError as error:  # also UnicodeDecodeError
+    except RecursionError:
+        raise OneLineUsageError(f"{name}: not valid {kind}: nested too deeply") from None
+    except ValueError as error:  # also UnicodeDecodeError, and integers of 4300+ digits
         raise OneLineUsageError(f"{name}: not valid {kind}: {error}") from None
-    # TOML dates have no JSON form: as strings lbd refuses them by name.
-    return json.dumps(data, default=str)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -27,6 +27,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 from google.protobuf.message import Message
 
+from xdplb.state import MAX_MESSAGE_BYTES
 from xdplb.v1 import lb_pb2_grpc
 
 DEFAULT_SOCKET = "/run/xdplb/lbd.sock"
@@ -52,8 +53,13 @@ class Endpoint:
 
     def open_channel(self) -> grpc.Channel:
         if self.credentials is None:
-            return grpc.insecure_channel(self.target)
-        return grpc.secure_channel(self.target, self.credentials)
+            return grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(self.target, self.credentials, options=CHANNEL_OPTIONS)
+
+
+# The largest state lbd accepts lists and exports within this (xdplb.state limits).
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 def choose_endpoint(*, socket_path: str, address: str | None = None, ca: str | None = None,

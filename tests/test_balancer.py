@@ -223,6 +223,26 @@ def test_ipv4_echo_request_to_vip_is_answered(bal, prog, v4):
     assert nonzero(bal.counters()) == {"tx_icmp_echo_reply": 1}
 
 
+def test_ipv4_echo_request_with_options_is_answered(bal, prog, v4):
+    request = eth() / IP(src=CLIENT4, dst=VIP4, ttl=7, id=9, options=b"\x01\x01\x01\x00") / (
+        ICMP(id=5, seq=3) / b"ping")
+    out = bal.test_run(bytes(request))
+    expected = Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(
+        src=VIP4, dst=CLIENT4, ttl=64, id=9, options=b"\x01\x01\x01\x00") / ICMP(
+        type=0, id=5, seq=3) / b"ping"
+    assert (out.verdict, out.data) == (XDP_TX, bytes(expected))
+
+
+@pytest.mark.parametrize("options", [b"", b"\x01\x01\x01\x00"])
+def test_an_echo_request_with_a_wrong_header_checksum_is_not_answered(bal, prog, v4, options):
+    """Found by the packet fuzzer: the reply kept the request's wrong checksum."""
+    request = bytearray(bytes(eth() / IP(src=CLIENT4, dst=VIP4, options=options) / ICMP()))
+    request[14 + 10] ^= 0x40  # the IPv4 header checksum
+    out = bal.test_run(bytes(request))
+    assert out.verdict == XDP_DROP
+    assert nonzero(bal.counters()) == {"drop_malformed": 1}
+
+
 def test_ipv6_echo_request_to_vip_is_answered(bal, prog, v6):
     request = eth() / IPv6(src=CLIENT6, dst=VIP6, hlim=9) / ICMPv6EchoRequest(id=5, seq=3,
                                                                             data=b"ping")

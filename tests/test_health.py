@@ -65,6 +65,7 @@ from xdplb.health import (
     DAMPING_REUSE,
     DAMPING_SUPPRESS,
     JITTER,
+    TICK_S,
     GrpcChannels,
     HealthChecker,
     Probe,
@@ -1108,8 +1109,10 @@ def report_measurements():
 
 DOWN_BOUND_S = FALL * INTERVAL_MS / 1000 + TIMEOUT_MS / 1000
 UP_BOUND_S = RISE * INTERVAL_MS / 1000
-DOWN_FLOOR_S = (FALL - 1) * INTERVAL_MS / 1000 * (1 - JITTER) - 0.02  # 20 ms: ready/kill lag
-UP_FLOOR_S = (RISE - 1) * INTERVAL_MS / 1000 * (1 - JITTER) - 0.02
+# 20 ms: ready/kill lag; and a check may start up to two scheduler ticks early (it is
+# due a tick early, and what is due within a tick starts with it).
+DOWN_FLOOR_S = (FALL - 1) * INTERVAL_MS / 1000 * (1 - JITTER) - 0.02 - 2 * TICK_S
+UP_FLOOR_S = (RISE - 1) * INTERVAL_MS / 1000 * (1 - JITTER) - 0.02 - 2 * TICK_S
 
 
 @pytest.mark.netns

@@ -254,8 +254,10 @@ REFUSALS = [
     (["backend", "add", VIP4, "10.100.10.2"], 1, "backend 10.100.10.2 already exists"),
     (["backend", "set", VIP4, "10.100.10.2", "--weight", "10001"], 2, "10001"),
     (["backend", "set", VIP4, "10.100.10.2", "--weight", "-1"], 2, "-1"),
-    (["vip", "set", VIP4, "--ring-size", "65536"], 1, "65536 is not a prime"),
-    (["vip", "add", "[fd00:200::10]:80/tcp", "--ring-size", "1000"], 1, "1000 is not a prime"),
+    (["vip", "set", VIP4, "--ring-size", "65536"], 2,
+     "65536 is not a prime (nearest primes: 65521, 65537)"),
+    (["vip", "add", "[fd00:200::10]:80/tcp", "--ring-size", "1000"], 2,
+     "1000 is not a prime (nearest primes: 997, 1009)"),
 ]
 
 

@@ -762,3 +762,83 @@ def test_an_explicit_timeout_over_the_interval_is_still_refused():
 def test_a_shorter_interval_clamps_the_timeout_the_vip_had():
     base = state.check_from_dict({"interval_ms": 2000, "timeout_ms": 1500}, "check")
     assert state.check_from_dict({"interval_ms": 1000}, "check", base).timeout_ms == 1000
+
+
+# --- every string a character set and a length, every list a count, every number a range ---
+
+
+def _refused(doc_vip: dict, message: str) -> None:
+    with pytest.raises(state.StateError) as info:
+        state.DesiredState.from_dict({"vips": [_vip(**doc_vip)]})
+    assert message in str(info.value), str(info.value)
+    assert len(str(info.value)) < 500  # bounded, whatever was sent
+
+
+LIMIT_REFUSALS = [
+    ({"check": {"kind": "http", "host": "lab\r\nX-Injected: 1"}},
+     f"{VIP0}.check.host: 'lab\\r\\nX-Injected: 1' holds a control character"),
+    ({"check": {"kind": "http", "path": "/a\r\nX: 1"}}, f"{VIP0}.check.path: "),
+    ({"check": {"kind": "http", "path": "/a b"}}, "an HTTP path holds only letters"),
+    ({"check": {"kind": "http", "path": "/\x00"}}, "holds a control character"),
+    ({"check": {"kind": "http", "body": "ok\x00"}}, f"{VIP0}.check.body: "),
+    ({"check": {"kind": "grpc", "grpc_service": "svc\x00"}}, f"{VIP0}.check.grpc_service: "),
+    ({"check": {"kind": "grpc", "grpc_service": "a b"}}, "is not a gRPC service name"),
+    ({"check": {"kind": "http", "host": "a b"}}, "is not a host name or address"),
+    ({"check": {"kind": "http", "path": "/" + "a" * 1024}},
+     "1025 characters, more than the limit of 1024"),
+    ({"check": {"kind": "http", "host": "h" * 256}}, "256 characters, more than the limit"),
+    ({"check": {"kind": "http", "body": "b" * 257}}, "257 characters, more than the limit"),
+    ({"check": {"kind": "http", "expect_status": [200] * 17}},
+     f"{VIP0}.check.expect_status: 17 codes, more than the limit of 16"),
+    ({"check": {"kind": "http", "expect_status": [200] * 1_000_000}}, "1000000 codes"),
+    ({"capacity": {"source": "none", "metric": "q\nx"}}, f"{VIP0}.capacity.metric: "),
+    ({"capacity": {"source": "none", "labels": 'a="\x00"'}}, f"{VIP0}.capacity.labels: "),
+    ({"capacity": {"source": "push", "target": float("nan")}}, f"{VIP0}.capacity.target: "),
+    ({"capacity": {"source": "none", "target": float("inf")}}, f"{VIP0}.capacity.target: "),
+    ({"capacity": {"source": "none", "smoothing": float("nan")}},
+     f"{VIP0}.capacity.smoothing: "),
+    ({"panic_threshold": float("nan")}, f"{VIP0}.panic_threshold: "),
+    ({"slow_start_s": float("inf")}, f"{VIP0}.slow_start_s: "),
+    ({"ring_size": 10**5000}, f"{VIP0}.ring_size: <int too large to show> is not a prime"),
+]
+
+
+@pytest.mark.parametrize(("doc_vip", "message"), LIMIT_REFUSALS,
+                         ids=[m[:40] for _, m in LIMIT_REFUSALS])
+def test_limits_are_refused_with_the_field_path(doc_vip, message):
+    _refused(doc_vip, message)
+
+
+def test_a_long_vip_or_address_is_refused_before_parsing():
+    with pytest.raises(state.StateError, match="65 characters, no VIP is that long"):
+        state.VipKey.parse("1" * 61 + "/tcp")
+    with pytest.raises(state.StateError, match="no address is that long"):
+        state.canonical_address("1" * 3_000_000)
+
+
+def test_messages_quote_huge_or_deep_values_briefly():
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(state.StateError) as info:
+        state.DesiredState.from_dict({"version": deep})
+    assert len(str(info.value)) < 200
+    with pytest.raises(state.StateError) as info:
+        state.DesiredState.from_dict({"vips": [_vip(hash="x" * 3_000_000)]})
+    assert len(str(info.value)) < 300
+
+
+def test_the_state_may_not_grow_past_what_the_api_can_return():
+    limits = state.Limits(max_vips=16, max_backends=1 << 20, ring_entries=16 * 655373)
+    heavy = state.HealthCheck(kind="http", path="/" + "p" * 1023, host="h" * 255,
+                              body="b" * 256)
+    backends = {f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}": state.BackendSpec(
+        f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", check=heavy) for i in range(1, 6001)}
+    vip = state.default_vip(state.VipKey("10.200.0.1", 80, "tcp"), backends=backends,
+                            ring_size=655373)
+    with pytest.raises(state.LimitExceeded, match="more than the limit of 8388608"):
+        state.apply_changes(state.DesiredState(), [state.AddVip(vip)], limits)
+    smaller = dataclasses.replace(vip, backends=dict(list(backends.items())[:3000]))
+    assert state.apply_changes(state.DesiredState(), [state.AddVip(smaller)], limits)

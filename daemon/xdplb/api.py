@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -56,6 +57,17 @@ def _to_dict(message: Any) -> dict[str, Any]:
     for backend in data.get("backends", []):
         backend.pop("status", None)
     return data
+
+
+MAX_WAIT_S = 86_400.0
+
+
+def _seconds(name: str, value: float, low: float, high: float) -> float:
+    """A duration from a request: finite and in range (NaN compares false to any)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise st.StateError(f"{name}: must be a number of seconds in {low:g}..{high:g}, "
+                            f"got {value!r}")
+    return value
 
 
 def _vip_key(text: str) -> st.VipKey:
@@ -311,9 +323,9 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         return response
 
     async def DrainHost(self, request, context):
-        if request.wait_s < 0 or request.quiet_s < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "wait_s and quiet_s must not be negative")
+        await self._run(context, "DrainHost", lambda: (
+            _seconds("wait_s", request.wait_s, 0.0, MAX_WAIT_S),
+            _seconds("quiet_s", request.quiet_s, 0.0, 3600.0)))
         await self._run(context, "DrainHost", lambda: self.ctl.set_host_drained(
             not request.undo))
         bgp_on = self.ctl.announcer is not None
@@ -355,7 +367,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     async def CountFlows(self, request, context):
         within = request.active_within_s or 60.0
         return await self._run(context, "CountFlows", lambda: self._count_flows(
-            request.vip, request.address, within))
+            request.vip, request.address,
+            _seconds("active_within_s", within, 1.0, MAX_WAIT_S)))
 
     def _count_flows(self, vip: str, address: str, within: float) -> pb.FlowCount:
         flows, active = self.ctl.count_flows(_vip_key(vip), _address(address), within)
@@ -415,7 +428,10 @@ async def serve(controller: Controller) -> grpc.aio.Server:
     """Starts the API on the unix socket (0600) and, if configured, on TCP."""
     config = controller.config
     # No SO_REUSEPORT: a second lbd must fail to bind the same TCP port, not share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", st.MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", st.MAX_MESSAGE_BYTES)])
     pb_grpc.add_LoadBalancerServicer_to_server(LoadBalancerService(controller), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,7 +17,7 @@ from typing import Any
 
 from xdplb.datapath import PIN_ROOT, DatapathError, HealthMarks, MapSizes
 from xdplb.reconciler import DatapathSettings
-from xdplb.state import StateError, StrictTable
+from xdplb.state import StateError, StrictTable, shown
 
 DEFAULT_SOCKET = Path("/run/xdplb/lbd.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/xdplb")
@@ -153,13 +153,13 @@ class DaemonConfig:
                 raise ConfigError("interfaces: at least one is needed (--interface IFNAME)")
         with found.checking():
             if self.xdp_mode not in XDP_MODES:
-                raise ConfigError(f"xdp_mode: {self.xdp_mode!r} is not one of native, generic")
+                raise ConfigError(f"xdp_mode: {shown(self.xdp_mode)} is not one of native, generic")
         with found.checking():
             if self.log_format not in LOG_FORMATS:
-                raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+                raise ConfigError(f"log_format: {shown(self.log_format)} is not one of text, json")
         with found.checking():
             if not self.name or "/" in self.name or self.name.startswith("."):
-                raise ConfigError(f"name: {self.name!r} must be a plain file name")
+                raise ConfigError(f"name: {shown(self.name)} must be a plain file name")
         with found.checking():
             if self.metrics_listen:
                 split_host_port(self.metrics_listen, "metrics.listen")
@@ -187,7 +187,8 @@ class DaemonConfig:
 
     def _validate_datapath_settings(self) -> None:
         try:
-            self.datapath_settings(self.nexthop.mac or "02:00:00:00:00:00")
+            # nexthop.mac has its own check: a placeholder keeps it from being told twice
+            self.datapath_settings("02:00:00:00:00:00")
         except ValueError as exc:
             if str(exc).startswith("settled_refresh_s"):
                 raise ConfigError(f"flows.{exc}") from None
@@ -225,14 +226,14 @@ class DaemonConfig:
 def _check_mac(mac: str) -> None:
     digits = mac.replace(":", "")
     if len(digits) != 12 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise ConfigError(f"nexthop.mac: {mac!r} is not a MAC address")
+        raise ConfigError(f"nexthop.mac: {shown(mac)} is not a MAC address")
 
 
 def _check_ip(text: str, key: str) -> None:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(f"{key}: {text!r} is not an IP address") from None
+        raise ConfigError(f"{key}: {shown(text)} is not an IP address") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -248,7 +249,7 @@ def split_host_port(text: str, key: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (IPv6: [ADDR]:PORT)")
+        raise ConfigError(f"{key}: {shown(text)} is not HOST:PORT (IPv6: [ADDR]:PORT)")
     return host, int(port)
 
 

@@ -33,8 +33,10 @@ from xdplb.reconciler import (
     VipPlan,
 )
 from xdplb.state import (
+    MAX_DOCUMENT_BYTES,
     Change,
     DesiredState,
+    LimitExceeded,
     Limits,
     NotFound,
     StateError,
@@ -80,12 +82,36 @@ def change_subject(change: Change) -> tuple[str, str]:
     return (str(key) if key else "", backend or "")
 
 
+def parse_document(document: str) -> object:
+    """An apply document's JSON; StateError (or LimitExceeded) says why not. Nesting
+    too deep for the parser and integers past Python's digit limit are refusals too."""
+    if len(document) > MAX_DOCUMENT_BYTES:
+        raise LimitExceeded(f"document: {len(document)} characters, more than the limit "
+                            f"of {MAX_DOCUMENT_BYTES}")
+    try:
+        return json.loads(document)
+    except json.JSONDecodeError as exc:
+        raise StateError(f"document: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise StateError("document: nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise StateError(f"document: {exc}") from None
+
+
 class Controller:
     def __init__(self, config: DaemonConfig, *, balancer: Any = None):
         self.config = config
         self.store = StateStore(config.state_dir)
         self.limits = Limits.of_map_sizes(config.maps)
-        self.state = self.store.load()  # refuses to start on a bad file, before any map
+        # Every file is read (and a bad one refused) before any map exists.
+        self.state = self.store.load()
+        self.host_drained = self.store.load_host_drained()
+        self.last_bgp_state = bgp.BgpState(config.bgp.enabled)
+        self.announcer: bgp.BirdAnnouncer | None = None
+        if config.bgp.enabled:
+            self.announcer = bgp.BirdAnnouncer(Path(config.bgp.include_dir),
+                                               Path(config.bgp.bird_socket), config.bgp.birdc)
+            self.announcer.prepare()
         self.started = time.time()
         self.balancer = balancer or datapath.Balancer(config.maps, pin_dir=config.pin_dir,
                                                       marks=config.health_marks)
@@ -101,13 +127,6 @@ class Controller:
         self.health: HealthChecker | None = None
         self.capacity: CapacityController | None = None
         self.metrics: ControlPlaneMetrics | None = None
-        self.host_drained = self.store.load_host_drained()
-        self.last_bgp_state = bgp.BgpState(config.bgp.enabled)
-        self.announcer: bgp.BirdAnnouncer | None = None
-        if config.bgp.enabled:
-            self.announcer = bgp.BirdAnnouncer(Path(config.bgp.include_dir),
-                                               Path(config.bgp.bird_socket), config.bgp.birdc)
-            self.announcer.prepare()
         self._watchers: set[asyncio.Queue[Event]] = set()
 
     # -- life cycle --
@@ -300,10 +319,7 @@ class Controller:
         return ChangeResult(lines, self._reconcile("change"))
 
     def apply_document(self, document: str, dry_run: bool) -> ChangeResult:
-        try:
-            target = DesiredState.from_dict(json.loads(document), "document")
-        except json.JSONDecodeError as exc:
-            raise StateError(f"document: not valid JSON: {exc}") from None
+        target = DesiredState.from_dict(parse_document(document), "document")
         changes = diff(self.state, target)
         apply_changes(self.state, changes, self.limits)  # refuses before anything is said
         if dry_run:

@@ -46,6 +46,9 @@ class DatapathError(Exception):
     """A datapath operation failed; the message says which and why."""
 
 
+MAX_BACKEND_ENTRIES = 1 << 16  # entry 0 reserved: 65,535 backends (per VIP, summed)
+
+
 @dataclass(frozen=True)
 class MapSizes:
     """Capacities compiled into the maps. Changing one needs new maps.
@@ -72,9 +75,11 @@ class MapSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
-        if self.max_backends > 1 << 24:  # a ring entry's top byte holds RING_UNSETTLED
+        # 65,535 backends at most: the default health mark carries a 16-bit index, and
+        # the API lists every backend's status within its message limit (state.py).
+        if self.max_backends > MAX_BACKEND_ENTRIES:
             raise DatapathError(f"map size max_backends={self.max_backends!r}: must be "
-                                f"<= {1 << 24}")
+                                f"<= {MAX_BACKEND_ENTRIES}")
         if self.conn_entries & (self.conn_entries - 1):
             raise DatapathError(f"map size conn_entries={self.conn_entries!r}: must be a power "
                                 f"of two (sets x {structs.FLOW_WAYS} ways)")
@@ -1128,10 +1133,16 @@ class Balancer:
 
     def unpin(self) -> None:
         """Removes the pinned maps: the next Balancer starts empty."""
-        if self.pin_dir is not None and self.pin_dir.exists():
-            shutil.rmtree(self.pin_dir)
-            with contextlib.suppress(OSError):  # the shared root, once no instance is left
-                self.pin_dir.parent.rmdir()
+        if self.pin_dir is not None:
+            remove_pins(self.pin_dir)
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Removes an instance's pinned maps, and the shared root once no instance is left."""
+    if pin_dir.exists():
+        shutil.rmtree(pin_dir)
+        with contextlib.suppress(OSError):
+            pin_dir.parent.rmdir()
 
 
 class PinnedMaps:

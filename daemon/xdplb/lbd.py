@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -28,15 +29,23 @@ import click
 from xdplb import __version__, api, metrics
 from xdplb.config import ConfigError, DaemonConfig, load_config, split_host_port
 from xdplb.controller import Controller
-from xdplb.datapath import DatapathError
+from xdplb.datapath import DatapathError, remove_pins
 from xdplb.nexthop import NexthopError
 from xdplb.reconciler import ReconcileError
 from xdplb.state import Limits
-from xdplb.store import StoreError, check_state_file
+from xdplb.store import StateStore, StoreError, check_state_file
 
 log = logging.getLogger("xdplb.lbd")
 STARTUP_ERRORS = (StoreError, DatapathError, NexthopError, api.ApiError, ReconcileError,
                   OSError)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """Control characters as escapes: one event is one log line, whatever it quotes."""
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
 
 
 class TextFormatter(logging.Formatter):
@@ -44,7 +53,11 @@ class TextFormatter(logging.Formatter):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         extra = "".join(f" {k}={v}" for k in ("event", "vip", "backend")
                         if (v := getattr(record, k, "")))
-        return f"{stamp}Z {record.levelname.lower()} {record.getMessage()}{extra}"
+        line = one_line(f"{stamp}Z {record.levelname.lower()} {record.getMessage()}{extra}")
+        if record.exc_info:  # a traceback follows its line, indented
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n    {one_line(row)}" for row in trace.splitlines())
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -143,11 +156,23 @@ async def serve_until_stopped(controller: Controller) -> None:
 LOCK_DIR = Path("/run/xdplb")
 
 
+class InstanceLock:
+    """Held while lbd runs; refused() removes the lock file if this start made it."""
+
+    def __init__(self, path: Path, created: bool):
+        self.path, self.created = path, created
+
+    def refused(self) -> None:
+        if self.created:
+            self.path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def instance_lock(name: str) -> Iterator[None]:
+def instance_lock(name: str) -> Iterator[InstanceLock]:
     """One lbd per instance name: the maps pinned under that name are its alone."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     path = LOCK_DIR / f"{name}.lock"
+    created = not path.exists()
     with path.open("a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,7 +185,7 @@ def instance_lock(name: str) -> Iterator[None]:
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        yield
+        yield InstanceLock(path, created)
 
 
 def raise_open_files_limit() -> None:
@@ -171,18 +196,36 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def read_persisted(config: DaemonConfig) -> None:
+    """Reads the state and host files, refusing a bad one (StoreError) before lbd
+    creates anything: no socket, lock file or map is left by such a refusal."""
+    store = StateStore(config.state_dir)
+    store.load()
+    store.load_host_drained()
+
+
 def run(config: DaemonConfig) -> None:
-    # Refusals first, before any map is touched: another lbd on the socket or on
-    # this instance's maps, a bad state file (Controller loads it before the maps).
+    # Refusals first, before anything is created: a bad state or host file, another
+    # lbd on the socket or on this instance's maps; then maps of another shape
+    # (before any is loaded). A start that fails after that removes the maps it
+    # made (maps a previous lbd left keep forwarding) and its lock file.
+    read_persisted(config)
     api.claim_socket(config.api.socket)
     raise_open_files_limit()
-    with instance_lock(config.name):
+    with instance_lock(config.name) as lock:
         fresh_maps = not config.pin_dir.exists()
-        controller = Controller(config)
+        try:
+            controller = Controller(config)
+        except BaseException:
+            if fresh_maps:
+                remove_pins(config.pin_dir)
+            lock.refused()
+            raise
         try:
             controller.start()
         except BaseException:
             controller.abandon(unpin=fresh_maps)
+            lock.refused()
             raise
         try:
             asyncio.run(serve_until_stopped(controller))

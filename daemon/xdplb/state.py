@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import json
 import re
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,6 +36,30 @@ WHEN_NONE_HEALTHY = ("drop", "all")
 LOAD_SOURCES = ("none", "prometheus", "push")
 MAX_WEIGHT = 10_000
 DEFAULT_WEIGHT = 100
+
+# Every string has a character set and a length, every list a count, every number
+# a range (docs/limits): nothing an operator sends can reach a socket, a log line or
+# a file with CR, LF or NUL in it, nor grow the state past what the API can answer.
+MAX_ADDRESS_TEXT = 64  # "[ffff:...:255.255.255.255]:65535/udp" is 56
+MAX_PATH = 1024
+MAX_HOST = 255
+MAX_BODY = 256
+MAX_GRPC_SERVICE = 256
+MAX_METRIC = 200
+MAX_LABELS = 1024
+MAX_STATUS_CODES = 16
+# The largest gRPC message lbd and lbctl send or take (the library's default is 4 MiB).
+MAX_MESSAGE_BYTES = 256 << 20
+# The state as compact JSON: its export and listings stay far inside the API's
+# message limit, whatever the map sizes allow (tests/test_limits.py measures it).
+MAX_STATE_BYTES = 8 << 20
+# An apply document as sent (any formatting): more than the largest state exported.
+MAX_DOCUMENT_BYTES = 32 << 20
+_HTTP_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
+_HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_GRPC_SERVICE = re.compile(r"[A-Za-z0-9_./-]*")
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class StateError(ValueError):
@@ -52,8 +78,42 @@ class LimitExceeded(StateError):
     """The result would not fit the maps."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxlong = 2, 6, 6, 40
+
+
+def shown(value: object) -> str:
+    """repr() for a message, bounded: a value from a request may be megabytes long or
+    deeply nested, and what it says goes into logs and answers."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return f"<{type(value).__name__} too large to show>"
+
+
 def _fail(where: str, message: str) -> StateError:
     return StateError(f"{where}: {message}" if where else message)
+
+
+def _text(where: str, value: object, limit: int, pattern: re.Pattern[str] | None = None,
+          what: str = "") -> str:
+    """A string of at most `limit` characters, without control characters, matching
+    `pattern` whole when one is given ("" always passes: empty means unset)."""
+    if not isinstance(value, str):
+        raise _fail(where, f"must be a string, got {shown(value)}")
+    if len(value) > limit:
+        raise _fail(where, f"{len(value)} characters, more than the limit of {limit}")
+    if _CONTROL.search(value):
+        raise _fail(where, f"{shown(value)} holds a control character (CR, LF, NUL, ...)")
+    if value and pattern is not None and not pattern.fullmatch(value):
+        raise _fail(where, f"{shown(value)} is not {what}")
+    return value
+
+
+def _one_of(where: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise _fail(where, f"{shown(value)} is not one of {', '.join(choices)}")
 
 
 # --- addresses and VIP keys ---------------------------------------------------
@@ -62,16 +122,18 @@ def _fail(where: str, message: str) -> StateError:
 def canonical_address(text: object, where: str = "address") -> str:
     """The canonical text of a unicast IP address usable as a VIP or backend."""
     if not isinstance(text, str):
-        raise _fail(where, f"must be an IP address string, got {text!r}")
+        raise _fail(where, f"must be an IP address string, got {shown(text)}")
+    if len(text) > MAX_ADDRESS_TEXT:
+        raise _fail(where, f"{len(text)} characters: no address is that long")
     if "%" in text:
         # ipaddress keeps a zone id in the address's identity, the datapath has no
         # zones: fd00::1%eth0 would be a second key for the address fd00::1.
-        raise _fail(where, f"{text!r} has a zone id (%...): VIPs and backends are "
+        raise _fail(where, f"{shown(text)} has a zone id (%...): VIPs and backends are "
                            "global addresses; leave the zone out")
     try:
         ip = ipaddress.ip_address(text.strip())
     except ValueError:
-        raise _fail(where, f"{text!r} is not an IPv4 or IPv6 address") from None
+        raise _fail(where, f"{shown(text)} is not an IPv4 or IPv6 address") from None
     if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
         kind = ("unspecified" if ip.is_unspecified else
                 "multicast" if ip.is_multicast else "loopback")
@@ -125,17 +187,18 @@ class VipKey:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not (
                 0 <= self.port <= 65535):
             raise _fail("VIP port", f"must be an integer 1..65535 (0: every port), "
-                                    f"got {self.port!r}")
-        if self.protocol not in PROTOCOLS:
-            raise _fail("VIP protocol", f"{self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+                                    f"got {shown(self.port)}")
+        _one_of("VIP protocol", self.protocol, PROTOCOLS)
 
     @classmethod
     def parse(cls, text: str) -> VipKey:
         """`10.0.0.10:80/tcp`, `[2001:db8::10]:443/udp`, or port-less `10.0.0.10/tcp`."""
-        usage = (f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL, e.g. 10.0.0.10:80/tcp, "
+        usage = (f"VIP {shown(text)}: expected ADDRESS[:PORT]/PROTOCOL, e.g. 10.0.0.10:80/tcp, "
                  "[2001:db8::10]:443/udp or 10.0.0.10/tcp")
         if not isinstance(text, str):
-            raise StateError(f"VIP {text!r}: expected ADDRESS[:PORT]/PROTOCOL as a string")
+            raise StateError(f"VIP {shown(text)}: expected ADDRESS[:PORT]/PROTOCOL as a string")
+        if len(text) > MAX_ADDRESS_TEXT:
+            raise StateError(f"VIP {shown(text)}: {len(text)} characters, no VIP is that long")
         host, slash, protocol = text.strip().rpartition("/")
         if not slash or not host:
             raise StateError(usage)
@@ -152,15 +215,15 @@ class VipKey:
             if host.count(":") > 1 and _ipv6_with_port(host):
                 if _is_ipv6(host):  # fd00::1:80 is an address, and fd00::1 port 80
                     head, _, tail = host.rpartition(":")
-                    raise StateError(f"VIP {text!r} is ambiguous: write [{head}]:{tail}/"
+                    raise StateError(f"VIP {shown(text)} is ambiguous: write [{head}]:{tail}/"
                                      f"{protocol} for port {tail}, or [{host}]/{protocol} "
                                      "for every port of that address")
-                raise StateError(f"VIP {text!r}: put an IPv6 address in brackets: "
+                raise StateError(f"VIP {shown(text)}: put an IPv6 address in brackets: "
                                  "[ADDR]:PORT/PROTO")
         port = 0
         if port_text is not None:
             if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-                raise StateError(f"VIP {text!r}: port {port_text!r} is not in 1..65535 "
+                raise StateError(f"VIP {shown(text)}: port {shown(port_text)} is not in 1..65535 "
                                  "(leave it out for every port)")
             port = int(port_text)
         return cls(address, port, protocol.lower())
@@ -180,7 +243,7 @@ class VipKey:
 
 def _int_in(where: str, value: object, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _fail(where, f"must be an integer {low}..{high}, got {value!r}")
+        raise _fail(where, f"must be an integer {low}..{high}, got {shown(value)}")
     return value
 
 
@@ -204,10 +267,8 @@ class HealthCheck:
     via: str = "backend"
 
     def validate(self, where: str) -> None:
-        if self.kind not in CHECK_KINDS:
-            raise _fail(f"{where}.kind", f"{self.kind!r} is not one of {', '.join(CHECK_KINDS)}")
-        if self.via not in CHECK_VIAS:
-            raise _fail(f"{where}.via", f"{self.via!r} is not one of {', '.join(CHECK_VIAS)}")
+        _one_of(f"{where}.kind", self.kind, CHECK_KINDS)
+        _one_of(f"{where}.via", self.via, CHECK_VIAS)
         if self.via == "vip" and self.kind == "grpc":
             raise _fail(f"{where}.via", "a grpc check cannot go through the VIP (the gRPC "
                                         "client cannot mark its connections); use via "
@@ -220,15 +281,28 @@ class HealthCheck:
                                                f"{self.interval_ms}")
         _int_in(f"{where}.rise", self.rise, 1, 100)
         _int_in(f"{where}.fall", self.fall, 1, 100)
-        if not isinstance(self.path, str) or not self.path.startswith("/"):
-            raise _fail(f"{where}.path", f"must start with '/', got {self.path!r}")
+        _http_path(f"{where}.path", self.path)
         if not self.expect_status or not isinstance(self.expect_status, tuple):
             raise _fail(f"{where}.expect_status", "must list at least one status code")
+        if len(self.expect_status) > MAX_STATUS_CODES:
+            raise _fail(f"{where}.expect_status", f"{len(self.expect_status)} codes, more than "
+                                                  f"the limit of {MAX_STATUS_CODES}")
         for code in self.expect_status:
             _int_in(f"{where}.expect_status", code, 100, 599)
-        for name in ("host", "body", "grpc_service"):
-            if not isinstance(getattr(self, name), str):
-                raise _fail(f"{where}.{name}", "must be a string")
+        _text(f"{where}.host", self.host, MAX_HOST, _HTTP_HOST, "a host name or address, "
+              "with an optional :port")
+        _text(f"{where}.body", self.body, MAX_BODY)
+        _text(f"{where}.grpc_service", self.grpc_service, MAX_GRPC_SERVICE, _GRPC_SERVICE,
+              "a gRPC service name (letters, digits, _ . / -)")
+
+
+def _http_path(where: str, value: object) -> None:
+    _text(where, value, MAX_PATH)
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _fail(where, f"must start with '/', got {shown(value)}")
+    if not _HTTP_PATH.fullmatch(value):
+        raise _fail(where, f"an HTTP path holds only letters, digits and "
+                           f"-._~!$&'()*+,;=:@%/? (%-encode the rest), got {shown(value)}")
 
 
 NO_CHECK = HealthCheck(kind="none")
@@ -240,7 +314,7 @@ def _float_in(where: str, value: object, low: float, high: float, *,
         low < value if low_open else low <= value) and value <= high
     if not ok:
         bound = f"({low}" if low_open else f"[{low}"
-        raise _fail(where, f"must be a number in {bound}, {high}], got {value!r}")
+        raise _fail(where, f"must be a number in {bound}, {high}], got {shown(value)}")
     return float(value)
 
 
@@ -270,20 +344,20 @@ class Capacity:
     stale_after_ms: int = 15000  # older load: the configured weight applies
 
     def validate(self, where: str) -> None:
-        if self.source not in LOAD_SOURCES:
-            raise _fail(f"{where}.source",
-                        f"{self.source!r} is not one of {', '.join(LOAD_SOURCES)}")
-        if self.source == "none":
-            return
+        """Every field is checked whatever the source (an unused one is persisted too);
+        a source needs its own: a target, and for prometheus a metric and a port."""
+        _one_of(f"{where}.source", self.source, LOAD_SOURCES)
+        _text(f"{where}.metric", self.metric, MAX_METRIC, _METRIC_NAME, "a metric name")
+        _text(f"{where}.labels", self.labels, MAX_LABELS)
+        parse_label_matchers(self.labels, f"{where}.labels")
+        _int_in(f"{where}.port", self.port, 0, 65535)
+        _http_path(f"{where}.path", self.path)
         if self.source == "prometheus":
-            if not isinstance(self.metric, str) or not re.fullmatch(
-                    r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metric):
-                raise _fail(f"{where}.metric", f"{self.metric!r} is not a metric name")
+            if not self.metric:
+                raise _fail(f"{where}.metric", "'' is not a metric name")
             _int_in(f"{where}.port", self.port, 1, 65535)
-            if not isinstance(self.path, str) or not self.path.startswith("/"):
-                raise _fail(f"{where}.path", f"must start with '/', got {self.path!r}")
-            parse_label_matchers(self.labels, f"{where}.labels")
-        _float_in(f"{where}.target", self.target, 0.0, 1e12, low_open=True)
+        if self.source != "none" or self.target:
+            _float_in(f"{where}.target", self.target, 0.0, 1e12, low_open=True)
         _int_in(f"{where}.interval_ms", self.interval_ms, 100, 3_600_000)
         _int_in(f"{where}.timeout_ms", self.timeout_ms, 10, self.interval_ms)
         _float_in(f"{where}.smoothing", self.smoothing, 0.0, 1.0, low_open=True)
@@ -307,13 +381,13 @@ def parse_label_matchers(text: str, where: str = "labels") -> dict[str, str]:
     while rest:
         match = _LABEL_MATCHER.match(rest)
         if not match:
-            raise _fail(where, f"{text!r}: expected name=\"value\" pairs separated by commas")
+            raise _fail(where, f"{shown(text)}: expected name=\"value\" pairs separated by commas")
         matchers[match[1]] = match[2].replace('\\"', '"').replace("\\\\", "\\")
         rest = rest[match.end():]
         if rest.startswith(","):
             rest = rest[1:]
         elif rest:
-            raise _fail(where, f"{text!r}: expected a comma after {match[0].strip()}")
+            raise _fail(where, f"{shown(text)}: expected a comma after {match[0].strip()}")
     return matchers
 
 
@@ -337,7 +411,7 @@ class BackendSpec:
         canonical_address(self.address, f"{where}.address")
         _int_in(f"{where}.weight", self.weight, 0, MAX_WEIGHT)
         if not isinstance(self.drained, bool):
-            raise _fail(f"{where}.drained", f"must be true or false, got {self.drained!r}")
+            raise _fail(f"{where}.drained", f"must be true or false, got {shown(self.drained)}")
         if self.check is not None:
             self.check.validate(f"{where}.check")
 
@@ -361,14 +435,11 @@ class VipSpec:
     backends: Mapping[str, BackendSpec] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if self.hash not in HASH_MODES:
-            raise _fail(f"{where}.hash", f"{self.hash!r} is not one of {', '.join(HASH_MODES)}")
-        if self.encap not in ENCAPSULATIONS:
-            raise _fail(f"{where}.encap",
-                        f"{self.encap!r} is not one of {', '.join(ENCAPSULATIONS)}")
+        _one_of(f"{where}.hash", self.hash, HASH_MODES)
+        _one_of(f"{where}.encap", self.encap, ENCAPSULATIONS)
         if not isinstance(self.ring_size, int) or isinstance(self.ring_size, bool) or not (
                 3 <= self.ring_size <= maglev.MAX_SIZE and maglev.is_prime(self.ring_size)):
-            raise _fail(f"{where}.ring_size", f"{self.ring_size!r} is not a prime in "
+            raise _fail(f"{where}.ring_size", f"{shown(self.ring_size)} is not a prime in "
                                               f"3..{maglev.MAX_SIZE} (e.g. 65537, 655373)")
         self.check.validate(f"{where}.check")
         if self.check.kind != "none" and self.check.port == 0 and self.key.port == 0:
@@ -377,12 +448,10 @@ class VipSpec:
         if not isinstance(self.panic_threshold, int | float) or isinstance(
                 self.panic_threshold, bool) or not 0.0 <= self.panic_threshold <= 1.0:
             raise _fail(f"{where}.panic_threshold",
-                        f"must be a fraction 0..1 (0: off), got {self.panic_threshold!r}")
+                        f"must be a fraction 0..1 (0: off), got {shown(self.panic_threshold)}")
         self.capacity.validate(f"{where}.capacity")
         _float_in(f"{where}.slow_start_s", self.slow_start_s, 0.0, 3600.0)
-        if self.when_none_healthy not in WHEN_NONE_HEALTHY:
-            raise _fail(f"{where}.when_none_healthy", f"{self.when_none_healthy!r} is not one "
-                                                      f"of {', '.join(WHEN_NONE_HEALTHY)}")
+        _one_of(f"{where}.when_none_healthy", self.when_none_healthy, WHEN_NONE_HEALTHY)
         for address, backend in self.backends.items():
             bwhere = f"{where} backend {address}"
             backend.validate(bwhere)
@@ -532,13 +601,14 @@ class StrictTable:
         value = self.data[name]
         if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            self._problem(_fail(f"{self.where}.{name}", f"must be {names}, got {value!r}"))
+            self._problem(_fail(f"{self.where}.{name}", f"must be {names}, got {shown(value)}"))
             return default
         return value
 
     def done(self) -> None:
         for key in sorted(set(self.data) - self.seen, key=str):
-            self._problem(_fail(self.where, f"unknown key {key!r}{did_you_mean(key, self.seen)}"))
+            hint = did_you_mean(key, self.seen)
+            self._problem(_fail(self.where, f"unknown key {shown(key)}{hint}"))
 
     def _problem(self, error: StateError) -> None:
         if self.problems is None:
@@ -549,7 +619,7 @@ class StrictTable:
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {shown(close[0])}?)" if close else ""
 
 
 _CHECK_DEFAULTS = HealthCheck()
@@ -740,7 +810,8 @@ BACKEND_SETTABLE = ("weight", "drained", "check")
 def _check_fields(settings: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
     for name in settings:
         if name not in allowed:
-            raise StateError(f"{what}: {name!r} cannot be set (settable: {', '.join(allowed)})")
+            raise StateError(f"{what}: {shown(name)} cannot be set "
+                             f"(settable: {', '.join(allowed)})")
 
 
 @dataclass(frozen=True)
@@ -825,6 +896,10 @@ def apply_changes(state: DesiredState, changes: Iterable[Change],
         change.apply(vips)
     new = DesiredState(vips)
     new.validate(limits)
+    size = len(json.dumps(new.to_dict(), separators=(",", ":")))
+    if size > MAX_STATE_BYTES:
+        raise LimitExceeded(f"the state would take {size} bytes (compact JSON), more than "
+                            f"the limit of {MAX_STATE_BYTES}: the API could not return it")
     return new
 
 
