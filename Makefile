@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock wheel
+.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock wheel fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,11 @@ bench: setup
 	done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi; \
 	echo "make bench: all $(words $(BENCHES)) benchmarks ran"
+
+# The long fuzz campaign (about an hour): the API property campaign against a
+# real lbd and the packet fuzzer; make test runs both on a small budget.
+fuzz: setup
+	@bash scripts/fuzz.sh
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
 # tests/test_api_proto.py checks they match the proto).
