@@ -10,8 +10,10 @@ setup:
 	@bash scripts/setup.sh
 
 # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+# The modules run on two workers, a module to a worker (its labs are shared by
+# its tests); most of the time goes to waiting on namespaces, checks and timers.
 test: setup
-	@$(PYTEST) -q; rc=$$?; \
+	@$(PYTEST) -q -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
@@ -41,16 +43,17 @@ proto: setup
 	@$(PY) -m grpc_tools.protoc -I daemon --python_out=daemon --pyi_out=daemon \
 		--grpc_python_out=daemon daemon/xdplb/v1/lb.proto
 
-# Re-resolves every dependency to the newest release that pyproject.toml allows
-# and pins it, with hashes: requirements.lock (runtime + dev: what setup.sh,
-# CI, the demo and Vagrant install) and requirements-runtime.lock (an LB
-# host), the second constrained by the first so the two never disagree.
+# Pins every dependency, with hashes: requirements.lock (runtime + dev: what
+# setup.sh, CI, the demo and Vagrant install) and requirements-runtime.lock (an
+# LB host), the second constrained by the first so the two never disagree.
+# `make lock` keeps the pins there are and adds what pyproject.toml gained;
+# `make lock UPGRADE=1` re-resolves everything to the newest releases allowed.
 # Debian 12 (Python 3.11, glibc 2.36) on x86_64 is the platform of record.
 LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_36 --custom-compile-command "make lock"
 lock: setup
-	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) --upgrade --extra dev pyproject.toml \
-		-o requirements.lock
+	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) --extra dev \
+		pyproject.toml -o requirements.lock
 	@$(VENV)/bin/uv pip compile $(LOCK_FLAGS) --constraint requirements.lock pyproject.toml \
 		-o requirements-runtime.lock
 

@@ -62,6 +62,8 @@ class BackendCounters:
 
     def __init__(self, topo: LbLab, vip: str, port: int):
         self.topo, self.vip, self.port = topo, vip, port
+        self._vip = socket.inet_aton(vip)
+        self._client = socket.inet_aton(topo.client_if.ipv4)
         self.counts: list[Counter] = [Counter() for _ in topo.backends]
         self._socks = []
         for host in topo.backends:
@@ -75,13 +77,18 @@ class BackendCounters:
         self._thread.start()
 
     def _match(self, frame: bytes) -> int | None:
-        pkt = Ether(frame)
-        if IP not in pkt or TCP not in pkt:
+        """The client source port of one of our flow packets (IPv4 TCP to the VIP's
+        port from the client), read straight from the bytes: the counter must keep up
+        with the sender on a busy machine."""
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
             return None
-        ip, tcp = pkt[IP], pkt[TCP]
-        if ip.dst != self.vip or tcp.dport != self.port or ip.src != self.topo.client_if.ipv4:
+        ihl = (frame[14] & 0x0F) * 4
+        if frame[30:34] != self._vip or frame[26:30] != self._client or len(frame) < 14 + ihl + 4:
             return None
-        return tcp.sport
+        tcp = 14 + ihl
+        if int.from_bytes(frame[tcp + 2:tcp + 4], "big") != self.port:
+            return None
+        return int.from_bytes(frame[tcp:tcp + 2], "big")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -98,11 +105,17 @@ class BackendCounters:
                     if sport is not None:
                         self.counts[self._socks.index(sock)][sport] += 1
 
-    def settle(self, expected_total: int, timeout: float = 5.0) -> None:
-        """Waits until `expected_total` packets were counted (or the time is up)."""
+    def settle(self, expected_total: int, timeout: float = 60.0, idle_s: float = 3.0) -> None:
+        """Waits until `expected_total` packets were counted, or the count made no
+        progress for idle_s (the rest is lost), at most `timeout`."""
         deadline = time.monotonic() + timeout
+        last, progress = self.total(), time.monotonic()
         while self.total() < expected_total and time.monotonic() < deadline:
             time.sleep(0.05)
+            if self.total() != last:
+                last, progress = self.total(), time.monotonic()
+            elif time.monotonic() - progress > idle_s:
+                break
         time.sleep(0.2)  # anything beyond the expected total would show up now
 
     def total(self) -> int:
