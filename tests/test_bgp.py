@@ -856,6 +856,9 @@ def test_lb_host_failure_moves_flows_to_the_other_host_and_keeps_their_backends(
             # the long-lived connections go on, on the same backends
             assert conn4.get() == backend4
             assert conn6.get() == backend6
+            # the taps count on their own thread: wait for them to see the request
+            wait_until(lambda: labels_of(via.snapshot() - moved, VIP4, conn4.sport), 5,
+                       "the long-lived connection is seen on the router again")
             assert labels_of(via.snapshot() - moved, VIP4, conn4.sport) == {other.role}
 
         print(f"\nLB host {failing.role} failed (link down, lbd and BIRD killed): the "
