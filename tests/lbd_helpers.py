@@ -3,8 +3,10 @@ and an lbd that starts each test empty."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 EMPTY_STATE: dict[str, Any] = {"version": 1, "vips": []}
@@ -38,3 +40,26 @@ def running_and_empty(lbd: Any) -> Any:
         lbd.start()
     apply_doc(lbd, EMPTY_STATE)
     return lbd
+
+
+@contextlib.contextmanager
+def lab_with_lbd(prefix: str, workdir: Path, sizes: Any, n_backends: int = 3,
+                 http: bool = True) -> Iterator[tuple[Any, Any]]:
+    """A namespace lab (client, router, LB, backends with HTTP servers) and a running
+    lbd on its LB, both torn down on the way out, even after a failure: (topo, lbd)."""
+    from tests.conftest import require_root
+
+    require_root()
+    from xdplb import lab as labmod
+    from xdplb.lab_daemon import LabLbd
+
+    with labmod.Lab(prefix=prefix) as lab:
+        topo = labmod.build_lb_lab(lab, n_backends=n_backends)
+        if http:
+            labmod.start_http_backends(topo)
+        lbd = LabLbd(topo, workdir, sizes=sizes)
+        lbd.start()
+        try:
+            yield topo, lbd
+        finally:
+            lbd.close()

@@ -172,23 +172,13 @@ def runnable_lbctl_lines(page: Path) -> list[tuple[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def lab_lbd(tmp_path_factory):
-    from tests.conftest import require_root
-
-    require_root()
-    from xdplb import lab as labmod
+    from tests.lbd_helpers import lab_with_lbd
     from xdplb.datapath import MapSizes
-    from xdplb.lab_daemon import LabLbd
 
-    with labmod.Lab(prefix="xtdocs") as lab:
-        topo = labmod.build_lb_lab(lab, n_backends=2)
-        lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"),
-                     sizes=MapSizes(max_vips=16, max_backends=64, ring_entries=16 * 65537,
-                                    conn_entries=4096))
-        lbd.start()
-        try:
-            yield lbd
-        finally:
-            lbd.close()
+    sizes = MapSizes(max_vips=16, max_backends=64, ring_entries=16 * 65537, conn_entries=4096)
+    with lab_with_lbd("xtdocs", tmp_path_factory.mktemp("lbd"), sizes, n_backends=2,
+                      http=False) as (_, lbd):
+        yield lbd
 
 
 @pytest.mark.netns

@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require_root
+from tests.lbd_helpers import lab_with_lbd
 from xdplb import state as xs
 from xdplb.datapath import MapSizes
 from xdplb.reconciler import Reconciler, Runtime, read_view
@@ -195,16 +195,10 @@ def requests(draw) -> tuple[str, object]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    require_root()
-    from xdplb import lab as labmod
     from xdplb.datapath import Balancer
-    from xdplb.lab_daemon import LabLbd
 
-    with labmod.Lab(prefix="xtfuzz") as lab:
-        topo = labmod.build_lb_lab(lab, n_backends=2)
-        labmod.start_http_backends(topo)
-        lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"), sizes=SIZES)
-        lbd.start()
+    with lab_with_lbd("xtfuzz", tmp_path_factory.mktemp("lbd"), SIZES, n_backends=2) as (
+            _, lbd):
         fresh = Balancer(SIZES)  # the reference: maps of the test's own, never attached
         channel = grpc.insecure_channel(f"unix://{lbd.socket}", options=[
             ("grpc.max_receive_message_length", xs.MAX_MESSAGE_BYTES),
@@ -229,7 +223,6 @@ def rig(tmp_path_factory):
             watcher.join(timeout=10)
             channel.close()
             fresh.close()
-            lbd.close()
 
 
 def lbd_maps(lbd) -> dict:

@@ -16,8 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import require_root
-from tests.lbd_helpers import ok, running_and_empty
+from tests.lbd_helpers import lab_with_lbd, ok, running_and_empty
 from xdplb.datapath import MapSizes
 from xdplb.reconciler import read_view
 from xdplb.state import MAX_DOCUMENT_BYTES, MAX_MESSAGE_BYTES
@@ -32,19 +31,8 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
-
-    with labmod.Lab(prefix="xthard") as lab:
-        topo = labmod.build_lb_lab(lab, n_backends=3)
-        labmod.start_http_backends(topo)
-        lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"), sizes=SIZES)
-        lbd.start()
-        try:
-            yield topo, lbd
-        finally:
-            lbd.close()
+    with lab_with_lbd("xthard", tmp_path_factory.mktemp("lbd"), SIZES) as (topo, lbd):
+        yield topo, lbd
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
 from tests.flows import BackendCounters, FlowTraffic
-from tests.lbd_helpers import ok, running_and_empty
+from tests.lbd_helpers import lab_with_lbd, ok, running_and_empty
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
@@ -36,19 +35,8 @@ NOBODY = 65534
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
-
-    with labmod.Lab(prefix="xtlbd") as lab:
-        topo = labmod.build_lb_lab(lab, n_backends=3)
-        labmod.start_http_backends(topo)
-        lbd = LabLbd(topo, tmp_path_factory.mktemp("lbd"), sizes=SIZES)
-        lbd.start()
-        try:
-            yield topo, lbd
-        finally:
-            lbd.close()
+    with lab_with_lbd("xtlbd", tmp_path_factory.mktemp("lbd"), SIZES) as (topo, lbd):
+        yield topo, lbd
 
 
 @pytest.fixture
