@@ -63,18 +63,18 @@ wheel: setup
 	@$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 demo: setup
-	@$(PY) -m xdplb.demo up
+	@$(PY) -m xdplb_lab.demo up
 
 demo-down: setup
-	@$(PY) -m xdplb.demo down
+	@$(PY) -m xdplb_lab.demo down
 
 # Two LB hosts behind a router, each with its own BIRD and lbd; the router's
 # BIRD merges their announcements into ECMP routes (see xdplb/lab_bgp.py).
 bgp-lab: setup
-	@$(PY) -m xdplb.lab_bgp up
+	@$(PY) -m xdplb_lab.bgp up
 
 bgp-lab-down: setup
-	@$(PY) -m xdplb.lab_bgp down
+	@$(PY) -m xdplb_lab.bgp down
 
 clean: demo-down bgp-lab-down
 	rm -rf $(VENV) bench-results dist build

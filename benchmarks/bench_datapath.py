@@ -1,7 +1,7 @@
 """ns/packet of the balancer, measured the way host.md's reference figures were.
 
 Method (BPF_PROG_TEST_RUN, repeat=N, pinned to one CPU, median of --rounds):
-a harness program (bpf/bench_harness.c) restores the original frame before
+a harness program (lab/bpf/bench_harness.c) restores the original frame before
 every run (bpf_xdp_adjust_head back to the original length, on every run,
 then bpf_xdp_store_bytes of the saved bytes) and tail-calls the program
 under test, so each of the N runs sees the frame the case names (a plain
@@ -35,7 +35,8 @@ from timing import write_json
 
 from xdplb import maglev
 from xdplb import structs as s
-from xdplb.datapath import XDP_PASS, XDP_TX, Balancer, BenchHarness, MapSizes, prog_test_run
+from xdplb.datapath import XDP_PASS, XDP_TX, Balancer, MapSizes, prog_test_run
+from xdplb_lab.programs import BenchHarness
 
 VIP4, VIP6 = "10.200.0.10", "fd00:200::10"
 CLIENT4, CLIENT6 = "198.18.0.7", "fd00:198:18::7"

@@ -60,7 +60,7 @@ gRPC's own included) over a measuring window after a warm-up.
 
 Part 2a needs root (namespaces), iproute2, ethtool and two CPUs; the
 namespaces and veths it makes have a name unique to the run and are removed
-on the way out, failure or not (xdplb.lab). Traffic stays inside them
+on the way out, failure or not (xdplb_lab.lab). Traffic stays inside them
 (198.18.0.0/15, the range set aside for benchmarks, routed only there).
 """
 
@@ -94,9 +94,9 @@ from prometheus_client import CollectorRegistry
 from timing import write_json
 
 from xdplb import health as hc
-from xdplb import lab as L
 from xdplb.metrics import ControlPlaneMetrics
 from xdplb.state import BackendSpec, DesiredState, HealthCheck, VipKey, VipSpec
+from xdplb_lab import lab as L
 
 PROBES = 256
 FAST_INTERVAL_MS = 10
@@ -529,7 +529,7 @@ def _threads_named(prefix: str) -> list[int]:
 class RemoteBackends:
     """Two namespaces joined by a veth pair: the LB side (the checker, CPU 0) and the
     backend side (the listeners, CPU 1), each veth end with its own NAPI thread pinned
-    to its side's CPU. Removed by close(), and by xdplb.lab at exit whatever happens."""
+    to its side's CPU. Removed by close(), and by xdplb_lab.lab at exit whatever happens."""
 
     def __init__(self) -> None:
         if (os.cpu_count() or 1) < 2:

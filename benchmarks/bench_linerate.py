@@ -3,7 +3,7 @@
 Topology (a Lab, prefix "xbrate", torn down on exit or failure): two network
 namespaces joined by one veth pair, gen:eth0 <-> lb:eth1.
 
-  - gen: the generator. Live frames (bpf/trafficgen.c under BPF_PROG_TEST_RUN
+  - gen: the generator. Live frames (lab/bpf/trafficgen.c under BPF_PROG_TEST_RUN
     in live-frames mode with gen:eth0 as its ingress device, so every frame it
     returns XDP_TX for is transmitted into lb:eth1) where the kernel allows
     it; else trafgen (benchmarks/trafgen_sender.py: an AF_PACKET TX ring out
@@ -90,16 +90,7 @@ from scapy.layers.l2 import Ether
 from timing import write_json
 
 from xdplb import structs as s
-from xdplb.datapath import (
-    Balancer,
-    BenchHarness,
-    DatapathError,
-    MapSizes,
-    MemoryProbe,
-    TrafficGenerator,
-    attach_xdp,
-)
-from xdplb.lab import Host, Lab, remove_stale
+from xdplb.datapath import Balancer, DatapathError, MapSizes, attach_xdp
 from xdplb.reconciler import DatapathSettings, Reconciler
 from xdplb.state import (
     AddVip,
@@ -110,6 +101,8 @@ from xdplb.state import (
     apply_changes,
     default_vip,
 )
+from xdplb_lab.lab import Host, Lab, remove_stale
+from xdplb_lab.programs import BenchHarness, MemoryProbe, TrafficGenerator
 
 PREFIX = "xbrate"
 VIP, VIP_PORT = "10.200.0.10", 80

@@ -1,6 +1,6 @@
 """Latency of one memory read by the size of the array read, inside a BPF program.
 
-What a flow lookup pays once the table outgrows the caches. bpf/bench_memprobe.c's
+What a flow lookup pays once the table outgrows the caches. lab/bpf/bench_memprobe.c's
 bench_memlatency makes 256 reads of a BPF array per run, each at a
 pseudo-random slot computed from the word read before it, so no two overlap;
 BPF_PROG_TEST_RUN's duration / 256 is one read's latency, TLB walk included.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
 from timing import write_json
 
-from xdplb.datapath import MemoryProbe
+from xdplb_lab.programs import MemoryProbe
 
 SIZES_KIB = [128, 1024, 8 * 1024, 32 * 1024, 128 * 1024]
 

@@ -579,7 +579,11 @@ int xdplb_balancer(struct xdp_md *ctx)
  * where the ring would, so it stays until a new flow evicts it. The control
  * plane clears RING_UNSETTLED only on slots whose bit stayed clear through a
  * whole sweep that began after the slot's last change. */
-#define SETTLE_SETS_PER_RUN 16
+/* Sets each run of xdplb_settle sweeps: given by the loader (datapath/flow_table.py),
+ * which counts runs with the same number. */
+#ifndef SETTLE_SETS_PER_RUN
+#error "SETTLE_SETS_PER_RUN comes from the loader (-D)"
+#endif
 /* A packet may stamp a second or two past the clock the sweep was given. */
 #define SETTLE_CLOCK_SLACK_S 60
 

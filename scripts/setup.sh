@@ -68,7 +68,8 @@ mount_bpffs() {
 # Python packages come from requirements.lock, every version and hash pinned
 # (`make lock` renews it), so a new machine gets exactly what the suite passed
 # with; then xdplb itself, editable, built with the locked setuptools (which
-# compiles the Maglev fill).
+# compiles the Maglev fill), and the lab (lab/: namespace labs, demo, test
+# servers, benchmark programs), which is never shipped.
 make_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv $VENV"
@@ -76,13 +77,14 @@ make_venv() {
   fi
   local inputs stamp
   inputs=$(cat "$REPO/pyproject.toml" "$REPO/requirements.lock" "$REPO/daemon/xdplb/_maglev.c" \
-    | sha256sum | cut -c1-16)
+    "$REPO/lab/pyproject.toml" | sha256sum | cut -c1-16)
   stamp="$VENV/.installed-$inputs"
   [ -e "$stamp" ] && return 0
   log "installing python dependencies into $VENV (requirements.lock)"
   local pip_log="$VENV/pip-install.log"
   if ! { "$VENV/bin/pip" install --require-hashes --no-deps -r "$REPO/requirements.lock" \
-         && "$VENV/bin/pip" install --no-deps --no-build-isolation -e "$REPO"; } \
+         && "$VENV/bin/pip" install --no-deps --no-build-isolation -e "$REPO" \
+         && "$VENV/bin/pip" install --no-deps --no-build-isolation -e "$REPO/lab"; } \
       >"$pip_log" 2>&1; then
     tail -n 30 "$pip_log" >&2
     echo "setup: pip install failed (full log: $pip_log)" >&2

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from xdplb.lab import LbLab
+from xdplb_lab.lab import LbLab
 
 ETH_P_ALL = 0x0003
 

@@ -50,8 +50,8 @@ def lab_with_lbd(prefix: str, workdir: Path, sizes: Any, n_backends: int = 3,
     from tests.conftest import require_root
 
     require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
+    from xdplb_lab import lab as labmod
+    from xdplb_lab.daemon import LabLbd
 
     with labmod.Lab(prefix=prefix) as lab:
         topo = labmod.build_lb_lab(lab, n_backends=n_backends)

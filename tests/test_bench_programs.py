@@ -1,4 +1,4 @@
-"""The benchmarks' own program: the memory probe (bpf/bench_memprobe.c)
+"""The benchmarks' own program: the memory probe (lab/bpf/bench_memprobe.c)
 forwards, counts and reads as the line-rate and memory-latency benchmarks
 assume."""
 
@@ -9,7 +9,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.conftest import CLIENT_MAC, LB_MAC
-from xdplb.datapath import XDP_DROP, XDP_TX, MemoryProbe, prog_test_run
+from xdplb.datapath import XDP_DROP, XDP_TX, prog_test_run
+from xdplb_lab.programs import MemoryProbe
 
 
 @pytest.fixture(scope="module")

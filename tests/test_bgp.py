@@ -1,4 +1,4 @@
-"""BGP scale-out in the multi-host lab (xdplb.lab_bgp): two LB hosts, each with
+"""BGP scale-out in the multi-host lab (xdplb_lab.bgp): two LB hosts, each with
 its own BIRD and lbd, behind a router whose BIRD merges their announcements
 into ECMP routes hashed on the 5-tuple.
 
@@ -53,7 +53,7 @@ ETH_P_ALL = 0x0003
 def birdc_wrapper(path: Path) -> Path:
     """A birdc that fails `configure` while a file named fail-configure sits next to the
     socket it is given: a BIRD that does not take a reconfiguration, on demand."""
-    from xdplb.lab_bgp import BIRDC
+    from xdplb_lab.bgp import BIRDC
 
     path.write_text(f"""#!/bin/sh
 # birdc -s SOCKET COMMAND...
@@ -71,8 +71,8 @@ exec {BIRDC} "$@"
 @pytest.fixture(scope="module")
 def bgp_lab(tmp_path_factory):
     require_root()
-    from xdplb import lab_bgp
-    from xdplb.lab import Lab
+    from xdplb_lab import bgp as lab_bgp
+    from xdplb_lab.lab import Lab
 
     workdir = tmp_path_factory.mktemp("bgp")
     lab = Lab(prefix="xtbgp")
@@ -94,8 +94,8 @@ def bgp_lab(tmp_path_factory):
 def assert_nothing_left(runid: str, workdir: Path) -> None:
     """No namespace, marker, pin dir, lbd lock file or process of the run is left."""
     from xdplb.datapath import PIN_ROOT
-    from xdplb.lab import MARKER_DIR
     from xdplb.lbd import LOCK_DIR
+    from xdplb_lab.lab import MARKER_DIR
 
     assert [n for n in netns.listnetns() if n.startswith(f"{runid}-")] == []
     assert not (MARKER_DIR / runid).exists()
@@ -134,7 +134,7 @@ def topo(bgp_lab):
 
 
 def restore_baseline(topo) -> None:
-    from xdplb import lab_bgp
+    from xdplb_lab import bgp as lab_bgp
 
     for lb in topo.lbs:
         (lb.bird.workdir / "fail-configure").unlink(missing_ok=True)
@@ -194,7 +194,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
 
 
 def client_addr(vip: str) -> str:
-    from xdplb.lab import CLIENT_V4, CLIENT_V6
+    from xdplb_lab.lab import CLIENT_V4, CLIENT_V6
 
     return CLIENT_V6 if ":" in vip else CLIENT_V4
 
@@ -504,7 +504,7 @@ def backend_label(topo, address: str) -> str:
 
 
 def test_make_target_brings_the_lab_up_and_down(tmp_path):
-    """`make bgp-lab` / `make bgp-lab-down` run `python -m xdplb.lab_bgp up|down`; here the
+    """`make bgp-lab` / `make bgp-lab-down` run `python -m xdplb_lab.bgp up|down`; here the
     same module runs with a test prefix and work directory, so a lab an operator left up
     is not touched."""
     require_root()
@@ -513,9 +513,9 @@ def test_make_target_brings_the_lab_up_and_down(tmp_path):
     dry = subprocess.run(["make", "-n", "bgp-lab", "bgp-lab-down"], capture_output=True,
                          text=True, timeout=30, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
-    assert "-m xdplb.lab_bgp up" in dry and "-m xdplb.lab_bgp down" in dry
+    assert "-m xdplb_lab.bgp up" in dry and "-m xdplb_lab.bgp down" in dry
     workdir = tmp_path / "lab"
-    command = [sys.executable, "-m", "xdplb.lab_bgp", "--prefix", "xtbgm", "--workdir",
+    command = [sys.executable, "-m", "xdplb_lab.bgp", "--prefix", "xtbgm", "--workdir",
                str(workdir)]
     try:
         up = subprocess.run([*command[:3], "up", *command[3:]], capture_output=True, text=True,
@@ -613,7 +613,7 @@ def test_lb_hosts_have_identical_rings_and_compare_names_a_host_that_differs(top
 
 
 def test_a_vip_whose_backends_are_all_down_is_withdrawn_by_both_hosts(topo, tmp_path):
-    from xdplb import lab_bgp
+    from xdplb_lab import bgp as lab_bgp
 
     # A VIP pair on port 8081 whose backends answer only while the test listens there.
     doc = lab_bgp.lab_document(topo, CHECK_MS)
@@ -691,7 +691,7 @@ def test_a_deleted_vip_is_withdrawn(topo):
 
 
 def test_flows_spread_over_both_lb_hosts_and_each_stays_on_one_backend(topo):
-    from xdplb.lab import http_get
+    from xdplb_lab.lab import http_get
 
     flows = [(vip, sport) for vip in (VIP4, VIP6) for sport in range(42000, 42064)]
     before = {lb.role: json.loads(ok(lb, "stats", "-o", "json")) for lb in topo.lbs}

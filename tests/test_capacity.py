@@ -1,4 +1,4 @@
-"""Capacity-aware weights: xdplb.capacity and xdplb.load_server.
+"""Capacity-aware weights: xdplb.capacity and xdplb_lab.load_server.
 
 The control law, the churn budget, hysteresis, fallbacks and slow start run
 on a fake clock with pushed reports (report()), and every ring is computed
@@ -12,7 +12,7 @@ over, so shares and positions moved are the rings' own. Two plants:
 
 The polling tests scrape real HTTP endpoints on loopback (no root, no
 namespaces): LoadServer in-process on 127.0.0.1-3 (one per backend, same
-port), and `python -m xdplb.load_server` as a process.
+port), and `python -m xdplb_lab.load_server` as a process.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import pytest
 from xdplb import capacity as cap_mod
 from xdplb import maglev
 from xdplb.capacity import CapacityController, MalformedLoad, MemberLoad, parse_load
-from xdplb.load_server import LoadServer, render
 from xdplb.state import BackendSpec, Capacity, DesiredState, VipKey, VipSpec
+from xdplb_lab.load_server import LoadServer, render
 
 KEY = VipKey("10.0.0.10", 80, "tcp")
 B = ("10.0.1.1", "10.0.1.2", "10.0.1.3")
@@ -584,7 +584,7 @@ def test_polling_a_load_server_process(tmp_path):
     load = tmp_path / "load"
     load.write_text("2.5\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xdplb.load_server", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "xdplb_lab.load_server", "--host", "127.0.0.1", "--port", "0",
          "--file", str(load), "--labels", 'model="llama"'],
         stdout=subprocess.PIPE, text=True)
     try:

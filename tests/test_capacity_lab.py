@@ -1,7 +1,7 @@
 """Capacity-aware routing in the lab (issue 9): the real lbd scrapes a load
 endpoint on each of three DSR backends, and the test controls what they say.
 
-Each backend namespace runs `python -m xdplb.load_server` on LOAD_PORT, serving
+Each backend namespace runs `python -m xdplb_lab.load_server` on LOAD_PORT, serving
 a file the test writes. A Plant thread closes the loop the way a fleet would:
 it reads the VIP's ring from lbd's pinned maps every 50 ms and writes each
 backend's load as demand x its ring share / its capacity (atomically, so a
@@ -99,8 +99,8 @@ CAPACITY_OPTIONS = ("--capacity-target", f"{TARGET:g}", "--capacity-interval",
 
 @dataclass
 class CapLab:
-    topo: Any  # xdplb.lab.LbLab
-    lbd: Any  # xdplb.lab_daemon.LabLbd
+    topo: Any  # xdplb_lab.lab.LbLab
+    lbd: Any  # xdplb_lab.daemon.LabLbd
     files: dict[str, Path]  # backend address -> the file its load server serves
     servers: list[subprocess.Popen[Any]]  # backend i's load server
     vip_addr: str = ""
@@ -115,7 +115,7 @@ class CapLab:
 
 
 def start_load_server(host: Any, path: Path) -> subprocess.Popen[Any]:
-    return host.popen([sys.executable, "-m", "xdplb.load_server", "--port", str(LOAD_PORT),
+    return host.popen([sys.executable, "-m", "xdplb_lab.load_server", "--port", str(LOAD_PORT),
                        "--file", str(path), "--metric", METRIC],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -123,8 +123,8 @@ def start_load_server(host: Any, path: Path) -> subprocess.Popen[Any]:
 @pytest.fixture(scope="module")
 def cap(tmp_path_factory):
     require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
+    from xdplb_lab import lab as labmod
+    from xdplb_lab.daemon import LabLbd
 
     work = tmp_path_factory.mktemp("caplab")
     with labmod.Lab(prefix=PREFIX) as lab:
@@ -240,7 +240,7 @@ class EventLog:
     whatever happens) into a file; connected before __init__ returns."""
 
     def __init__(self, cap: CapLab, name: str):
-        from xdplb.lab_daemon import console_script
+        from xdplb_lab.daemon import console_script
 
         self.path = cap.lbd.workdir / f"events-{name}.jsonl"
         self.alive_at_close: bool | None = None
@@ -645,7 +645,7 @@ def test_dead_garbage_or_failing_endpoints_fall_back_to_the_configured_weight(ca
     removed (503). Each falls back to factor 1.0 and its configured weight, which
     the listing and a "capacity" event say; with all three back at 100 the ring
     is build_ring of the configured weights. Endpoints restored: "is back"."""
-    from xdplb.lab import wait_port
+    from xdplb_lab.lab import wait_port
 
     b0, b1, b2 = cap.addresses
     vip = cap.vip

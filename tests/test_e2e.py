@@ -63,16 +63,16 @@ CONVERGE_TIMEOUT_S = 15.0  # lbd realising a change (a tcp check needs a probe o
 
 @dataclass
 class E2eLab:
-    topo: Any  # xdplb.lab.LbLab
-    lbd: Any  # xdplb.lab_daemon.LabLbd
+    topo: Any  # xdplb_lab.lab.LbLab
+    lbd: Any  # xdplb_lab.daemon.LabLbd
     traffic_servers: list[subprocess.Popen[Any]]  # backend i's server on TRAFFIC_PORT
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
+    from xdplb_lab import lab as labmod
+    from xdplb_lab.daemon import LabLbd
 
     with labmod.Lab(prefix="xte2e") as lab:
         decaps: list[Any] = []
@@ -98,7 +98,7 @@ def e2e(tmp_path_factory):
 
 def start_traffic_server(host, i: int) -> subprocess.Popen[Any]:
     """Backend i's HTTP server on TRAFFIC_PORT (the lab kills it on close)."""
-    return host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+    return host.popen([sys.executable, "-m", "xdplb_lab.backend_server", "--name", f"backend{i}",
                        "--port", str(TRAFFIC_PORT)],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -829,7 +829,7 @@ def test_changes_under_traffic_move_only_the_flows_the_ring_moves(e2e, lbd):
 
 def _restart_traffic_server(e2e: E2eLab, i: int) -> None:
     """Leaves the module's lab as the fixture made it."""
-    from xdplb.lab import wait_port
+    from xdplb_lab.lab import wait_port
 
     proc = e2e.traffic_servers[i]
     if proc.poll() is None:

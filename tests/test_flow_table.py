@@ -18,7 +18,8 @@ from scapy.layers.l2 import Ether
 
 from tests.conftest import CLIENT_MAC, LB_MAC, make_config, nonzero
 from xdplb import structs as s
-from xdplb.datapath import XDP_TX, BenchHarness, BpfMap, DatapathError, MapSizes
+from xdplb.datapath import XDP_TX, BpfMap, DatapathError, MapSizes
+from xdplb_lab.programs import BenchHarness
 
 VIP = "10.200.0.10"
 CLIENT = "10.100.1.2"

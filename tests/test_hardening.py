@@ -80,7 +80,7 @@ def refused(stub, lbd, method: str, request, code: grpc.StatusCode, message: str
 
 
 def forwards(topo, vip: str) -> None:
-    from xdplb.lab import http_get
+    from xdplb_lab.lab import http_get
 
     assert http_get(topo, vip) in {"backend0", "backend1", "backend2"}
 

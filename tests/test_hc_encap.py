@@ -209,7 +209,6 @@ def test_real_tcp_exchanges_through_the_tunnel_reach_the_marked_backend():
     the backends answer from the VIP straight to the lb host. Detaching leaves
     no qdisc behind."""
     require_root()
-    from xdplb import lab as labmod
     from xdplb.datapath import (
         Balancer,
         MapSizes,
@@ -218,6 +217,7 @@ def test_real_tcp_exchanges_through_the_tunnel_reach_the_marked_backend():
     )
     from xdplb.reconciler import DatapathSettings, Reconciler
     from xdplb.state import BackendSpec, DesiredState, HealthCheck, VipKey, VipSpec
+    from xdplb_lab import lab as labmod
 
     with labmod.Lab(prefix="xthe") as lab:
         topo = labmod.build_lb_lab(lab, n_backends=2)

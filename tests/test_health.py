@@ -5,7 +5,7 @@ responses, HealthChecker.update with desired states, and run_probe against
 real listeners on 127.0.0.1 (TCP, HTTP, HTTPS, gRPC; refused and timeout).
 
 The lab tests run the real lbd and lbctl against real servers in the
-backend namespaces (xdplb.backend_server: HTTP and grpc.health.v1 in one
+backend namespaces (xdplb_lab.backend_server: HTTP and grpc.health.v1 in one
 process, failing on demand through a control file) and time what the
 datapath does, read from lbd's pinned maps every 10 ms:
 
@@ -921,7 +921,7 @@ class Servers:
     def start(self, i: int) -> float:
         """Starts backend i's server; returns when it printed that it listens."""
         proc = self.topo.backends[i].popen(
-            [sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+            [sys.executable, "-m", "xdplb_lab.backend_server", "--name", f"backend{i}",
              "--port", "80", "--grpc-port", str(GRPC_PORT), "--grpc-service", GRPC_SERVICE,
              "--control", str(self.control(i))],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -1006,9 +1006,9 @@ class Rings:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     require_root()
-    from xdplb import lab as labmod
     from xdplb.datapath import Decapsulator
-    from xdplb.lab_daemon import LabLbd
+    from xdplb_lab import lab as labmod
+    from xdplb_lab.daemon import LabLbd
 
     with labmod.Lab(prefix="xthc") as lab:
         topo = labmod.build_lb_lab(lab, n_backends=3)

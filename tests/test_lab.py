@@ -1,4 +1,4 @@
-"""Tests for the network-namespace lab (xdplb.lab). They need root; nothing else is skipped.
+"""Tests for the network-namespace lab (xdplb_lab.lab). They need root; nothing else is skipped.
 
 Other runs (other engineers, a demo lab) may create namespaces concurrently, so "nothing left
 behind" is checked against the run ids these tests created rather than a global diff.
@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from xdplb import lab as L
+from xdplb_lab import lab as L
 
 pytestmark = [
     pytest.mark.netns,
@@ -286,7 +286,7 @@ def test_two_labs_do_not_collide(new_lab: Callable[..., L.Lab]) -> None:
 CRASHING_RUN = textwrap.dedent(
     """
     import os, subprocess, sys
-    from xdplb.lab import Lab
+    from xdplb_lab.lab import Lab
     lab = Lab(prefix=sys.argv[1])
     a, b = lab.add_host("a"), lab.add_host("b")
     lab.connect(a, b, "eth0", "eth0")

@@ -180,7 +180,7 @@ def test_apply_reads_toml(lab, lbd, tmp_path):
 
 def test_listing_and_stats_count_real_http_traffic(lab, lbd):
     topo, _ = lab
-    from xdplb.lab import http_get
+    from xdplb_lab.lab import http_get
 
     ok(lbd, "vip", "add", VIP4)
     for address in backends_of(topo, 3):
@@ -277,7 +277,7 @@ def test_more_backends_than_the_maps_hold_is_refused(lab, lbd, tmp_path):
 def test_unreachable_socket_is_a_clear_error(lbd, tmp_path):
     import subprocess
 
-    from xdplb.lab_daemon import console_script
+    from xdplb_lab.daemon import console_script
 
     missing = tmp_path / "nowhere.sock"
     result = subprocess.run([console_script("lbctl"), "--socket", str(missing), "status"],
@@ -352,7 +352,7 @@ def test_corrupt_state_file_stops_lbd_and_is_left_untouched(lab, lbd):
 
 def test_sigterm_keeps_forwarding_and_restart_reuses_everything(lab, lbd):
     topo, _ = lab
-    from xdplb.lab import http_get
+    from xdplb_lab.lab import http_get
 
     ok(lbd, "vip", "add", VIP4)
     ok(lbd, "backend", "add", VIP4, topo.backend_v4[2])
@@ -424,8 +424,8 @@ def test_a_failing_backend_reads_down_only_once_the_ring_no_longer_names_it(lab,
     a reading that says it is still leaving shows its ring positions."""
     from lbctl import output
     from lbctl.client import LbdClient, unix_endpoint
-    from xdplb import lab as labmod
     from xdplb.v1 import lb_pb2
+    from xdplb_lab import lab as labmod
 
     topo, _ = lab
     failing, others = topo.backend_v4[0], topo.backend_v4[1:3]

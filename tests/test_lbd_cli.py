@@ -14,7 +14,7 @@ import pytest
 
 from xdplb import lbd
 from xdplb.datapath import PIN_ROOT
-from xdplb.lab_daemon import console_script
+from xdplb_lab.daemon import console_script
 
 GOOD = 'interfaces = ["eth0"]\n'
 

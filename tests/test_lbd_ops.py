@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import require_root
 from tests.lbd_helpers import ok
 from xdplb.datapath import PIN_ROOT, MapSizes
-from xdplb.lab_daemon import console_script
+from xdplb_lab.daemon import console_script
 
 pytestmark = pytest.mark.netns
 
@@ -198,7 +198,7 @@ class Site:
         self.daemons: list = []
 
     def daemon(self, name: str, **kw):
-        from xdplb.lab_daemon import LabLbd
+        from xdplb_lab.daemon import LabLbd
 
         lbd = LabLbd(self.topo, self.root / name, sizes=SIZES, **kw)
         self.daemons.append(lbd)
@@ -216,7 +216,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     require_root()
-    from xdplb import lab as labmod
+    from xdplb_lab import lab as labmod
 
     with labmod.Lab(prefix="xtops") as lab:
         topo = labmod.build_lb_lab(lab, n_backends=1)

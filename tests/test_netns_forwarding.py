@@ -29,8 +29,8 @@ RING = [1, 2, 3] * 33 + [1, 2]  # 101 slots, a prime
 @pytest.fixture(scope="module")
 def lab():
     require_root()
-    from xdplb import lab as labmod
     from xdplb.datapath import Balancer, MapSizes
+    from xdplb_lab import lab as labmod
 
     pin_dir = Path("/sys/fs/bpf/xdplb") / f"test-{uuid.uuid4().hex[:10]}"
     with labmod.Lab(prefix="xlt") as lab_:
@@ -137,7 +137,7 @@ def test_scapy_flows_arrive_encapsulated_at_the_predicted_backend(lab):
 
 @pytest.fixture(scope="module")
 def servers(lab):
-    from xdplb.lab import start_http_backends
+    from xdplb_lab.lab import start_http_backends
 
     topo, *_ = lab
     decaps = start_http_backends(topo)

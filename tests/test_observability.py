@@ -32,7 +32,7 @@ from tests.lbd_helpers import ok
 from xdplb import maglev
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
-from xdplb.lab_daemon import console_script
+from xdplb_lab.daemon import console_script
 
 pytestmark = pytest.mark.netns
 
@@ -128,8 +128,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Iterator[Env]:
     require_root()
-    from xdplb import lab as labmod
-    from xdplb.lab_daemon import LabLbd
+    from xdplb_lab import lab as labmod
+    from xdplb_lab.daemon import LabLbd
 
     with labmod.Lab(prefix="xtobs") as lab:
         topo = labmod.build_lb_lab(lab, n_backends=3)
@@ -343,7 +343,7 @@ def prometheus(env) -> Iterator[Prometheus]:
 
 def test_metrics_pass_promtool_and_follow_the_naming_rules(env, lbd, vips):
     topo = env.topo
-    from xdplb.lab import http_get
+    from xdplb_lab.lab import http_get
 
     # Real traffic and some API changes, one of them refused.
     vip = f"{VIP_ADDR}:9001/tcp"
@@ -711,9 +711,9 @@ def test_json_logs_carry_every_event(env, lbd, vips):
     try:
         lbd.start()
         server = topo.backends[1].popen(
-            [sys.executable, "-m", "xdplb.backend_server", "--name", "extra", "--port",
+            [sys.executable, "-m", "xdplb_lab.backend_server", "--name", "extra", "--port",
              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from xdplb.lab import wait_port
+        from xdplb_lab.lab import wait_port
 
         wait_port(topo.backends[1], port, ip=backend)
         changes = ok(lbd, "vip", "add", vip, "--check", "none").splitlines()

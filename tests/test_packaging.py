@@ -93,6 +93,20 @@ def test_the_wheel_carries_the_compiled_fill_and_what_lbd_loads(wheel: Path) -> 
     assert not any("scapy" in n for n in names)
 
 
+def test_the_wheel_ships_only_the_product(wheel: Path) -> None:
+    """No lab, demo, test server or bench-only program: an LB host or a backend host
+    gets what it runs, and the decapsulator."""
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {n.split("/", 1)[0] for n in names if not n.startswith("xdplb-")}
+    assert packages == {"xdplb", "lbctl"}
+    for absent in ("lab", "demo", "backend_server", "load_server", "vm", "trafficgen",
+                   "bench_", "pass.c"):
+        assert not [n for n in names if absent in n.rsplit("/", 1)[-1]], absent
+    bpf = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("xdplb/bpf/"))
+    assert bpf == ["__init__.py", "balancer.c", "csum.h", "decap.c", "encap.h", "hash.h",
+                   "hc_encap.h", "icmp.h", "parse.h", "xdplb_structs.h"]
+
+
 def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path) -> None:
     prefix = root / PREFIX.lstrip("/")
     env = without_compiler(prefix)

@@ -5,27 +5,58 @@ structs.py, recursively."""
 from __future__ import annotations
 
 import ctypes as ct
+import re
+from pathlib import Path
 
 import pytest
 
 from xdplb import structs as s
+from xdplb.datapath.maps import BALANCER_MAPS
 
-MAPS = {
-    "addr_filter": (ct.c_uint32, ct.c_uint64),
-    "vip_addrs": (s.Addr16, s.VipAddrMeta),
-    "vips": (s.VipKey, s.VipMeta),
-    "backends": (ct.c_uint32, s.Backend),
-    "vip_index": (ct.c_uint32, s.VipIndexSlot),
-    "conns": (ct.c_uint32, s.FlowSet),
-    "config": (ct.c_uint32, s.LbConfig),
-    "vip_stats": (ct.c_uint32, s.TrafficCounters),
-    "global_stats": (ct.c_uint32, s.GlobalCounters),
-    "flood": (ct.c_uint32, s.FloodState),
-    "hc_stats": (ct.c_uint32, s.HcCounters),
-    "vip_rings": (ct.c_uint32, s.VipRing),
-    "settle": (ct.c_uint32, s.SettleState),
-    "settle_blocked": (ct.c_uint32, ct.c_uint64),
-}
+MAPS = {spec.name: (spec.key, spec.value) for spec in BALANCER_MAPS}
+REPO = Path(__file__).resolve().parent.parent
+C_TYPES = {"__u32": ct.c_uint32, "__u64": ct.c_uint64, "struct addr16": s.Addr16,
+           "struct vip_addr_meta": s.VipAddrMeta, "struct vip_key": s.VipKey,
+           "struct vip_meta": s.VipMeta, "struct vip_index_slot": s.VipIndexSlot,
+           "struct backend": s.Backend, "struct flow_set": s.FlowSet,
+           "struct lb_config": s.LbConfig, "struct traffic_counters": s.TrafficCounters,
+           "struct global_counters": s.GlobalCounters, "struct flood_state": s.FloodState,
+           "struct hc_counters": s.HcCounters, "struct vip_ring": s.VipRing,
+           "struct settle_state": s.SettleState}
+
+
+def test_the_map_list_is_what_balancer_c_declares():
+    """datapath/maps.py holds the one Python list of the balancer's maps: the same
+    maps, in the same order, of the same kinds and layouts as bpf/balancer.c's
+    XDPLB_MAP declarations."""
+    source = (REPO / "bpf" / "balancer.c").read_text()
+    declared = re.findall(r'^XDPLB_MAP\("(\w+)",\s*([^,]+?),\s*([^,]+?),\s*(\w+),', source,
+                          re.M)
+    assert [name for *_, name in declared] == [spec.name for spec in BALANCER_MAPS]
+    for (kind, key, value, name), spec in zip(declared, BALANCER_MAPS, strict=True):
+        assert (C_TYPES[key.strip()], C_TYPES[value.strip()]) == (spec.key, spec.value), name
+        assert kind == ("percpu_array" if spec.per_cpu else spec.kind), name
+
+
+def defines(header: str) -> dict[str, int]:
+    """The integer #defines of a bpf/ header, evaluated (suffixes dropped, earlier
+    names substituted)."""
+    values: dict[str, int] = {}
+    for name, expr in re.findall(r"^#define (\w+) ([^/\n]+)", (REPO / "bpf" / header)
+                                 .read_text(), re.M):
+        expr = re.sub(r"(\b0x[0-9a-fA-F]+|\b\d+)(?:ULL|UL|U)\b", r"\1", expr.strip())
+        expr = re.sub(r"\b([A-Z_][A-Z0-9_]*)\b", lambda m: str(values.get(m[1], m[1])), expr)
+        if re.fullmatch(r"[0-9a-fx()<>+\-\s]+", expr):
+            values[name] = eval(expr)  # digits, shifts and parentheses only
+    return values
+
+
+@pytest.mark.parametrize("header", ["xdplb_structs.h", "hash.h"])
+def test_constants_of_the_c_headers_are_structs_constants(header):
+    constants = defines(header)
+    assert constants, header
+    for name, value in constants.items():
+        assert getattr(s, name) == value, name
 
 
 def layout(t: type) -> object:

@@ -234,7 +234,7 @@ def test_concurrent_rewrites_never_show_a_torn_meta(bal, prog):
     others = set(range(os.cpu_count() or 1)) - here
     if not others:
         pytest.skip("needs two CPUs for a concurrent writer")
-    from xdplb.datapath import BenchHarness
+    from xdplb_lab.programs import BenchHarness
 
     listen(bal, [ADDRS[0]])
     for i in (1, 2, 3):

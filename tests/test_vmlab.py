@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from xdplb import lab, vmlab
 from xdplb.state import DesiredState, Limits, apply_changes, diff
+from xdplb_lab import lab
+from xdplb_lab import vm as vmlab
 
 VAGRANTFILE = Path(__file__).resolve().parent.parent / "vagrant" / "Vagrantfile"
 

@@ -623,15 +623,10 @@ class Reconciler:
                 report.writes["vip_addrs"] += 1
 
     def _write_filter(self, desired: DesiredState, report: ReconcileReport) -> None:
-        words = [0] * s.ADDR_FILTER_WORDS
-        for key in desired.vips:
-            word, bit = s.addr_filter_slot(key.address)
-            words[word] |= 1 << bit
-        for i, bits in enumerate(words):
-            if self.filter_words[i] != bits:
-                self.bal.addr_filter.put(ct.c_uint32(i), ct.c_uint64(bits))
-                self.filter_words[i] = bits
-                report.writes["addr_filter"] += 1
+        written = self.bal.write_addr_filter((key.address for key in desired.vips),
+                                             self.filter_words)
+        if written:
+            report.writes["addr_filter"] += written
 
     def _free_members(self, desired: DesiredState, report: ReconcileReport) -> None:
         wanted = {(k, a) for k, v in desired.vips.items() for a in v.backends}

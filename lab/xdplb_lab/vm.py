@@ -1,14 +1,14 @@
 """The lab on virtual machines: configures one VM of vagrant/'s topology.
 
 The same address plan, sysctls and programs as the namespace lab
-(xdplb.lab), applied to a VM's own interfaces: Vagrant gives each lab link
+(xdplb_lab.lab), applied to a VM's own interfaces: Vagrant gives each lab link
 its IPv4 address; this adds the IPv6 one, the routes, the sysctls and the
 role's services.
 
-    python -m xdplb.vmlab router  --backends 3
-    python -m xdplb.vmlab backend --index 0
-    python -m xdplb.vmlab lb      --backends 3
-    python -m xdplb.vmlab client
+    python -m xdplb_lab.vm router  --backends 3
+    python -m xdplb_lab.vm backend --index 0
+    python -m xdplb_lab.vm lb      --backends 3
+    python -m xdplb_lab.vm client
 
 Every VM keeps Vagrant's management interface and its default route; lab
 traffic is routed explicitly, so nothing leaves the lab links.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from xdplb import lab
+from xdplb_lab import lab
 
 CONFIG_DIR = Path("/etc/xdplb")
 SYSTEMD_DIR = Path("/etc/systemd/system")
@@ -107,7 +107,7 @@ def setup_backend(index: int) -> None:
     set_sysctls(lab.backend_sysctls(name))
     attach_decapsulator(name, [v4, v6])
     write_unit("xdplb-backend", f"HTTP server of lab backend{index}",
-               f"{sys.executable} -m xdplb.backend_server --name backend{index} --port 80")
+               f"{sys.executable} -m xdplb_lab.backend_server --name backend{index} --port 80")
     run("systemctl", "daemon-reload")
     run("systemctl", "enable", "--now", "xdplb-backend")
     log(f"backend{index}: decapsulator on {name}, VIPs on lo, HTTP on port 80")

@@ -1,7 +1,7 @@
 """A tiny Prometheus text endpoint for labs and tests: a backend's load as a
 file says, so a test controls what lbd's capacity poller sees.
 
-    python -m xdplb.load_server --port P --file F [--host H] [--path /metrics]
+    python -m xdplb_lab.load_server --port P --file F [--host H] [--path /metrics]
                                 [--metric xdplb_load] [--labels 'model="a"']
 
 F is read at every request:
@@ -26,7 +26,7 @@ import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from xdplb.backend_server import LabHTTPServer
+from xdplb_lab.backend_server import LabHTTPServer
 
 COUNT_PATH = "/_requests"
 
@@ -40,7 +40,7 @@ def render(text: str | None, metric: str, labels: str) -> tuple[int, str]:
     except ValueError:
         return 200, text
     selector = f"{metric}{{{labels}}}" if labels else metric
-    return 200, f"# HELP {metric} load reported by xdplb.load_server\n" \
+    return 200, f"# HELP {metric} load reported by xdplb_lab.load_server\n" \
                 f"# TYPE {metric} gauge\n{selector} {value!r}\n"
 
 

@@ -20,9 +20,9 @@ on its own link (its next hop is the router's MAC there, resolved from its
 default route), the router forwards them to the backend, which decapsulates
 in BPF and answers the client directly.
 
-`python -m xdplb.lab_bgp up` builds the lab (prefix "xbgp"), configures one
+`python -m xdplb_lab.bgp up` builds the lab (prefix "xbgp"), configures one
 IPv4 and one IPv6 VIP on both lbds, shows the sessions, the ECMP routes and
-the ring fingerprints, and leaves it running; `python -m xdplb.lab_bgp down`
+the ring fingerprints, and leaves it running; `python -m xdplb_lab.bgp down`
 removes it (namespaces, processes, pinned maps, work directory). The Makefile
 targets `bgp-lab` and `bgp-lab-down` run these.
 """
@@ -46,10 +46,11 @@ from typing import Any
 
 from pyroute2 import netns
 
-from xdplb import lab as labmod
 from xdplb.bgp import BirdAnnouncer, host_prefix
-from xdplb.datapath import PIN_ROOT, Decapsulator, MapSizes, attach_pass
-from xdplb.lab import (
+from xdplb.datapath import PIN_ROOT, Decapsulator, MapSizes
+from xdplb_lab import lab as labmod
+from xdplb_lab.daemon import LabLbd, console_script
+from xdplb_lab.lab import (
     CLIENT_V4,
     CLIENT_V6,
     ROUTER_CLIENT_V4,
@@ -71,7 +72,7 @@ from xdplb.lab import (
     set_offloads,
     wait_port,
 )
-from xdplb.lab_daemon import LabLbd, console_script
+from xdplb_lab.programs import attach_pass
 
 PREFIX = "xbgp"  # the make target's lab; tests use their own prefix
 WORKDIR = Path("/run/xdplb-bgp-lab")
@@ -225,7 +226,7 @@ class Bird:
 def lb_bird_config(i: int, include_dir: Path, local_as: int = LB_AS) -> str:
     """BIRD on LB host i: lbd's include files in two static protocols, exported over eBGP."""
     return f"""\
-# BIRD on LB host lb{i + 1}, written by xdplb.lab_bgp. lbd rewrites the two
+# BIRD on LB host lb{i + 1}, written by xdplb_lab.bgp. lbd rewrites the two
 # include files (route P blackhole; lines) and runs `birdc configure`.
 log stderr all;
 timeformat log iso long ms;
@@ -271,7 +272,7 @@ protocol bgp lb{i + 1}v6 from lbhost {{
 }}
 """ for i in range(n_lbs))
     return f"""\
-# BIRD on the router, written by xdplb.lab_bgp.
+# BIRD on the router, written by xdplb_lab.bgp.
 log stderr all;
 timeformat log iso long ms;
 router id {ROUTER_CLIENT_V4};
@@ -523,7 +524,7 @@ def start_backends(topo: BgpLab, port: int = 80) -> Decapsulator:
         decap.accept(address)
     for i, host in enumerate(topo.backends):
         decap.attach("eth0", netns=host.name)
-        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+        host.popen([sys.executable, "-m", "xdplb_lab.backend_server", "--name", f"backend{i}",
                     "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for host in topo.backends:
         wait_port(host, port, ip="::1")
@@ -675,7 +676,7 @@ def down(prefix: str = PREFIX, workdir: Path = WORKDIR, quiet: bool = False) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xdplb.lab_bgp",
+    parser = argparse.ArgumentParser(prog="python -m xdplb_lab.bgp",
                                      description="The multi-host BGP lab: up or down.")
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--prefix", default=PREFIX, help=f"lab prefix (default {PREFIX})")

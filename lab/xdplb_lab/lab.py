@@ -657,7 +657,7 @@ def _default_via_router(end: Iface, plan: _LinkPlan) -> None:
 
 
 def router_sysctls(ifnames: Sequence[str]) -> dict[str, int]:
-    """The router's forwarding settings (shared with the VM lab, xdplb.vmlab).
+    """The router's forwarding settings (shared with the VM lab, xdplb_lab.vm).
 
     rp_filter off: DSR replies arrive from backends with the VIP as source while the VIP
     route points at the lb, and the lb may send encapsulated packets with any outer source.
@@ -672,7 +672,7 @@ def router_sysctls(ifnames: Sequence[str]) -> dict[str, int]:
 
 
 def backend_sysctls(ifname: str) -> dict[str, int]:
-    """A DSR backend's settings (shared with the VM lab, xdplb.vmlab)."""
+    """A DSR backend's settings (shared with the VM lab, xdplb_lab.vm)."""
     return {
         # Decapsulated packets arrive with the client as source on an interface that
         # is not the route back to it; strict reverse-path filtering would drop them.
@@ -693,7 +693,7 @@ def _configure_router(lbl: LbLab) -> None:
     enable_gro(lbl.router, lbl.router_lb_if.name)
     # GRO alone did not give the veth NAPI on this kernel: XDP_TX'd frames from
     # the lb vanished until an XDP program ran on the router's end.
-    from xdplb.datapath import attach_pass
+    from xdplb_lab.programs import attach_pass
 
     attach_pass(lbl.router_lb_if.name, netns=lbl.router.name)
 
@@ -758,7 +758,7 @@ def start_http_backends(lbl: LbLab, port: int = 80) -> list[Any]:
         decap.accept(backend_v6(i))
         decap.attach("eth0", netns=host.name)
         decaps.append(decap)
-        host.popen([sys.executable, "-m", "xdplb.backend_server", "--name", f"backend{i}",
+        host.popen([sys.executable, "-m", "xdplb_lab.backend_server", "--name", f"backend{i}",
                     "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for host in lbl.backends:
         wait_port(host, port, ip="::1")

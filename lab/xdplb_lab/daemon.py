@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.datapath import PIN_ROOT, MapSizes, PinnedMaps
-from xdplb.lab import LbLab
+from xdplb_lab.lab import LbLab
 
 READY_TIMEOUT_S = 60.0  # compiling the balancer with bcc takes a few seconds
 
@@ -66,7 +66,7 @@ class LabLbd:
     def write_config(self) -> None:
         s = self.sizes
         self.config_path.write_text(
-            "# written by xdplb.lab_daemon for one lab run\n"
+            "# written by xdplb_lab.daemon for one lab run\n"
             f"{self.config_extra}\n[maps]\n"
             f"max_vips = {s.max_vips}\nmax_backends = {s.max_backends}\n"
             f"ring_entries = {s.ring_entries}\nconn_entries = {s.conn_entries}\n")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pyroute2 import netns
 
-from xdplb import lab as labmod
 from xdplb.datapath import MapSizes
-from xdplb.lab_daemon import LabLbd, console_script
+from xdplb_lab import lab as labmod
+from xdplb_lab.daemon import LabLbd, console_script
 
 PREFIX = "xdemo"
 WORKDIR = Path("/run/xdplb-demo")
@@ -108,7 +108,7 @@ def stop_backend_server(topo: labmod.LbLab, index: int) -> None:
     """Stops the HTTP server of one backend (the namespace and its link stay)."""
     for pid in netns.ns_pids().get(topo.backends[index].name, []):
         with contextlib.suppress(OSError):  # gone meanwhile
-            if b"xdplb.backend_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"xdplb_lab.backend_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGTERM)
 
 
@@ -164,7 +164,7 @@ def down(quiet: bool = False) -> None:
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "up"
     if command not in ("up", "down"):
-        sys.exit("usage: python -m xdplb.demo [up|down]")
+        sys.exit("usage: python -m xdplb_lab.demo [up|down]")
     (up if command == "up" else down)()
 
 
