@@ -382,8 +382,8 @@ async def run_checker(state: DesiredState, seeded: bool, warmup_s: float,
     downs: list[str] = []
     applied: list[int] = []
     checker = hc.HealthChecker(lambda healthy: applied.append(len(healthy)),
-                               lambda line, backend: downs.append(line) if " is down:" in
-                               line else None, observe=lbd_observe())
+                               lambda event: downs.append(event.message()) if not event.up
+                               else None, observe=lbd_observe())
     members = [(k, a) for k, v in state.vips.items() for a in v.backends]
     checker.update(state, dict.fromkeys(members, True) if seeded else {})
     batches = asyncio.create_task(checker.run_batches())

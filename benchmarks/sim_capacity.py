@@ -201,7 +201,7 @@ def simulate(policy: str, duration: float, seed: int) -> dict[str, object]:
             weights.update({a: w for (_, a), w in effective.items()})
             router.set_weights(weights, clock[0])
 
-        ctl = capacity.CapacityController(apply, lambda message, backend: None,
+        ctl = capacity.CapacityController(apply, lambda event: None,
                                           clock=lambda: clock[0])
         ctl.update(DesiredState({VIP: spec}), {})
     free = [[0.0] * SLOTS for _ in names]  # each backend's slot-free times (heaps)

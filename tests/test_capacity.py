@@ -56,8 +56,9 @@ class Harness:
         self.spec = VipSpec(KEY, ring_size=ring_size, capacity=capacity,
                             slow_start_s=slow_start_s,
                             backends={a: BackendSpec(a, w) for a, w in self.configured.items()})
-        self.ctl = CapacityController(self._apply, lambda m, b: self.lines.append((m, b)),
-                                      clock=lambda: self.now)
+        self.ctl = CapacityController(
+            self._apply, lambda e: self.lines.append((e.message(), e.backend)),
+            clock=lambda: self.now)
         self.healthy: dict[tuple[VipKey, str], bool] = {}
         self.ctl.update(DesiredState({KEY: self.spec}), self.healthy)
         self.ring = self.build()
@@ -451,7 +452,7 @@ def test_capacity_steps_stay_within_the_budget_while_a_ramp_runs_beside_them():
 def test_report_reaches_every_push_vip_of_the_backend():
     other = VipKey("10.0.0.11", 443, "tcp")
     polled = VipKey("10.0.0.12", 443, "tcp")
-    ctl = CapacityController(lambda w: None, lambda m, b: None, clock=lambda: 0.0)
+    ctl = CapacityController(lambda w: None, lambda e: None, clock=lambda: 0.0)
     ctl.update(DesiredState({
         KEY: VipSpec(KEY, capacity=PUSH, backends={a: BackendSpec(a) for a in B}),
         other: VipSpec(other, capacity=PUSH, backends={B[0]: BackendSpec(B[0])}),
@@ -544,7 +545,7 @@ def test_polling_a_dead_or_garbage_endpoint_falls_back(tmp_path):
     applied: list[dict] = []
 
     async def scenario() -> None:
-        ctl = CapacityController(applied.append, lambda m, b: lines.append(m))
+        ctl = CapacityController(applied.append, lambda e: lines.append(e.message()))
         ctl.update(DesiredState({KEY: spec}), {})
         task = asyncio.create_task(ctl.run())
         try:
@@ -597,7 +598,7 @@ def test_polling_a_load_server_process(tmp_path):
         member = (KEY, "127.0.0.1")
 
         async def scenario() -> None:
-            ctl = CapacityController(lambda w: None, lambda m, b: None)
+            ctl = CapacityController(lambda w: None, lambda e: None)
             ctl.update(DesiredState({KEY: spec}), {})
             task = asyncio.create_task(ctl.run())
             try:

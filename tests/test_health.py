@@ -168,7 +168,7 @@ def test_slow_transitions_are_never_held_down():
 
 def notes() -> tuple[list[str], HealthChecker]:
     lines: list[str] = []
-    checker = HealthChecker(lambda healthy: None, lambda line, backend: lines.append(line))
+    checker = HealthChecker(lambda healthy: None, lambda event: lines.append(event.message()))
     return lines, checker
 
 
@@ -284,7 +284,7 @@ def test_checks_through_the_vip_are_one_per_backend_entry_and_follow_its_mark():
     async def scenario():
         _, checker = notes()
         told: list[tuple[str, str]] = []
-        checker.notify = lambda line, backend: told.append((line, backend))
+        checker.notify = lambda event: told.append((event.message(), event.backend))
         a, b = "127.0.0.2", "127.0.0.3"
         via_vip = dataclasses.replace(HOURLY, via="vip")
         state = DesiredState({
@@ -302,8 +302,8 @@ def test_checks_through_the_vip_are_one_per_backend_entry_and_follow_its_mark():
         assert (own.address, own.fwmark, own.backend) == (a, 0, "")
         assert len(checker.verdicts) == 3
         assert probe_a.describe() == f"tcp {VIP_A.address}:80 through the tunnel to {a}"
-        checker._tell("x is up", probe_a)
-        assert told == [("x is up", a)]  # reported as the backend's, not the VIP's
+        checker._tell(checker.verdicts[probe_a], "ok")
+        assert [backend for _, backend in told] == [a]  # the backend's, not the VIP's
         checker.update(state, {}, {**marks, (VIP_A, a): 0x58440009})
         assert checker.members[(VIP_A, a)].fwmark == 0x58440009
         assert probe_a not in checker.verdicts
@@ -637,7 +637,7 @@ def test_checker_detects_a_dead_listener_and_a_revived_one_within_the_bounds():
         key = VipKey("10.200.0.10", port, "tcp")
         member = (key, "127.0.0.1")
         applied: list[dict] = []
-        checker = HealthChecker(applied.append, lambda line, backend: None, BATCH_S)
+        checker = HealthChecker(applied.append, lambda event: None, BATCH_S)
         checker.update(DesiredState({key: vip(key, BackendSpec("127.0.0.1"), check=check)}),
                        {})
         batches = asyncio.create_task(checker.run_batches())
@@ -855,7 +855,7 @@ def test_task_probes_connect_with_the_probe_fwmark():
 
 
 def test_a_failing_apply_is_retried_and_a_failing_notify_stops_no_check(monkeypatch):
-    monkeypatch.setattr(health, "APPLY_RETRY_S", 0.05)
+    monkeypatch.setattr(health.checker, "APPLY_RETRY_S", 0.05)
     calls: list[dict] = []
 
     def apply(healthy):
@@ -863,7 +863,7 @@ def test_a_failing_apply_is_retried_and_a_failing_notify_stops_no_check(monkeypa
         if len(calls) == 1:
             raise RuntimeError("maps full")
 
-    def notify(line, backend):
+    def notify(event):
         raise RuntimeError("watcher broke")
 
     async def scenario():

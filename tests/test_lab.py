@@ -21,6 +21,7 @@ from pyroute2 import netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdplb_lab import lab as L
+from xdplb_lab import netns as N
 
 pytestmark = [
     pytest.mark.netns,
@@ -53,7 +54,7 @@ def pid_dead(pid: int, timeout: float = 3.0) -> bool:
     """True once pid is gone or a zombie (dead, waiting for a reaper that is not us)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if L._proc_start_time(pid) is None:
+        if N._proc_start_time(pid) is None:
             return True
         time.sleep(0.05)
     return False
@@ -314,7 +315,7 @@ def test_remove_stale_removes_dead_runs_only(new_lab: Callable[..., L.Lab]) -> N
     try:
         dead_runid, orphan = crash_a_run(prefix)
         assert len(our_netns(dead_runid)) == 2
-        assert L._proc_start_time(orphan) is not None
+        assert N._proc_start_time(orphan) is not None
         removed = L.remove_stale(prefix)
         assert sorted(removed) == [f"{dead_runid}-a", f"{dead_runid}-b"]
         assert_nothing_left(dead_runid)
@@ -329,7 +330,7 @@ def test_remove_stale_removes_dead_runs_only(new_lab: Callable[..., L.Lab]) -> N
 def _cleanup_prefix(prefix: str, keep: str) -> None:
     """Safety net if remove_stale misbehaved: drop this test's dead run by hand."""
     names = [n for n in netns.listnetns() if n.startswith(prefix) and not n.startswith(keep)]
-    L._kill_ns_processes(names)
+    N._kill_ns_processes(names)
     for name in names:
         netns.remove(name)
     for marker in L.MARKER_DIR.glob(f"{prefix}*"):

@@ -30,12 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from xdplb import bgp
 from xdplb import state as st
 from xdplb.config import DaemonConfig
-from xdplb.controller import VERSION, ChangeResult, Controller
+from xdplb.controller import ChangeResult, Controller
 from xdplb.datapath import DatapathError
 from xdplb.reconciler import ReconcileError, ReconcileReport
 from xdplb.store import StoreError
 from xdplb.v1 import lb_pb2 as pb
 from xdplb.v1 import lb_pb2_grpc as pb_grpc
+from xdplb.views import BackendView, VipView
 
 log = logging.getLogger("xdplb.api")
 
@@ -90,6 +91,22 @@ def report_message(report: ReconcileReport | None) -> pb.ReconcileSummary | None
                                duration_ms=report.duration_s * 1000)
 
 
+def backend_status(view: BackendView) -> pb.BackendStatus:
+    status = pb.BackendStatus(
+        healthy=view.healthy, available=view.available, index=view.index,
+        ring_positions=view.ring_positions, effective_weight=view.effective_weight,
+        packets=view.packets, bytes=view.bytes, health=view.health, check=view.check,
+        since=view.since, last_result=view.last_result, check_latency_ms=view.latency_ms,
+        health_realised=view.realised, realised_since=view.realised_since)
+    if view.load is not None:
+        status.load = view.load.load or 0.0
+        status.load_age_s = view.load.age_s or 0.0
+        status.load_state = view.load.state
+        status.capacity_factor = view.load.factor
+        status.slow_start_factor = view.load.slow_start
+    return status
+
+
 def _change_response(result: ChangeResult) -> pb.ChangeResponse:
     return pb.ChangeResponse(changes=result.changes, reconcile=report_message(result.report))
 
@@ -100,7 +117,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.ctl.metrics is not None:
-            self.ctl.metrics.api_requests.labels(method, code.name).inc()
+            self.ctl.metrics.observe_api_request(method, code.name)
 
     async def _run(self, context: grpc.aio.ServicerContext, method: str,
                    action: Callable[[], Any]) -> Any:
@@ -118,80 +135,27 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         self._count(method, grpc.StatusCode.OK)
         return result
 
-    # -- reading --
+    # -- reading: the controller's views, rendered --
 
-    def vip_message(self, vip: st.VipSpec) -> pb.Vip:
-        message = json_format.ParseDict(st.vip_to_dict(vip), pb.Vip())
-        plan = self.ctl.plan(vip.key)
-        counters = self.ctl.vip_counters(vip.key)
+    def vip_message(self, view: VipView) -> pb.Vip:
+        message = json_format.ParseDict(st.vip_to_dict(view.spec), pb.Vip())
         message.status.CopyFrom(pb.VipStatus(
-            mode=plan.mode if plan else "pending", vip_id=self.ctl.reconciler.vip_id(vip.key),
-            healthy_backends=plan.healthy if plan else 0,
-            serving_backends=plan.serving if plan else 0,
-            packets=counters["packets"], bytes=counters["bytes"],
-            ring_fingerprint=self.ctl.reconciler.fingerprints.get(vip.key, ""),
-            unsettled_positions=self.ctl.reconciler.unsettled_slots(vip.key),
-            announced=self.ctl.announcer is not None and bgp.host_prefix(vip.key.address)
-            in self.ctl.announcer.announced))
-        positions = self.ctl.reconciler.ring_positions(vip.key)
+            mode=view.mode, vip_id=view.vip_id, healthy_backends=view.healthy_backends,
+            serving_backends=view.serving_backends, packets=view.packets, bytes=view.bytes,
+            ring_fingerprint=view.fingerprint, unsettled_positions=view.unsettled_positions,
+            announced=view.announced))
+        by_address = {b.spec.address: b for b in view.backends}
         for backend in message.backends:
-            self._fill_backend_status(vip, backend, plan, positions)
+            backend.status.CopyFrom(backend_status(by_address[backend.address]))
         return message
-
-    def _fill_backend_status(self, vip: st.VipSpec, backend: pb.Backend, plan: Any,
-                             positions: dict[str, int]) -> None:
-        address = backend.address
-        member = (vip.key, address)
-        counters = self.ctl.backend_counters(vip.key, address)
-        status = pb.BackendStatus(
-            healthy=self.ctl.runtime.healthy.get(member, True),
-            available=bool(plan and plan.available.get(address)),
-            index=self.ctl.reconciler.members.get(member, 0),
-            ring_positions=positions.get(address, 0),
-            effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
-            packets=counters["packets"], bytes=counters["bytes"])
-        status.health_realised, status.realised_since = self.ctl.health_realised(member)
-        self._fill_health(status, member)
-        self._fill_load(status, member)
-        backend.status.CopyFrom(status)
-
-    def _fill_load(self, status: pb.BackendStatus, member: tuple[st.VipKey, str]) -> None:
-        if self.ctl.capacity is None:
-            return
-        try:
-            load = self.ctl.capacity.status(member)
-        except KeyError:  # added a moment ago: not followed yet
-            return
-        status.load = load.load or 0.0
-        status.load_age_s = load.age_s or 0.0
-        status.load_state = load.state
-        status.capacity_factor = load.factor
-        status.slow_start_factor = load.slow_start
-
-    def _fill_health(self, status: pb.BackendStatus, member: tuple[st.VipKey, str]) -> None:
-        checker = self.ctl.health
-        probe = checker.members.get(member) if checker else None
-        if probe is None:
-            status.health = "not-checked"
-            return
-        verdict = checker.verdict_of(member)
-        status.check = probe.describe()
-        if verdict is None or verdict.up is None:
-            status.health = "unchecked"
-            return
-        status.health = ("held-down" if verdict.suppressed else "up" if verdict.up else "down")
-        status.since = verdict.since
-        if verdict.last is not None:
-            status.last_result = verdict.last.reason
-            status.check_latency_ms = verdict.last.latency_s * 1000
 
     async def ListVips(self, request, context):
         return await self._run(context, "ListVips", lambda: pb.ListVipsResponse(
-            vips=[self.vip_message(self.ctl.state.vips[k]) for k in sorted(self.ctl.state.vips)]))
+            vips=[self.vip_message(v) for v in self.ctl.views.vips()]))
 
     async def GetVip(self, request, context):
         return await self._run(context, "GetVip", lambda: self.vip_message(
-            self.ctl.state.vip(_vip_key(request.vip))))
+            self.ctl.views.vip(_vip_key(request.vip))))
 
     async def GetState(self, request, context):
         return await self._run(context, "GetState", lambda: pb.StateDocument(
@@ -201,16 +165,15 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         return await self._run(context, "GetStats", lambda: self._stats(request.vip))
 
     def _stats(self, vip_text: str) -> pb.StatsResponse:
-        keys = [_vip_key(vip_text)] if vip_text else sorted(self.ctl.state.vips)
+        views = [self.ctl.views.vip(_vip_key(vip_text))] if vip_text else self.ctl.views.vips()
         response = pb.StatsResponse()
-        for key in keys:
-            vip = self.ctl.state.vip(key)
-            counters = self.ctl.vip_counters(key)
-            response.traffic.add(vip=str(key), **counters)
-            for address in sorted(vip.backends, key=st.ip_sort_key):
-                response.traffic.add(vip=str(key), backend=address,
-                                     **self.ctl.backend_counters(key, address))
-        for name, value in self.ctl.global_counters().items():
+        for view in views:
+            response.traffic.add(vip=str(view.spec.key), packets=view.packets,
+                                 bytes=view.bytes)
+            for b in sorted(view.backends, key=lambda b: st.ip_sort_key(b.spec.address)):
+                response.traffic.add(vip=str(view.spec.key), backend=b.spec.address,
+                                     packets=b.packets, bytes=b.bytes)
+        for name, value in self.ctl.views.datapath_counters().items():
             response.counters.add(name=name, value=value)
         return response
 
@@ -223,28 +186,22 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
 
     def _status(self, interfaces: list[tuple[str, int]],
                 bgp_state: bgp.BgpState) -> pb.StatusResponse:
-        ctl, cfg = self.ctl, self.ctl.config
-        nh = ctl.nexthop
+        host = self.ctl.views.host()
         response = pb.StatusResponse(
-            version=VERSION, uptime_s=time.time() - ctl.started,
-            interfaces=[pb.Interface(name=n, prog_id=p, mode=cfg.xdp_mode)
+            version=host.version, uptime_s=time.time() - host.started,
+            interfaces=[pb.Interface(name=n, prog_id=p, mode=host.xdp_mode)
                         for n, p in interfaces],
-            nexthop_mac=nh.mac if nh else "",
-            nexthop_source=("config" if cfg.nexthop.mac else
-                            f"route via {nh.interface} to {nh.gateway}" if nh else ""),
-            state_file=str(ctl.store.path), pin_dir=str(cfg.pin_dir),
-            vips=len(ctl.state.vips),
-            backends=sum(len(v.backends) for v in ctl.state.vips.values()),
-            max_vips=ctl.limits.max_vips, max_backends=ctl.limits.max_backends,
-            ring_entries_used=ctl.reconciler.ring_entries_used(),
-            ring_entries=cfg.maps.ring_entries,
-            vip_status=[self.vip_message(ctl.state.vips[k]) for k in sorted(ctl.state.vips)],
-            host_drained=ctl.host_drained,
+            nexthop_mac=host.nexthop_mac, nexthop_source=host.nexthop_source,
+            state_file=host.state_file, pin_dir=host.pin_dir, vips=host.vips,
+            backends=host.backends, max_vips=host.max_vips, max_backends=host.max_backends,
+            ring_entries_used=host.ring_entries_used, ring_entries=host.ring_entries,
+            vip_status=[self.vip_message(v) for v in self.ctl.views.vips()],
+            host_drained=host.host_drained,
             bgp=pb.BgpStatus(enabled=bgp_state.enabled, announced=bgp_state.announced,
                              error=bgp_state.error, sessions=[
                                  pb.BgpSession(name=s.name, state=s.state, info=s.info)
                                  for s in bgp_state.sessions]))
-        summary = report_message(ctl.last_report)
+        summary = report_message(host.last_report)
         if summary is not None:
             response.last_reconcile.CopyFrom(summary)
         return response
@@ -328,7 +285,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             _seconds("quiet_s", request.quiet_s, 0.0, 3600.0)))
         await self._run(context, "DrainHost", lambda: self.ctl.set_host_drained(
             not request.undo))
-        bgp_on = self.ctl.announcer is not None
+        bgp_on = self.ctl.views.host().bgp_enabled
         if request.undo:
             return pb.DrainHostResponse(drained=False, message=(
                 "host back in service: VIPs with a healthy backend are announced again"
@@ -352,17 +309,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     def _report_load(self, request: pb.ReportLoadRequest) -> pb.ReportLoadResponse:
         address = _address(request.address)
         key = _vip_key(request.vip) if request.vip else None
-        if key is not None:
-            self.ctl.state.vip(key)
-        if self.ctl.capacity is None:
-            raise st.StateError("load feedback is not running")
-        try:
-            accepted = self.ctl.capacity.report(address, request.value, key)
-        except ValueError as exc:
-            raise st.StateError(f"load {request.value!r}: {exc}") from None
-        if not accepted:
-            raise st.NotFound(f"backend {address}: no VIP with capacity source push has it")
-        return pb.ReportLoadResponse(accepted=accepted)
+        return pb.ReportLoadResponse(accepted=self.ctl.report_load(address, request.value,
+                                                                   key))
 
     async def CountFlows(self, request, context):
         within = request.active_within_s or 60.0
@@ -382,7 +330,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         try:
             while True:
                 event = await queue.get()
-                yield pb.Event(time=event.time, kind=event.kind, message=event.message,
+                yield pb.Event(time=event.time, kind=event.kind, message=event.message(),
                                vip=event.vip, backend=event.backend)
                 if event.kind == "overflow":
                     return

@@ -14,15 +14,27 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from xdplb import __version__, bgp, datapath, nexthop
 from xdplb.capacity import CapacityController
 from xdplb.config import DaemonConfig
+from xdplb.events import (
+    BgpNotice,
+    CapacityNotice,
+    Changed,
+    Event,
+    HealthTransition,
+    Lifecycle,
+    NexthopChanged,
+    Observer,
+    Overflow,
+    Realised,
+    Reconciled,
+)
 from xdplb.health import HealthChecker
-from xdplb.metrics import ControlPlaneMetrics
 from xdplb.reconciler import (
     MemberId,
     ReconcileError,
@@ -30,7 +42,6 @@ from xdplb.reconciler import (
     ReconcileReport,
     Runtime,
     SettleReport,
-    VipPlan,
 )
 from xdplb.state import (
     MAX_DOCUMENT_BYTES,
@@ -45,6 +56,7 @@ from xdplb.state import (
     diff,
 )
 from xdplb.store import StateStore
+from xdplb.views import Views
 
 log = logging.getLogger("xdplb.lbd")
 VERSION = __version__
@@ -52,16 +64,7 @@ WATCH_QUEUE_LIMIT = 1024
 
 
 @dataclass(frozen=True)
-class Event:
-    kind: str  # start | change | reconcile | health | nexthop | stop
-    message: str
-    vip: str = ""
-    backend: str = ""
-    time: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class Realised:
+class RealisedHealth:
     """What the maps hold for one backend's health, and since when."""
 
     serving: bool  # the verdict the last written reconcile used
@@ -120,13 +123,15 @@ class Controller:
         self.runtime = Runtime(healthy=self.reconciler.recovered_availability())
         # Per backend, the health verdict the maps realise: a verdict is only true of
         # the datapath once the reconcile that writes it has run.
-        self.realised_health: dict[MemberId, Realised] = {}
+        self.realised_health: dict[MemberId, RealisedHealth] = {}
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
         self.last_settle: SettleReport | None = None
         self.health: HealthChecker | None = None
         self.capacity: CapacityController | None = None
-        self.metrics: ControlPlaneMetrics | None = None
+        self.metrics: Observer | None = None
+        self.version = VERSION
+        self.views = Views(self)  # what the API and the metrics read
         self._watchers: set[asyncio.Queue[Event]] = set()
 
     # -- life cycle --
@@ -143,9 +148,11 @@ class Controller:
         for ifname in self.config.interfaces:
             self.balancer.attach(ifname, generic=generic)
         self._attach_tunnel_checks(self.state)
-        self.publish("start", f"lbd {VERSION} forwarding on {', '.join(self.config.interfaces)}"
-                              f" ({self.config.xdp_mode} XDP), next hop "
-                              f"{self.nexthop.describe()}, {len(self.state.vips)} VIPs")
+        self.publish(Lifecycle("start", f"lbd {VERSION} forwarding on "
+                                        f"{', '.join(self.config.interfaces)} "
+                                        f"({self.config.xdp_mode} XDP), next hop "
+                                        f"{self.nexthop.describe()}, "
+                                        f"{len(self.state.vips)} VIPs"))
 
     def start_health(self) -> HealthChecker:
         """Starts the check loops (inside the event loop); verdicts come back in batches."""
@@ -181,8 +188,8 @@ class Controller:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(attach).result()
         self.tunnel_checks = True
-        self.publish("start", "checks through the VIP: tc egress program attached on "
-                              f"{', '.join(self.config.interfaces)}")
+        self.publish(Lifecycle("start", "checks through the VIP: tc egress program attached "
+                                        f"on {', '.join(self.config.interfaces)}"))
 
     async def settle_new_backends(self) -> None:
         """Lets the first checks of new backends decide, so a change is acknowledged
@@ -211,19 +218,17 @@ class Controller:
         if weights != self.runtime.weights:
             self.set_runtime(replace(self.runtime, weights=weights), "capacity")
 
-    def _capacity_event(self, message: str, backend: str) -> None:
-        vip = message.split(": ", 1)[0] if ": " in message else ""
-        self.publish("capacity", message, vip=vip, backend=backend)
+    def _capacity_event(self, event: CapacityNotice) -> None:
+        self.publish(event)
 
     def _observe_check(self, kind: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_check(kind, seconds)
 
-    def _health_event(self, message: str, backend: str) -> None:
+    def _health_event(self, event: HealthTransition) -> None:
         if self.metrics is not None:
-            state = "up" if " is up:" in message else "down"
-            self.metrics.health_transitions.labels(backend, state).inc()
-        self.publish("health", message, backend=backend)
+            self.metrics.observe_transition(event)
+        self.publish(event)
 
     def abandon(self, unpin: bool) -> None:
         """A start that failed: release the maps, and remove them if this start made them
@@ -238,9 +243,9 @@ class Controller:
                 datapath.detach_xdp(ifname, generic=self.config.xdp_mode == "generic")
                 datapath.detach_tc_egress(ifname)
             self.balancer.unpin()
-            self.publish("stop", "lbd stopped: XDP detached and maps unpinned")
+            self.publish(Lifecycle("stop", "lbd stopped: XDP detached and maps unpinned"))
         else:
-            self.publish("stop", "lbd stopped: the datapath keeps forwarding")
+            self.publish(Lifecycle("stop", "lbd stopped: the datapath keeps forwarding"))
         self.balancer.close()
 
     def _resolve_nexthop(self) -> nexthop.Nexthop:
@@ -286,7 +291,7 @@ class Controller:
         old = self.nexthop.describe() if self.nexthop else "none"
         self.nexthop = found
         self._reconcile("next hop changed")
-        self.publish("nexthop", f"next hop changed from {old} to {found.describe()}")
+        self.publish(NexthopChanged(old, found.describe()))
 
     # -- changes --
 
@@ -303,7 +308,7 @@ class Controller:
                                  ) from None
         self.store.save(new)
         if self.metrics is not None:
-            self.metrics.state_writes.inc()
+            self.metrics.observe_state_write()
         self.state = new
         self.reconciler.allocate(new)  # the indexes the marks of checks through the VIP name
         if self.health is not None:
@@ -315,7 +320,7 @@ class Controller:
         lines = [c.describe() for c in changes]
         for change, line in zip(changes, lines, strict=True):
             vip, backend = change_subject(change)
-            self.publish("change", line, vip=vip, backend=backend)
+            self.publish(Changed(line, vip=vip, backend=backend))
         return ChangeResult(lines, self._reconcile("change"))
 
     def apply_document(self, document: str, dry_run: bool) -> ChangeResult:
@@ -340,18 +345,17 @@ class Controller:
             self.metrics.observe_reconcile(report)
         self._announce()
         if report.total_writes:
-            self.publish("reconcile", f"{reason}: {report.summary()}")
+            self.publish(Reconciled(reason, report.summary()))
             for vip, positions in sorted(report.ring_positions.items()):
                 if positions:
-                    self.publish("reconcile", f"ring of {vip}: {positions} positions written",
-                                 vip=vip)
+                    self.publish(Reconciled(reason, positions=positions, vip=vip))
         return report
 
     def _note_realised_health(self) -> None:
         """After a reconcile was written: each backend's health as the maps now hold
         it; a verdict that reached the maps is published (kind "realised")."""
         now = time.time()
-        realised: dict[MemberId, Realised] = {}
+        realised: dict[MemberId, RealisedHealth] = {}
         for key, vip in self.state.vips.items():
             for address in vip.backends:
                 member = (key, address)
@@ -360,7 +364,7 @@ class Controller:
                 if before is not None and before.serving == serving:
                     realised[member] = before
                     continue
-                realised[member] = Realised(serving, now)
+                realised[member] = RealisedHealth(serving, now)
                 if before is not None:
                     self._publish_realised(member, serving, now)
         self.realised_health = realised
@@ -368,12 +372,9 @@ class Controller:
     def _publish_realised(self, member: MemberId, serving: bool, now: float) -> None:
         key, address = member
         verdict = self.health.verdict_of(member) if self.health else None
-        lag = f", {now - verdict.since:.2f} s after the verdict" if verdict else ""
         positions = self.reconciler.ring_positions(key).get(address, 0)
-        state = "up" if serving else "down"
-        self.publish("realised", f"{address} of {key}: {state} is realised in the datapath "
-                                 f"({positions} ring positions{lag})",
-                     vip=str(key), backend=address)
+        self.publish(Realised(serving, positions, now - verdict.since if verdict else None,
+                              vip=str(key), backend=address))
 
     def health_realised(self, member: MemberId) -> tuple[bool, float]:
         """Whether the maps hold this backend's current verdict, and since when they
@@ -402,13 +403,13 @@ class Controller:
         try:
             changed = self.announcer.announce(wanted)
         except bgp.AnnounceError as exc:
-            self.publish("bgp", f"announcing failed: {exc}")
+            self.publish(BgpNotice(f"announcing failed: {exc}"))
             return str(exc)
         if changed:
             for prefix in sorted(wanted - before):
-                self.publish("bgp", f"announce {prefix}")
+                self.publish(BgpNotice(f"announce {prefix}"))
             for prefix in sorted(before - wanted):
-                self.publish("bgp", f"withdraw {prefix}")
+                self.publish(BgpNotice(f"withdraw {prefix}"))
         return ""
 
     def retry_announce(self) -> None:
@@ -422,8 +423,8 @@ class Controller:
             return
         self.store.save_host_drained(drained)
         self.host_drained = drained
-        self.publish("change", "drain host: withdraw every VIP" if drained
-                     else "undrain host: announce VIPs again")
+        self.publish(Changed("drain host: withdraw every VIP" if drained
+                             else "undrain host: announce VIPs again"))
         error = self._announce()
         if error:
             state = "drained" if drained else "undrained"
@@ -453,18 +454,6 @@ class Controller:
 
     # -- reading --
 
-    def plan(self, key: VipKey) -> VipPlan | None:
-        return self.reconciler.plans.get(key)
-
-    def vip_counters(self, key: VipKey) -> dict[str, int]:
-        vip_id = self.reconciler.vip_id(key)
-        return self.balancer.vip_stats.read(vip_id) if vip_id else {"packets": 0, "bytes": 0}
-
-    def backend_counters(self, key: VipKey, address: str) -> dict[str, int]:
-        index = self.reconciler.members.get((key, address))
-        return (self.balancer.backend_stats.read(index) if index
-                else {"packets": 0, "bytes": 0})
-
     def count_flows(self, key: VipKey, address: str, active_within_s: float) -> tuple[int, int]:
         """Connection-table entries pointing at a backend, and those of them that
         sent a packet within active_within_s: how far a drain has come."""
@@ -481,6 +470,20 @@ class Controller:
                     active += now - entry.last_seen_s <= active_within_s
         return flows, active
 
+    def report_load(self, address: str, value: float, key: VipKey | None) -> int:
+        """A pushed load sample (ReportLoad): how many VIP backends it applied to."""
+        if key is not None:
+            self.state.vip(key)
+        if self.capacity is None:
+            raise StateError("load feedback is not running")
+        try:
+            accepted = self.capacity.report(address, value, key)
+        except ValueError as exc:
+            raise StateError(f"load {value!r}: {exc}") from None
+        if not accepted:
+            raise NotFound(f"backend {address}: no VIP with capacity source push has it")
+        return accepted
+
     def global_counters(self) -> dict[str, int]:
         return self.balancer.counters()
 
@@ -489,16 +492,16 @@ class Controller:
 
     # -- events --
 
-    def publish(self, kind: str, message: str, vip: str = "", backend: str = "") -> None:
-        event = Event(kind, message, vip, backend)
-        log.info(message, extra={"event": kind, "vip": vip, "backend": backend})
+    def publish(self, event: Event) -> None:
+        """One event: logged, and handed to every watcher of the Watch stream."""
+        log.info(event.message(), extra={"event": event.kind, "vip": event.vip,
+                                         "backend": event.backend})
         for queue in list(self._watchers):
             if queue.qsize() < WATCH_QUEUE_LIMIT:
                 queue.put_nowait(event)
             else:  # a watcher that stopped reading is cut off, not waited for
                 self._watchers.discard(queue)
-                queue.put_nowait(replace(event, kind="overflow",
-                                         message="watch stream fell behind; reconnect"))
+                queue.put_nowait(Overflow(vip=event.vip, backend=event.backend))
 
     def watch(self) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()

@@ -116,7 +116,7 @@ async def _refresh_bgp(controller: Controller) -> None:
 
 async def serve_until_stopped(controller: Controller) -> None:
     config = controller.config
-    registry, controller.metrics = metrics.make_registry(controller)
+    registry, controller.metrics = metrics.make_registry(controller.views)
     server = await api.serve(controller)
     metrics_server = None
     if config.metrics_listen:

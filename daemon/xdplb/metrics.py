@@ -15,7 +15,6 @@ import itertools
 import logging
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,9 +33,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from xdplb import structs as s
-
-if TYPE_CHECKING:
-    from xdplb.controller import Controller
+from xdplb.events import HealthTransition
+from xdplb.views import Views, VipView
 
 log = logging.getLogger("xdplb.metrics")
 VIP_MODES = ("normal", "panic", "fail-open", "fail-closed")
@@ -125,6 +123,15 @@ class ControlPlaneMetrics:
         self.expired.inc(report.sweep.expired)
         self.settled.inc(report.slots_settled)
 
+    def observe_transition(self, event: HealthTransition) -> None:
+        self.health_transitions.labels(event.backend, "up" if event.up else "down").inc()
+
+    def observe_state_write(self) -> None:
+        self.state_writes.inc()
+
+    def observe_api_request(self, method: str, code: str) -> None:
+        self.api_requests.labels(method, code).inc()
+
     def observe_reconcile(self, report: object) -> None:
         self.reconcile_seconds.observe(report.duration_s)
         for vip, positions in report.ring_positions.items():
@@ -135,20 +142,22 @@ class ControlPlaneMetrics:
 
 
 class DatapathCollector:
-    """Reads the BPF counters and the controller's view at scrape time."""
+    """Renders the controller's read-only views at scrape time (the BPF counters are
+    read then, summed over CPUs)."""
 
-    def __init__(self, controller: Controller):
-        self.ctl = controller
+    def __init__(self, views: Views):
+        self.views = views
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._traffic()
+        vips = self.views.vips()
+        yield from self._traffic(vips)
         yield from self._datapath_counters()
-        yield from self._backends()
-        yield from self._vips()
+        yield from self._backends(vips)
+        yield from self._vips(vips)
         yield from self._capacity()
         yield from self._bgp()
 
-    def _traffic(self) -> Iterator[Metric]:
+    def _traffic(self, vips: list[VipView]) -> Iterator[Metric]:
         vip_packets = CounterMetricFamily("xdplb_vip_packets", "Packets forwarded per VIP.",
                                           labels=["vip"])
         vip_bytes = CounterMetricFamily("xdplb_vip_bytes", "Bytes forwarded per VIP.",
@@ -158,15 +167,13 @@ class DatapathCollector:
                                          labels=["vip", "backend"])
         be_bytes = CounterMetricFamily("xdplb_backend_bytes", "Bytes forwarded per VIP backend.",
                                        labels=["vip", "backend"])
-        for key, vip in sorted(self.ctl.state.vips.items()):
-            name = str(key)
-            counters = self.ctl.vip_counters(key)
-            vip_packets.add_metric([name], counters["packets"])
-            vip_bytes.add_metric([name], counters["bytes"])
-            for address in vip.backends:
-                counters = self.ctl.backend_counters(key, address)
-                be_packets.add_metric([name, address], counters["packets"])
-                be_bytes.add_metric([name, address], counters["bytes"])
+        for vip in vips:
+            name = str(vip.spec.key)
+            vip_packets.add_metric([name], vip.packets)
+            vip_bytes.add_metric([name], vip.bytes)
+            for backend in vip.backends:
+                be_packets.add_metric([name, backend.spec.address], backend.packets)
+                be_bytes.add_metric([name, backend.spec.address], backend.bytes)
         yield from (vip_packets, vip_bytes, be_packets, be_bytes)
 
     def _datapath_counters(self) -> Iterator[Metric]:
@@ -179,7 +186,7 @@ class DatapathCollector:
             "Connection-table and flow events: conn_hit, conn_miss, conn_rechosen, "
             "new_flows, new_flows_unrecorded, conn_busy, conn_settled (sent by a settled "
             "ring slot, the table not read).", labels=["event"])
-        counters = self.ctl.global_counters()
+        counters = self.views.datapath_counters()
         for name in s.OUTCOME_COUNTERS:
             action, reason = name.split("_", 1)
             packets.add_metric([action, reason], counters[name])
@@ -190,12 +197,12 @@ class DatapathCollector:
             "Packets of health checks through the VIP at tc egress, by outcome: "
             "encapsulated to their backend, or dropped (drop_unknown: the mark names no "
             "backend of the packet's VIP).", labels=["outcome"])
-        hc = self.ctl.balancer.hc_counters()
+        hc = self.views.tunnel_counters()
         for name in s.HC_COUNTERS:
             tunnel.add_metric([name], hc[name])
         yield from (packets, events, tunnel)
 
-    def _backends(self) -> Iterator[Metric]:
+    def _backends(self, vips: list[VipView]) -> Iterator[Metric]:
         healthy = GaugeMetricFamily("xdplb_backend_healthy",
                                     "1 when the backend's health verdict is up.",
                                     labels=["vip", "backend"])
@@ -218,96 +225,80 @@ class DatapathCollector:
         positions = GaugeMetricFamily("xdplb_backend_ring_positions",
                                       "Positions the backend holds in its VIP's ring.",
                                       labels=["vip", "backend"])
-        for key, vip in sorted(self.ctl.state.vips.items()):
-            plan = self.ctl.plan(key)
-            held = self.ctl.reconciler.ring_positions(key)
-            for address, backend in vip.backends.items():
-                labels = [str(key), address]
-                healthy.add_metric(labels, int(self.ctl.runtime.healthy.get((key, address),
-                                                                            True)))
-                available.add_metric(labels, int(bool(plan and plan.available.get(address))))
-                weight.add_metric(labels, backend.weight)
-                effective.add_metric(labels, plan.ring_weights.get(address, 0) if plan else 0)
-                positions.add_metric(labels, held.get(address, 0))
-                member_load = self._load((key, address))
-                if member_load is not None:
-                    if member_load.load is not None:
-                        load.add_metric(labels, member_load.load)
-                    factor.add_metric(labels, member_load.factor * member_load.slow_start)
+        for vip in vips:
+            for backend in vip.backends:
+                labels = [str(vip.spec.key), backend.spec.address]
+                healthy.add_metric(labels, int(backend.healthy))
+                available.add_metric(labels, int(backend.available))
+                weight.add_metric(labels, backend.spec.weight)
+                effective.add_metric(labels, backend.effective_weight)
+                positions.add_metric(labels, backend.ring_positions)
+                if backend.load is not None:
+                    if backend.load.load is not None:
+                        load.add_metric(labels, backend.load.load)
+                    factor.add_metric(labels, backend.load.factor * backend.load.slow_start)
         yield from (healthy, available, weight, effective, positions, load, factor)
-
-    def _load(self, member: tuple) -> object | None:
-        capacity = self.ctl.capacity
-        if capacity is None:
-            return None
-        try:
-            return capacity.status(member)
-        except KeyError:
-            return None
 
     def _bgp(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
             "xdplb_bgp_session_established",
             "1 when the BGP session is established (as BIRD reports, every 5 s).",
             labels=["session"])
-        state = self.ctl.last_bgp_state
-        for session in state.sessions:
+        for session in self.views.bgp_sessions().sessions:
             sessions.add_metric([session.name], int(session.info.startswith("Established")))
         announced = GaugeMetricFamily("xdplb_bgp_announced",
                                       "1 when this host announces the VIP address's prefix.",
                                       labels=["prefix"])
-        if self.ctl.announcer is not None:
-            for prefix in sorted(self.ctl.announcer.announced):
-                announced.add_metric([prefix], 1)
+        host = self.views.host()
+        for prefix in host.announced:
+            announced.add_metric([prefix], 1)
         drained = GaugeMetricFamily("xdplb_host_drained",
                                     "1 when the host is drained (every VIP withdrawn).")
-        drained.add_metric([], int(self.ctl.host_drained))
+        drained.add_metric([], int(host.host_drained))
         yield from (sessions, announced, drained)
 
-    def _vips(self) -> Iterator[Metric]:
+    def _vips(self, vips: list[VipView]) -> Iterator[Metric]:
         fingerprint = GaugeMetricFamily(
             "xdplb_vip_ring_info", "Always 1; the ring's fingerprint as a label: equal on "
             "every LB host with the same backends and health.", labels=["vip", "fingerprint"])
-        for key, digest in sorted(self.ctl.reconciler.fingerprints.items()):
-            fingerprint.add_metric([str(key), digest[:16]], 1)
+        for vip in vips:
+            if vip.fingerprint:
+                fingerprint.add_metric([str(vip.spec.key), vip.fingerprint[:16]], 1)
         yield fingerprint
         unsettled = GaugeMetricFamily(
             "xdplb_vip_unsettled_positions",
             "Ring positions whose established packets still read the flow table: changed "
             "since the last sweep, or held by flows recorded with another backend.",
             labels=["vip"])
-        for key in sorted(self.ctl.state.vips):
-            unsettled.add_metric([str(key)], self.ctl.reconciler.unsettled_slots(key))
+        for vip in vips:
+            unsettled.add_metric([str(vip.spec.key)], vip.unsettled_positions)
         yield unsettled
         mode = GaugeMetricFamily("xdplb_vip_mode",
                                  "1 for the VIP's current mode (normal, panic, fail-open, "
                                  "fail-closed), 0 for the others.", labels=["vip", "mode"])
-        for key in sorted(self.ctl.state.vips):
-            plan = self.ctl.plan(key)
+        for vip in vips:
             for name in VIP_MODES:
-                mode.add_metric([str(key), name], int(bool(plan and plan.mode == name)))
+                mode.add_metric([str(vip.spec.key), name], int(vip.mode == name))
         yield mode
 
     def _capacity(self) -> Iterator[Metric]:
-        limits = self.ctl.limits
+        host = self.views.host()
         used = GaugeMetricFamily("xdplb_map_entries_used", "Entries in use, per map.",
                                  labels=["map"])
         capacity = GaugeMetricFamily("xdplb_map_entries_capacity", "Entries a map holds.",
                                      labels=["map"])
-        members = sum(len(v.backends) for v in self.ctl.state.vips.values())
-        for name, n, cap in (("vips", len(self.ctl.state.vips), limits.max_vips),
-                             ("backends", members, limits.max_backends),
-                             ("ring", self.ctl.reconciler.ring_entries_used(),
-                              limits.ring_entries)):
+        for name, n, cap in (("vips", host.vips, host.max_vips),
+                             ("backends", host.backends, host.max_backends),
+                             ("ring", host.ring_entries_used, host.ring_entries)):
             used.add_metric([name], n)
             capacity.add_metric([name], cap)
         yield from (used, capacity)
 
 
-def make_registry(controller: Controller) -> tuple[CollectorRegistry, ControlPlaneMetrics]:
+def make_registry(views: Views) -> tuple[CollectorRegistry, ControlPlaneMetrics]:
     disable_created_metrics()  # no _created series beside every counter: half the series
     registry = CollectorRegistry()
-    registry.register(DatapathCollector(controller))
+    registry.register(DatapathCollector(views))
     return registry, ControlPlaneMetrics(registry)
 
 

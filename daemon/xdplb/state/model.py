@@ -1,242 +1,51 @@
-"""The desired state: what the operator asked for, validated, in one model.
-
-VIPs (address, port or all ports, protocol, hash mode, encapsulation, ring
-size, default health check, panic threshold), their backends (address,
-weight, drained, health check) and the limits the maps impose. Every input
-(API, `lbctl apply`, the state file) changes it through `apply_changes`,
-which works on a copy, validates the result whole and returns it, or raises
-StateError naming what and why with the state untouched.
-
-Everything here is plain data: frozen dataclasses, canonical address
-strings, and a dict form (`to_dict`/`from_dict`) that is both the state file
-and the `lbctl apply` file format.
-"""
+"""The desired state's data model (health checks, load feedback, backends, VIPs) and
+its dict form, which is both the state file and the `lbctl apply` document."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
-import json
 import re
-import reprlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from xdplb import maglev
-
-FORMAT_VERSION = 1
-PROTOCOLS = ("tcp", "udp")
-HASH_MODES = ("5tuple", "source")
-ENCAPSULATIONS = ("ipip", "gue")
-CHECK_KINDS = ("none", "tcp", "http", "https", "grpc")
-CHECK_VIAS = ("backend", "vip")  # probe the backend's own address, or the VIP through the tunnel
-WHEN_NONE_HEALTHY = ("drop", "all")
-LOAD_SOURCES = ("none", "prometheus", "push")
-MAX_WEIGHT = 10_000
-DEFAULT_WEIGHT = 100
-
-# Every string has a character set and a length, every list a count, every number
-# a range (docs/limits): nothing an operator sends can reach a socket, a log line or
-# a file with CR, LF or NUL in it, nor grow the state past what the API can answer.
-MAX_ADDRESS_TEXT = 64  # "[ffff:...:255.255.255.255]:65535/udp" is 56
-MAX_PATH = 1024
-MAX_HOST = 255
-MAX_BODY = 256
-MAX_GRPC_SERVICE = 256
-MAX_METRIC = 200
-MAX_LABELS = 1024
-MAX_STATUS_CODES = 16
-# The largest gRPC message lbd and lbctl send or take (the library's default is 4 MiB).
-MAX_MESSAGE_BYTES = 256 << 20
-# The state as compact JSON: its export and listings stay far inside the API's
-# message limit, whatever the map sizes allow (tests/test_limits.py measures it).
-MAX_STATE_BYTES = 8 << 20
-# An apply document as sent (any formatting): more than the largest state exported.
-MAX_DOCUMENT_BYTES = 32 << 20
-_HTTP_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
-_HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-_GRPC_SERVICE = re.compile(r"[A-Za-z0-9_./-]*")
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-class StateError(ValueError):
-    """A change was refused; the message says what and why."""
-
-
-class NotFound(StateError):
-    """The change names a VIP or backend that does not exist."""
-
-
-class AlreadyExists(StateError):
-    """The change adds a VIP or backend that exists already."""
-
-
-class LimitExceeded(StateError):
-    """The result would not fit the maps."""
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxlong = 2, 6, 6, 40
-
-
-def shown(value: object) -> str:
-    """repr() for a message, bounded: a value from a request may be megabytes long or
-    deeply nested, and what it says goes into logs and answers."""
-    try:
-        return _REPR.repr(value)
-    except ValueError:  # an integer past Python's digit limit for str()
-        return f"<{type(value).__name__} too large to show>"
-
-
-def _fail(where: str, message: str) -> StateError:
-    return StateError(f"{where}: {message}" if where else message)
-
-
-def _text(where: str, value: object, limit: int, pattern: re.Pattern[str] | None = None,
-          what: str = "") -> str:
-    """A string of at most `limit` characters, without control characters, matching
-    `pattern` whole when one is given ("" always passes: empty means unset)."""
-    if not isinstance(value, str):
-        raise _fail(where, f"must be a string, got {shown(value)}")
-    if len(value) > limit:
-        raise _fail(where, f"{len(value)} characters, more than the limit of {limit}")
-    if _CONTROL.search(value):
-        raise _fail(where, f"{shown(value)} holds a control character (CR, LF, NUL, ...)")
-    if value and pattern is not None and not pattern.fullmatch(value):
-        raise _fail(where, f"{shown(value)} is not {what}")
-    return value
-
-
-def _one_of(where: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise _fail(where, f"{shown(value)} is not one of {', '.join(choices)}")
-
-
-# --- addresses and VIP keys ---------------------------------------------------
-
-
-def canonical_address(text: object, where: str = "address") -> str:
-    """The canonical text of a unicast IP address usable as a VIP or backend."""
-    if not isinstance(text, str):
-        raise _fail(where, f"must be an IP address string, got {shown(text)}")
-    if len(text) > MAX_ADDRESS_TEXT:
-        raise _fail(where, f"{len(text)} characters: no address is that long")
-    if "%" in text:
-        # ipaddress keeps a zone id in the address's identity, the datapath has no
-        # zones: fd00::1%eth0 would be a second key for the address fd00::1.
-        raise _fail(where, f"{shown(text)} has a zone id (%...): VIPs and backends are "
-                           "global addresses; leave the zone out")
-    try:
-        ip = ipaddress.ip_address(text.strip())
-    except ValueError:
-        raise _fail(where, f"{shown(text)} is not an IPv4 or IPv6 address") from None
-    if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
-        kind = ("unspecified" if ip.is_unspecified else
-                "multicast" if ip.is_multicast else "loopback")
-        raise _fail(where, f"{ip} is a {kind} address")
-    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise _fail(where, f"{ip} is the broadcast address")
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        raise _fail(where, f"{ip} is IPv4-mapped: write the IPv4 address {ip.ipv4_mapped}")
-    return str(ip)
-
-
-def is_ipv6(address: str) -> bool:
-    return ":" in address
-
-
-def ip_sort_key(address: str) -> tuple[int, int]:
-    """Orders addresses IPv4 first, then numerically (ipaddress refuses mixed comparisons)."""
-    ip = ipaddress.ip_address(address)
-    return ip.version, int(ip)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _ipv6_with_port(host: str) -> bool:
-    """Whether `host` reads as an IPv6 address once a trailing :PORT is cut off."""
-    head, _, tail = host.rpartition(":")
-    return tail.isdigit() and _is_ipv6(head)
-
-
-def _ambiguous_without_brackets(address: str) -> bool:
-    """Whether the unbracketed text of this IPv6 address also reads as ADDRESS:PORT."""
-    return ":" in address and _ipv6_with_port(address)
-
-
-@dataclass(frozen=True, order=True)
-class VipKey:
-    """What a VIP answers: address, port (0 = every port) and protocol."""
-
-    address: str
-    port: int
-    protocol: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "address", canonical_address(self.address, "VIP address"))
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not (
-                0 <= self.port <= 65535):
-            raise _fail("VIP port", f"must be an integer 1..65535 (0: every port), "
-                                    f"got {shown(self.port)}")
-        _one_of("VIP protocol", self.protocol, PROTOCOLS)
-
-    @classmethod
-    def parse(cls, text: str) -> VipKey:
-        """`10.0.0.10:80/tcp`, `[2001:db8::10]:443/udp`, or port-less `10.0.0.10/tcp`."""
-        usage = (f"VIP {shown(text)}: expected ADDRESS[:PORT]/PROTOCOL, e.g. 10.0.0.10:80/tcp, "
-                 "[2001:db8::10]:443/udp or 10.0.0.10/tcp")
-        if not isinstance(text, str):
-            raise StateError(f"VIP {shown(text)}: expected ADDRESS[:PORT]/PROTOCOL as a string")
-        if len(text) > MAX_ADDRESS_TEXT:
-            raise StateError(f"VIP {shown(text)}: {len(text)} characters, no VIP is that long")
-        host, slash, protocol = text.strip().rpartition("/")
-        if not slash or not host:
-            raise StateError(usage)
-        port_text: str | None = None
-        if host.startswith("["):
-            address, bracket, rest = host[1:].partition("]")
-            if not bracket or (rest and not rest.startswith(":")):
-                raise StateError(usage)
-            port_text = rest[1:] if rest else None
-        elif host.count(":") == 1:
-            address, _, port_text = host.partition(":")
-        else:
-            address = host  # IPv4 alone, or a bare IPv6 address: port-less
-            if host.count(":") > 1 and _ipv6_with_port(host):
-                if _is_ipv6(host):  # fd00::1:80 is an address, and fd00::1 port 80
-                    head, _, tail = host.rpartition(":")
-                    raise StateError(f"VIP {shown(text)} is ambiguous: write [{head}]:{tail}/"
-                                     f"{protocol} for port {tail}, or [{host}]/{protocol} "
-                                     "for every port of that address")
-                raise StateError(f"VIP {shown(text)}: put an IPv6 address in brackets: "
-                                 "[ADDR]:PORT/PROTO")
-        port = 0
-        if port_text is not None:
-            if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-                raise StateError(f"VIP {shown(text)}: port {shown(port_text)} is not in 1..65535 "
-                                 "(leave it out for every port)")
-            port = int(port_text)
-        return cls(address, port, protocol.lower())
-
-    @property
-    def ipv6(self) -> bool:
-        return is_ipv6(self.address)
-
-    def __str__(self) -> str:
-        bracket = self.ipv6 and (self.port or _ambiguous_without_brackets(self.address))
-        host = f"[{self.address}]" if bracket else self.address
-        return f"{host}:{self.port}/{self.protocol}" if self.port else f"{host}/{self.protocol}"
-
+from xdplb.state.addresses import (
+    VipKey,
+    canonical_address,
+    ip_sort_key,
+    is_ipv6,
+)
+from xdplb.state.rules import (
+    _GRPC_SERVICE,
+    _HTTP_HOST,
+    _HTTP_PATH,
+    _METRIC_NAME,
+    CHECK_KINDS,
+    CHECK_VIAS,
+    DEFAULT_WEIGHT,
+    ENCAPSULATIONS,
+    FORMAT_VERSION,
+    HASH_MODES,
+    LOAD_SOURCES,
+    MAX_BODY,
+    MAX_GRPC_SERVICE,
+    MAX_HOST,
+    MAX_LABELS,
+    MAX_METRIC,
+    MAX_PATH,
+    MAX_STATUS_CODES,
+    MAX_WEIGHT,
+    WHEN_NONE_HEALTHY,
+    LimitExceeded,
+    NotFound,
+    StateError,
+    _fail,
+    _one_of,
+    _text,
+    shown,
+)
 
 # --- health checks ------------------------------------------------------------
 
@@ -743,192 +552,3 @@ def default_vip(key: VipKey, **options: Any) -> VipSpec:
     if "check" not in options and key.port == 0:
         options["check"] = NO_CHECK
     return VipSpec(key=key, **options)
-
-
-# --- changes ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Change:
-    """One requested change. `apply` works on the dict copy that apply_changes owns."""
-
-    kind: ClassVar[str] = ""
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-
-def _existing(vips: Mapping[VipKey, VipSpec], key: VipKey) -> VipSpec:
-    if key not in vips:
-        raise NotFound(f"VIP {key}: no such VIP")
-    return vips[key]
-
-
-def _existing_backend(vip: VipSpec, address: str) -> BackendSpec:
-    address = canonical_address(address, "backend address")
-    if address not in vip.backends:
-        raise NotFound(f"VIP {vip.key}: no backend {address}")
-    return vip.backends[address]
-
-
-@dataclass(frozen=True)
-class AddVip(Change):
-    vip: VipSpec
-    kind: ClassVar[str] = "vip-add"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        if self.vip.key in vips:
-            raise AlreadyExists(f"VIP {self.vip.key}: already exists")
-        vips[self.vip.key] = self.vip
-
-    def describe(self) -> str:
-        return (f"add VIP {self.vip.key} (hash {self.vip.hash}, encap {self.vip.encap}, "
-                f"ring {self.vip.ring_size}, {len(self.vip.backends)} backends)")
-
-
-@dataclass(frozen=True)
-class RemoveVip(Change):
-    key: VipKey
-    kind: ClassVar[str] = "vip-del"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        _existing(vips, self.key)
-        del vips[self.key]
-
-    def describe(self) -> str:
-        return f"remove VIP {self.key}"
-
-
-VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy",
-                "capacity", "slow_start_s")
-BACKEND_SETTABLE = ("weight", "drained", "check")
-
-
-def _check_fields(settings: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
-    for name in settings:
-        if name not in allowed:
-            raise StateError(f"{what}: {shown(name)} cannot be set "
-                             f"(settable: {', '.join(allowed)})")
-
-
-@dataclass(frozen=True)
-class SetVip(Change):
-    key: VipKey
-    settings: Mapping[str, Any]
-    kind: ClassVar[str] = "vip-set"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        _check_fields(self.settings, VIP_SETTABLE, f"VIP {self.key}")
-        vips[self.key] = dataclasses.replace(_existing(vips, self.key), **self.settings)
-
-    def describe(self) -> str:
-        return f"set VIP {self.key} " + _describe_settings(self.settings)
-
-
-@dataclass(frozen=True)
-class AddBackend(Change):
-    key: VipKey
-    backend: BackendSpec
-    kind: ClassVar[str] = "backend-add"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        vip = _existing(vips, self.key)
-        address = canonical_address(self.backend.address, "backend address")
-        if address in vip.backends:
-            raise AlreadyExists(f"VIP {self.key}: backend {address} already exists")
-        backend = dataclasses.replace(self.backend, address=address)
-        vips[self.key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
-
-    def describe(self) -> str:
-        state = " drained" if self.backend.drained else ""
-        return f"add backend {self.backend.address} weight {self.backend.weight}{state} " \
-               f"to VIP {self.key}"
-
-
-@dataclass(frozen=True)
-class RemoveBackend(Change):
-    key: VipKey
-    address: str
-    kind: ClassVar[str] = "backend-del"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        vip = _existing(vips, self.key)
-        backend = _existing_backend(vip, self.address)
-        rest = {a: b for a, b in vip.backends.items() if a != backend.address}
-        vips[self.key] = dataclasses.replace(vip, backends=rest)
-
-    def describe(self) -> str:
-        return f"remove backend {self.address} from VIP {self.key}"
-
-
-@dataclass(frozen=True)
-class SetBackend(Change):
-    key: VipKey
-    address: str
-    settings: Mapping[str, Any]
-    kind: ClassVar[str] = "backend-set"
-
-    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
-        vip = _existing(vips, self.key)
-        backend = _existing_backend(vip, self.address)
-        _check_fields(self.settings, BACKEND_SETTABLE, f"backend {backend.address}")
-        updated = dataclasses.replace(backend, **self.settings)
-        vips[self.key] = dataclasses.replace(
-            vip, backends={**vip.backends, backend.address: updated})
-
-    def describe(self) -> str:
-        return f"set backend {self.address} of VIP {self.key} " + _describe_settings(
-            self.settings)
-
-
-def _describe_settings(settings: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={'(check)' if k == 'check' else v}" for k, v in settings.items())
-
-
-def apply_changes(state: DesiredState, changes: Iterable[Change],
-                  limits: Limits) -> DesiredState:
-    """The one way desired state changes: all of `changes` or none of them."""
-    vips = dict(state.vips)
-    for change in changes:
-        change.apply(vips)
-    new = DesiredState(vips)
-    new.validate(limits)
-    size = len(json.dumps(new.to_dict(), separators=(",", ":")))
-    if size > MAX_STATE_BYTES:
-        raise LimitExceeded(f"the state would take {size} bytes (compact JSON), more than "
-                            f"the limit of {MAX_STATE_BYTES}: the API could not return it")
-    return new
-
-
-def diff(old: DesiredState, new: DesiredState) -> list[Change]:
-    """The changes that turn `old` into `new` (what `lbctl apply` does)."""
-    changes: list[Change] = []
-    for key in sorted(set(old.vips) - set(new.vips)):
-        changes.append(RemoveVip(key))
-    for key in sorted(set(new.vips) - set(old.vips)):
-        changes.append(AddVip(new.vips[key]))
-    for key in sorted(set(old.vips) & set(new.vips)):
-        changes.extend(_vip_diff(old.vips[key], new.vips[key]))
-    return changes
-
-
-def _vip_diff(old: VipSpec, new: VipSpec) -> list[Change]:
-    changes: list[Change] = []
-    settings = {name: getattr(new, name) for name in VIP_SETTABLE
-                if getattr(old, name) != getattr(new, name)}
-    if settings:
-        changes.append(SetVip(new.key, settings))
-    for address in sorted(set(old.backends) - set(new.backends), key=ip_sort_key):
-        changes.append(RemoveBackend(new.key, address))
-    for address in sorted(set(new.backends) - set(old.backends), key=ip_sort_key):
-        changes.append(AddBackend(new.key, new.backends[address]))
-    for address in sorted(set(old.backends) & set(new.backends), key=ip_sort_key):
-        before, after = old.backends[address], new.backends[address]
-        changed = {name: getattr(after, name) for name in BACKEND_SETTABLE
-                   if getattr(before, name) != getattr(after, name)}
-        if changed:
-            changes.append(SetBackend(new.key, address, changed))
-    return changes

@@ -1,0 +1,217 @@
+"""Changes: the one way desired state changes (apply_changes), and diff."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from xdplb.state.addresses import (
+    VipKey,
+    canonical_address,
+    ip_sort_key,
+)
+from xdplb.state.model import (
+    BackendSpec,
+    DesiredState,
+    Limits,
+    VipSpec,
+)
+from xdplb.state.rules import (
+    MAX_STATE_BYTES,
+    AlreadyExists,
+    LimitExceeded,
+    NotFound,
+    StateError,
+    shown,
+)
+
+# --- changes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One requested change. `apply` works on the dict copy that apply_changes owns."""
+
+    kind: ClassVar[str] = ""
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def _existing(vips: Mapping[VipKey, VipSpec], key: VipKey) -> VipSpec:
+    if key not in vips:
+        raise NotFound(f"VIP {key}: no such VIP")
+    return vips[key]
+
+
+def _existing_backend(vip: VipSpec, address: str) -> BackendSpec:
+    address = canonical_address(address, "backend address")
+    if address not in vip.backends:
+        raise NotFound(f"VIP {vip.key}: no backend {address}")
+    return vip.backends[address]
+
+
+@dataclass(frozen=True)
+class AddVip(Change):
+    vip: VipSpec
+    kind: ClassVar[str] = "vip-add"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        if self.vip.key in vips:
+            raise AlreadyExists(f"VIP {self.vip.key}: already exists")
+        vips[self.vip.key] = self.vip
+
+    def describe(self) -> str:
+        return (f"add VIP {self.vip.key} (hash {self.vip.hash}, encap {self.vip.encap}, "
+                f"ring {self.vip.ring_size}, {len(self.vip.backends)} backends)")
+
+
+@dataclass(frozen=True)
+class RemoveVip(Change):
+    key: VipKey
+    kind: ClassVar[str] = "vip-del"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        _existing(vips, self.key)
+        del vips[self.key]
+
+    def describe(self) -> str:
+        return f"remove VIP {self.key}"
+
+
+VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy",
+                "capacity", "slow_start_s")
+BACKEND_SETTABLE = ("weight", "drained", "check")
+
+
+def _check_fields(settings: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    for name in settings:
+        if name not in allowed:
+            raise StateError(f"{what}: {shown(name)} cannot be set "
+                             f"(settable: {', '.join(allowed)})")
+
+
+@dataclass(frozen=True)
+class SetVip(Change):
+    key: VipKey
+    settings: Mapping[str, Any]
+    kind: ClassVar[str] = "vip-set"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        _check_fields(self.settings, VIP_SETTABLE, f"VIP {self.key}")
+        vips[self.key] = dataclasses.replace(_existing(vips, self.key), **self.settings)
+
+    def describe(self) -> str:
+        return f"set VIP {self.key} " + _describe_settings(self.settings)
+
+
+@dataclass(frozen=True)
+class AddBackend(Change):
+    key: VipKey
+    backend: BackendSpec
+    kind: ClassVar[str] = "backend-add"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        address = canonical_address(self.backend.address, "backend address")
+        if address in vip.backends:
+            raise AlreadyExists(f"VIP {self.key}: backend {address} already exists")
+        backend = dataclasses.replace(self.backend, address=address)
+        vips[self.key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
+
+    def describe(self) -> str:
+        state = " drained" if self.backend.drained else ""
+        return f"add backend {self.backend.address} weight {self.backend.weight}{state} " \
+               f"to VIP {self.key}"
+
+
+@dataclass(frozen=True)
+class RemoveBackend(Change):
+    key: VipKey
+    address: str
+    kind: ClassVar[str] = "backend-del"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        backend = _existing_backend(vip, self.address)
+        rest = {a: b for a, b in vip.backends.items() if a != backend.address}
+        vips[self.key] = dataclasses.replace(vip, backends=rest)
+
+    def describe(self) -> str:
+        return f"remove backend {self.address} from VIP {self.key}"
+
+
+@dataclass(frozen=True)
+class SetBackend(Change):
+    key: VipKey
+    address: str
+    settings: Mapping[str, Any]
+    kind: ClassVar[str] = "backend-set"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        backend = _existing_backend(vip, self.address)
+        _check_fields(self.settings, BACKEND_SETTABLE, f"backend {backend.address}")
+        updated = dataclasses.replace(backend, **self.settings)
+        vips[self.key] = dataclasses.replace(
+            vip, backends={**vip.backends, backend.address: updated})
+
+    def describe(self) -> str:
+        return f"set backend {self.address} of VIP {self.key} " + _describe_settings(
+            self.settings)
+
+
+def _describe_settings(settings: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={'(check)' if k == 'check' else v}" for k, v in settings.items())
+
+
+def apply_changes(state: DesiredState, changes: Iterable[Change],
+                  limits: Limits) -> DesiredState:
+    """The one way desired state changes: all of `changes` or none of them."""
+    vips = dict(state.vips)
+    for change in changes:
+        change.apply(vips)
+    new = DesiredState(vips)
+    new.validate(limits)
+    size = len(json.dumps(new.to_dict(), separators=(",", ":")))
+    if size > MAX_STATE_BYTES:
+        raise LimitExceeded(f"the state would take {size} bytes (compact JSON), more than "
+                            f"the limit of {MAX_STATE_BYTES}: the API could not return it")
+    return new
+
+
+def diff(old: DesiredState, new: DesiredState) -> list[Change]:
+    """The changes that turn `old` into `new` (what `lbctl apply` does)."""
+    changes: list[Change] = []
+    for key in sorted(set(old.vips) - set(new.vips)):
+        changes.append(RemoveVip(key))
+    for key in sorted(set(new.vips) - set(old.vips)):
+        changes.append(AddVip(new.vips[key]))
+    for key in sorted(set(old.vips) & set(new.vips)):
+        changes.extend(_vip_diff(old.vips[key], new.vips[key]))
+    return changes
+
+
+def _vip_diff(old: VipSpec, new: VipSpec) -> list[Change]:
+    changes: list[Change] = []
+    settings = {name: getattr(new, name) for name in VIP_SETTABLE
+                if getattr(old, name) != getattr(new, name)}
+    if settings:
+        changes.append(SetVip(new.key, settings))
+    for address in sorted(set(old.backends) - set(new.backends), key=ip_sort_key):
+        changes.append(RemoveBackend(new.key, address))
+    for address in sorted(set(new.backends) - set(old.backends), key=ip_sort_key):
+        changes.append(AddBackend(new.key, new.backends[address]))
+    for address in sorted(set(old.backends) & set(new.backends), key=ip_sort_key):
+        before, after = old.backends[address], new.backends[address]
+        changed = {name: getattr(after, name) for name in BACKEND_SETTABLE
+                   if getattr(before, name) != getattr(after, name)}
+        if changed:
+            changes.append(SetBackend(new.key, address, changed))
+    return changes

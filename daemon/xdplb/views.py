@@ -1,0 +1,210 @@
+"""Read-only views of lbd: what the API and the metrics show, as plain values.
+
+The controller owns the state, the reconciler, the balancer, the checks and
+load feedback; a reader gets a snapshot from here instead of reaching into
+them. Status is what the datapath realises, not what was asked for: ring
+positions, availability and health come from what the maps were last given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from xdplb import bgp
+from xdplb.state import BackendSpec, DesiredState, Limits, MemberId, NotFound, VipKey, VipSpec
+
+
+class ControllerParts(Protocol):
+    """What the views read of the controller (xdplb.controller.Controller builds
+    them; naming it here would make an import cycle)."""
+
+    state: DesiredState
+    limits: Limits
+    config: Any
+    store: Any
+    reconciler: Any
+    balancer: Any
+    runtime: Any
+    health: Any
+    capacity: Any
+    announcer: Any
+    nexthop: Any
+    started: float
+    version: str
+    host_drained: bool
+    last_report: Any
+    last_bgp_state: bgp.BgpState
+
+    def health_realised(self, member: MemberId) -> tuple[bool, float]: ...
+
+
+@dataclass(frozen=True)
+class LoadView:
+    load: float | None  # smoothed, in the unit of the VIP's target
+    age_s: float | None
+    state: str  # none | ok | stale | unreachable: ... | malformed: ... | waiting
+    factor: float  # capacity factor applied
+    slow_start: float  # slow-start factor applied
+
+
+@dataclass(frozen=True)
+class BackendView:
+    spec: BackendSpec
+    healthy: bool  # the verdict the maps were last given
+    available: bool  # the datapath may send flows to it
+    index: int  # its backend entry (0: none yet)
+    ring_positions: int
+    effective_weight: int  # what its VIP's ring is built with
+    packets: int
+    bytes: int
+    health: str  # up | down | unchecked | held-down | not-checked
+    check: str  # what its check probes ("" without one)
+    since: float  # unix time of the verdict (0: none)
+    last_result: str
+    latency_ms: float
+    realised: bool  # the maps hold the current verdict
+    realised_since: float
+    load: LoadView | None  # with load feedback or slow start
+
+
+@dataclass(frozen=True)
+class VipView:
+    spec: VipSpec
+    mode: str  # normal | panic | fail-open | fail-closed | pending
+    vip_id: int
+    healthy_backends: int
+    serving_backends: int
+    packets: int
+    bytes: int
+    fingerprint: str
+    unsettled_positions: int
+    announced: bool
+    backends: tuple[BackendView, ...]
+
+
+@dataclass(frozen=True)
+class HostView:
+    version: str
+    started: float
+    xdp_mode: str
+    nexthop_mac: str
+    nexthop_source: str
+    state_file: str
+    pin_dir: str
+    vips: int
+    backends: int
+    max_vips: int
+    max_backends: int
+    ring_entries_used: int
+    ring_entries: int
+    host_drained: bool
+    bgp_enabled: bool
+    announced: tuple[str, ...]
+    last_report: Any  # reconciler.ReconcileReport | None
+
+
+class Views:
+    """Snapshots of one controller, built on lbd's event loop (so consistent)."""
+
+    def __init__(self, controller: ControllerParts):
+        self._ctl = controller
+
+    def vips(self) -> list[VipView]:
+        return [self.vip(key) for key in sorted(self._ctl.state.vips)]
+
+    def vip(self, key: VipKey) -> VipView:
+        ctl = self._ctl
+        spec = ctl.state.vips.get(key)
+        if spec is None:
+            raise NotFound(f"VIP {key}: no such VIP")
+        plan = ctl.reconciler.plans.get(key)
+        vip_id = ctl.reconciler.vip_id(key)
+        counters = ctl.balancer.vip_stats.read(vip_id) if vip_id else {"packets": 0,
+                                                                       "bytes": 0}
+        positions = ctl.reconciler.ring_positions(key)
+        backends = tuple(self._backend(spec, address, plan, positions)
+                         for address in spec.backends)
+        announcer = ctl.announcer
+        return VipView(
+            spec=spec, mode=plan.mode if plan else "pending", vip_id=vip_id,
+            healthy_backends=plan.healthy if plan else 0,
+            serving_backends=plan.serving if plan else 0,
+            packets=counters["packets"], bytes=counters["bytes"],
+            fingerprint=ctl.reconciler.fingerprints.get(key, ""),
+            unsettled_positions=ctl.reconciler.unsettled_slots(key),
+            announced=announcer is not None and bgp.host_prefix(key.address)
+            in announcer.announced,
+            backends=backends)
+
+    def _backend(self, vip: VipSpec, address: str, plan: Any,
+                 positions: dict[str, int]) -> BackendView:
+        ctl = self._ctl
+        member = (vip.key, address)
+        index = ctl.reconciler.members.get(member, 0)
+        counters = ctl.balancer.backend_stats.read(index) if index else {"packets": 0,
+                                                                         "bytes": 0}
+        realised, realised_since = ctl.health_realised(member)
+        health, check, since, last, latency = self._health(member)
+        return BackendView(
+            spec=vip.backends[address], healthy=ctl.runtime.healthy.get(member, True),
+            available=bool(plan and plan.available.get(address)), index=index,
+            ring_positions=positions.get(address, 0),
+            effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
+            packets=counters["packets"], bytes=counters["bytes"], health=health,
+            check=check, since=since, last_result=last, latency_ms=latency,
+            realised=realised, realised_since=realised_since, load=self._load(member))
+
+    def _health(self, member: MemberId) -> tuple[str, str, float, str, float]:
+        """(health, check description, since, last result, latency ms)."""
+        checker = self._ctl.health
+        probe = checker.members.get(member) if checker else None
+        if probe is None:
+            return "not-checked", "", 0.0, "", 0.0
+        verdict = checker.verdict_of(member)
+        if verdict is None or verdict.up is None:
+            return "unchecked", probe.describe(), 0.0, "", 0.0
+        health = "held-down" if verdict.suppressed else "up" if verdict.up else "down"
+        last, latency = ("", 0.0) if verdict.last is None else (
+            verdict.last.reason, verdict.last.latency_s * 1000)
+        return health, probe.describe(), verdict.since, last, latency
+
+    def _load(self, member: MemberId) -> LoadView | None:
+        capacity = self._ctl.capacity
+        if capacity is None:
+            return None
+        try:
+            load = capacity.status(member)
+        except KeyError:  # added a moment ago: not followed yet
+            return None
+        return LoadView(load.load, load.age_s, load.state, load.factor, load.slow_start)
+
+    def host(self) -> HostView:
+        ctl, cfg = self._ctl, self._ctl.config
+        nh = ctl.nexthop
+        return HostView(
+            version=ctl.version, started=ctl.started, xdp_mode=cfg.xdp_mode,
+            nexthop_mac=nh.mac if nh else "",
+            nexthop_source=("config" if cfg.nexthop.mac else
+                            f"route via {nh.interface} to {nh.gateway}" if nh else ""),
+            state_file=str(ctl.store.path), pin_dir=str(cfg.pin_dir),
+            vips=len(ctl.state.vips),
+            backends=sum(len(v.backends) for v in ctl.state.vips.values()),
+            max_vips=ctl.limits.max_vips, max_backends=ctl.limits.max_backends,
+            ring_entries_used=ctl.reconciler.ring_entries_used(),
+            ring_entries=cfg.maps.ring_entries, host_drained=ctl.host_drained,
+            bgp_enabled=ctl.announcer is not None,
+            announced=tuple(sorted(ctl.announcer.announced)) if ctl.announcer else (),
+            last_report=ctl.last_report)
+
+    def datapath_counters(self) -> dict[str, int]:
+        """The balancer's outcome and event counters, summed over CPUs."""
+        return self._ctl.balancer.counters()
+
+    def tunnel_counters(self) -> dict[str, int]:
+        """The tc program's counters of checks through the VIP."""
+        return self._ctl.balancer.hc_counters()
+
+    def bgp_sessions(self) -> bgp.BgpState:
+        """What BIRD said last (refreshed every 5 s)."""
+        return self._ctl.last_bgp_state
