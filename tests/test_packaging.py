@@ -1,7 +1,7 @@
 """The package an LB host gets: the wheel is built from the tracked files,
-installed by the README's steps into a new venv, runs without a compiler on
+installed by the documented steps into a new venv, runs without a compiler on
 the PATH (the Maglev fill is compiled in and builds the same ring as the pure
-fallback), and its systemd unit verifies and scores as the README says."""
+fallback), and its systemd unit verifies and scores as docs/operating.md says."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 from xdplb import maglev
 
 REPO = Path(__file__).resolve().parent.parent
-PREFIX = "/opt/xdplb"  # where the README installs
-# The README's install steps that put lbd in place, with PREFIX spelled out there.
+PREFIX = "/opt/xdplb"  # where docs/operating.md installs
+# The install steps (docs/operating.md) that put lbd in place, with PREFIX spelled out there.
 INSTALL_STEPS = [
     "python3 -m venv --system-site-packages {prefix}",
     "{prefix}/bin/pip install --require-hashes --no-deps -r requirements-runtime.lock",
@@ -56,10 +56,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A file-system root where the README's install steps ran (PREFIX inside it)."""
-    readme = (REPO / "README.md").read_text()
+    """A file-system root where the documented install steps ran (PREFIX inside it)."""
+    guide = (REPO / "docs" / "operating.md").read_text()
     for step in INSTALL_STEPS:
-        assert step.format(prefix=PREFIX) in readme, f"the README no longer says: {step}"
+        assert step.format(prefix=PREFIX) in guide, f"docs/operating.md no longer says: {step}"
     root = tmp_path_factory.mktemp("root")
     prefix = root / PREFIX.lstrip("/")
     units = root / "etc" / "systemd" / "system"

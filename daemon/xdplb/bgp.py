@@ -6,7 +6,7 @@ BIRD's configuration includes (one for IPv4, one for IPv6), then asking
 BIRD to reload (`birdc configure`, which keeps established sessions). Why
 BIRD: it is packaged by Debian, reloads atomically and keeps sessions up
 across reloads, and its include-file interface needs no client library.
-An example BIRD configuration is in the README.
+An example BIRD configuration is in docs/bgp.md.
 """
 
 from __future__ import annotations
