@@ -69,7 +69,7 @@ demo-down: setup
 	@$(PY) -m xdplb_lab.demo down
 
 # Two LB hosts behind a router, each with its own BIRD and lbd; the router's
-# BIRD merges their announcements into ECMP routes (see xdplb/lab_bgp.py).
+# BIRD merges their announcements into ECMP routes (see lab/xdplb_lab/bgp.py).
 bgp-lab: setup
 	@$(PY) -m xdplb_lab.bgp up
 

@@ -2,7 +2,7 @@
  *
  * Only this file touches maps: bcc rewrites map calls in the main file, and
  * keeping every lookup here makes the per-packet map traffic easy to audit.
- * Map sizes arrive as -D flags from daemon/xdplb/datapath.py:
+ * Map sizes arrive as -D flags from daemon/xdplb/datapath/balancer.py:
  *   MAX_VIPS, MAX_BACKENDS, RING_ENTRIES,
  *   VIP_INDEX_BITS (the VIP index has 2^bits slots),
  *   CONN_SET_BITS (the flow table has 2^bits sets of FLOW_WAYS flows),
@@ -108,7 +108,7 @@ static __always_inline int may_be_vip_addr(const struct packet *pkt)
  * full chain may have overflowed into the hash map alone) or a slot being
  * rewritten.
  *
- * Torn-write safety (the writer is daemon/xdplb/datapath.py VipTable): each
+ * Torn-write safety (the writer is daemon/xdplb/datapath/vip_index.py VipTable): each
  * slot is rewritten in three whole-value map updates, each changing either
  * seq or the content but never both: (1) seq odd, old content; (2) seq odd,
  * new content; (3) seq even, new content. The reader copies the content
@@ -569,7 +569,7 @@ int xdplb_balancer(struct xdp_md *ctx)
 }
 
 /* The table sweep: run by the control plane through BPF_PROG_TEST_RUN, never
- * attached (daemon/xdplb/reconciler.py settle). Each run sweeps up to
+ * attached (daemon/xdplb/reconciler/reconciler.py settle). Each run sweeps up to
  * SETTLE_SETS_PER_RUN sets from the cursor in `settle`. An entry whose
  * backend is not its ring slot's holds that slot unsettled: the sweep sets
  * the slot's settle_blocked bit, unless the entry has been idle longer than

@@ -43,7 +43,7 @@ struct vip_meta {
  * without reading the table (bpf/balancer.c choose_backend). The control
  * plane sets the bit in the very store that gives the slot a different
  * backend, and clears it only after a sweep of the table found no entry
- * naming another backend (daemon/xdplb/reconciler.py settle). */
+ * naming another backend (daemon/xdplb/reconciler/reconciler.py settle). */
 #define RING_UNSETTLED (1U << 31)
 #define RING_BACKEND_MASK (RING_UNSETTLED - 1)
 
@@ -84,7 +84,7 @@ struct backend {
 
 /* The VIP index: an array probed inline in front of the `vips` hash map,
  * which stays the source of truth (bpf/balancer.c explains the probing,
- * daemon/xdplb/datapath.py VipTable the update protocol). A slot is
+ * daemon/xdplb/datapath/vip_index.py VipTable the update protocol). A slot is
  * rewritten by the control plane in three map updates bracketed by `seq`:
  *   1. seq odd,  old content;  2. seq odd, new content;  3. seq even, new content.
  * A reader reads seq, the content, seq again, and uses the content only if

@@ -74,7 +74,7 @@ class BgpConfig:
 
 @dataclass(frozen=True)
 class FlowsConfig:
-    """The flow table's upkeep (daemon/xdplb/reconciler.py settle)."""
+    """The flow table's upkeep (daemon/xdplb/reconciler/reconciler.py settle)."""
 
     settled_refresh_s: int = 8  # see DatapathSettings; 0: every packet reads the table
     idle_timeout_s: int = 3600  # entries idle longer are removed by the sweep; 0: never

@@ -38,7 +38,7 @@ class MapSizes:
             if not isinstance(value, int) or value < minimum:
                 raise DatapathError(f"map size {name}={value!r}: must be an integer >= {minimum}")
         # 65,535 backends at most: the default health mark carries a 16-bit index, and
-        # the API lists every backend's status within its message limit (state.py).
+        # the API lists every backend's status within its message limit (state/rules.py).
         if self.max_backends > MAX_BACKEND_ENTRIES:
             raise DatapathError(f"map size max_backends={self.max_backends!r}: must be "
                                 f"<= {MAX_BACKEND_ENTRIES}")
