@@ -5,7 +5,8 @@
  * passes the inner packet up the stack. The backend, holding the VIP on its
  * loopback, then answers the client directly. Hosts with kernel tunnel
  * devices may use those instead; this program needs no kernel module.
- * MAX_DECAP_ADDRS arrives as a -D flag.
+ * MAX_DECAP_ADDRS arrives as a -D flag, XDPLB_PIN_DIR (a string) when the
+ * maps are pinned.
  */
 #include <uapi/linux/bpf.h>
 
@@ -13,9 +14,18 @@
 #include "parse.h"
 #include "encap.h"
 
-BPF_HASH(decap_addrs, struct addr16, __u32, MAX_DECAP_ADDRS);
-BPF_ARRAY(decap_gue_port, __u16, 1); /* network order; 0 = GUE off */
-BPF_PERCPU_ARRAY(decap_stats, struct decap_counters, 1);
+/* With XDPLB_PIN_DIR the maps are pinned there (xdplb-backend setup), so a
+ * later run of the tool, and its doctor, find the addresses and counters. */
+#ifdef XDPLB_PIN_DIR
+#define DECAP_MAP(type, key, leaf, name, size) \
+	BPF_TABLE_PINNED(type, key, leaf, name, size, XDPLB_PIN_DIR "/" #name)
+#else
+#define DECAP_MAP(type, key, leaf, name, size) BPF_TABLE(type, key, leaf, name, size)
+#endif
+
+DECAP_MAP("hash", struct addr16, __u32, decap_addrs, MAX_DECAP_ADDRS);
+DECAP_MAP("array", __u32, __u16, decap_gue_port, 1); /* network order; 0 = GUE off */
+DECAP_MAP("percpu_array", __u32, struct decap_counters, decap_stats, 1);
 
 /* Returns the outer headers' length, or 0 when the packet is not a tunnel
  * packet for this host; sets the inner EtherType. */

@@ -124,7 +124,7 @@ def reset_maps(bal) -> None:
     bal.write_ring(range(bal.sizes.ring_entries), [0] * bal.sizes.ring_entries)
     for index in range(bal.sizes.max_vips):
         bal.vip_rings.put(ct.c_uint32(index), s.VipRing())
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for index in range(bal.sizes.max_vips):
         bal.vip_stats.clear(index)
     for index in range(bal.sizes.max_backends):

@@ -2,8 +2,9 @@
 
 - Each fenced TOML or JSON block is read with the loader its tool uses: an
   apply document (it has "vips") as `lbctl apply` reads it, then validated as
-  lbd validates it; an lbd configuration with lbd's own loader.
-- Each `lbctl ...` or `lbd ...` command, in a code block or inline, names
+  lbd validates it; a backend plan (it has "tunnel_addresses") as
+  `xdplb-backend` reads it; an lbd configuration with lbd's own loader.
+- Each `lbctl ...`, `lbd ...` or `xdplb-backend ...` command, in a code block or inline, names
   commands and options that exist (metasyntax like `set|del` or `[--wait S]`
   is read as the alternatives it offers).
 - Each lbctl command written out in full (no placeholder) runs against a real
@@ -25,13 +26,16 @@ import pytest
 from lbctl.cli import cli as lbctl_cli
 from lbctl.cli import read_document
 from xdplb import lbd as lbd_module
+from xdplb.backendhost.cli import cli as backend_cli
+from xdplb.backendhost.plan import read_plan
 from xdplb.config import load_config
 from xdplb.state import DesiredState
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))]
 SHELL_LANGS = {"sh", "shell", "bash", "console"}
-TOOLS: dict[str, click.Command] = {"lbctl": lbctl_cli, "lbd": lbd_module.main}
+TOOLS: dict[str, click.Command] = {"lbctl": lbctl_cli, "lbd": lbd_module.main,
+                                   "xdplb-backend": backend_cli}
 # Words that mark a command as a pattern rather than a command to run.
 PLACEHOLDER = re.compile(r"[\[\]|$<>]|\.\.\.|\b[A-Z][A-Z_]+\b")
 
@@ -81,7 +85,7 @@ def tool_commands() -> list[tuple[str, str]]:
                 found += [(str(block), c) for c in shell_commands(block)
                           if c.split()[0] in TOOLS]
         text = page.read_text()
-        for match in re.finditer(r"(?<!`)`((?:lbctl|lbd) [^`]+)`(?!`)", text):
+        for match in re.finditer(r"(?<!`)`((?:lbctl|lbd|xdplb-backend) [^`]+)`(?!`)", text):
             line = text.count("\n", 0, match.start()) + 1
             found.append((f"{page.relative_to(REPO)}:{line}", match[1]))
     return found
@@ -102,7 +106,11 @@ def test_every_toml_and_json_example_loads_as_its_tool_reads_it(block: Block,
                                                                  tmp_path: Path) -> None:
     data = parsed_example(block)
     assert isinstance(data, dict), f"{block}: an example is a table"
-    if "vips" in data:
+    if "tunnel_addresses" in data:
+        path = tmp_path / "backend.toml"
+        path.write_text(block.text)
+        read_plan(path, {}).validate()
+    elif "vips" in data:
         path = tmp_path / f"example.{block.lang}"
         path.write_text(block.text)
         import json
@@ -194,7 +202,8 @@ def test_every_complete_lbctl_command_runs_against_a_real_lbd(lab_lbd, page: Pat
 
 
 def apply_documents() -> list[Block]:
-    return [b for b in all_blocks("toml", "json") if "vips" in parsed_example(b)]
+    return [b for b in all_blocks("toml", "json")
+            if "vips" in parsed_example(b) and "tunnel_addresses" not in parsed_example(b)]
 
 
 @pytest.mark.netns

@@ -27,6 +27,10 @@ INSTALL_STEPS = [
     "{prefix}/bin/pip install --no-deps xdplb-*.whl",
     "cp {prefix}/lib/python3.11/site-packages/xdplb/lbd.service /etc/systemd/system/",
 ]
+# The step docs/backend-hosts.md adds on a backend host (the same venv and wheel).
+BACKEND_UNIT_STEP = ("cp {prefix}/lib/python3.11/site-packages/xdplb/xdplb-backend.service "
+                     "/etc/systemd/system/")
+UNITS = ("lbd.service", "xdplb-backend.service")
 MAX_EXPOSURE = 5.0
 RING_WEIGHTS = {f"10.1.{i // 200}.{i % 200 + 1}": 100 + i for i in range(300)}
 
@@ -60,6 +64,10 @@ def root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     guide = (REPO / "docs" / "operating.md").read_text()
     for step in INSTALL_STEPS:
         assert step.format(prefix=PREFIX) in guide, f"docs/operating.md no longer says: {step}"
+    backend_guide = (REPO / "docs" / "backend-hosts.md").read_text()
+    for step in [*INSTALL_STEPS[:3], BACKEND_UNIT_STEP]:
+        assert step.format(prefix=PREFIX) in backend_guide, \
+            f"docs/backend-hosts.md no longer says: {step}"
     root = tmp_path_factory.mktemp("root")
     prefix = root / PREFIX.lstrip("/")
     units = root / "etc" / "systemd" / "system"
@@ -69,7 +77,8 @@ def root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
          str(REPO / "requirements-runtime.lock")])
     run([f"{prefix}/bin/pip", "install", "--quiet", "--no-deps", str(wheel)])
     site = prefix / "lib" / "python3.11" / "site-packages"
-    (units / "lbd.service").write_bytes((site / "xdplb" / "lbd.service").read_bytes())
+    for unit in UNITS:
+        (units / unit).write_bytes((site / "xdplb" / unit).read_bytes())
     return root
 
 
@@ -86,7 +95,9 @@ def test_the_wheel_carries_the_compiled_fill_and_what_lbd_loads(wheel: Path) -> 
                for n in names)
     assert "xdplb/_maglev.c" not in names
     for needed in ("xdplb/bpf/balancer.c", "xdplb/bpf/decap.c", "xdplb/lbd.service",
-                   "xdplb/v1/lb_pb2.py", "lbctl/cli.py"):
+                   "xdplb/xdplb-backend.service", "xdplb/backendhost/cli.py",
+                   "xdplb/v1/lb_pb2.py", "lbctl/cli.py", "xdplb/alerts/xdplb-rules.yml",
+                   "xdplb/dashboards/grafana-xdplb.json"):
         assert needed in names, needed
     assert re.search(r"^Requires-Dist: grpcio>=", zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("METADATA"))).decode(), re.M)
@@ -120,6 +131,8 @@ def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path
     config.write_text('interfaces = ["eth0"]\n')
     assert run([str(prefix / "bin" / "lbd"), "--check-config", str(config)],
                env=env).stdout == f"{config}: ok\n"
+    assert run([str(prefix / "bin" / "xdplb-backend"), "--version"],
+               env=env).stdout == f"xdplb-backend {version('xdplb')}\n"
     script = ("import json, sys\nfrom xdplb import maglev\n"
               "ring = maglev.build_ring(json.loads(sys.argv[1]), 65537)\n"
               "print(maglev.native_available(), maglev.native_library_path())\n"
@@ -134,24 +147,30 @@ def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path
     assert bytes.fromhex(table) == fallback.table.tobytes()
 
 
-def test_the_unit_verifies_once_installed(root: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_unit_verifies_once_installed(root: Path, unit: str) -> None:
     # verify resolves units and ExecStart inside --root: give it systemd's own units.
     system = root / "usr" / "lib" / "systemd"
     system.mkdir(parents=True, exist_ok=True)
-    run(["cp", "-a", "/usr/lib/systemd/system", str(system)])
+    if not (system / "system").exists():
+        run(["cp", "-a", "/usr/lib/systemd/system", str(system)])
     result = subprocess.run(["systemd-analyze", "verify", f"--root={root}",
-                             "/etc/systemd/system/lbd.service"], capture_output=True,
+                             f"/etc/systemd/system/{unit}"], capture_output=True,
                             text=True, timeout=60, check=False)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_the_unit_scores_at_most_five(root: Path) -> None:
-    unit = root / "etc" / "systemd" / "system" / "lbd.service"
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_unit_scores_at_most_five(root: Path, unit: str) -> None:
+    path = root / "etc" / "systemd" / "system" / unit
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
                             capture_output=True, text=True, timeout=60, check=False)
-    score = float(re.search(r"Overall exposure level for lbd\.service: ([0-9.]+)",
+    score = float(re.search(rf"Overall exposure level for {re.escape(unit)}: ([0-9.]+)",
                             result.stdout)[1])
     assert score <= MAX_EXPOSURE, result.stdout
-    text = unit.read_text()
-    assert "\nRestart=always\n" in text
+    text = path.read_text()
     assert "\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN\n" in text
+    if unit == "lbd.service":
+        assert "\nRestart=always\n" in text
+    else:  # re-applied at every boot
+        assert "\nWantedBy=multi-user.target\n" in text and "\nType=oneshot\n" in text

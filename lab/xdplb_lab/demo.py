@@ -12,18 +12,13 @@ out and shows where its traffic went. The lab stays up to explore;
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from pyroute2 import netns
 
 from xdplb.datapath import MapSizes
 from xdplb_lab import lab as labmod
@@ -104,14 +99,6 @@ def wait_health(lbd: LabLbd, vip: str, address: str, health: str,
                      f"{limit_s:.0f} s")
 
 
-def stop_backend_server(topo: labmod.LbLab, index: int) -> None:
-    """Stops the HTTP server of one backend (the namespace and its link stay)."""
-    for pid in netns.ns_pids().get(topo.backends[index].name, []):
-        with contextlib.suppress(OSError):  # gone meanwhile
-            if b"xdplb_lab.backend_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
-
-
 def up() -> None:
     down(quiet=True)  # running twice works: the previous lab goes first
     lab = labmod.Lab(prefix=PREFIX)
@@ -131,7 +118,7 @@ def up() -> None:
     failed = topo.backend_v4[1]
     say(f"\nStopping backend1's HTTP server ({failed}); lbd's TCP check (every 500 ms, "
         "fall 2) takes it out:")
-    stop_backend_server(topo, 1)
+    labmod.stop_backend_server(topo, 1)
     verdict, realised = wait_health(lbd, v4, failed, "down", limit_s=10)
     say(f"  backend1 judged down after {verdict:.1f} s, out of the ring after {realised:.1f} s")
     after = traffic(topo, lbd, v4, topo.vip_v4)

@@ -13,12 +13,18 @@ of a crashed run from the namespaces of a run that is still alive.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from pyroute2 import netns as ip_netns
 
 from xdplb_lab.netns import (
     IFNAMSIZ_MAX,
@@ -213,7 +219,7 @@ def _configure_backend(backend: Host, eth: Iface) -> None:
     backend.sysctls(backend_sysctls(eth.name))
 
 
-def build_lb_lab(lab: Lab, n_backends: int = 3) -> LbLab:
+def build_lb_lab(lab: Lab, n_backends: int = 3, configure_backends: bool = True) -> LbLab:
     """Build client - router - lb plus `n_backends` DSR backends, fully addressed and routed.
 
     The client's eth0 has TX checksum offload (and thus TSO) turned off: a veth hands the
@@ -239,13 +245,14 @@ def build_lb_lab(lab: Lab, n_backends: int = 3) -> LbLab:
         _address_link(host_end, router_end, plan)
         _default_via_router(host_end, plan)
     _configure_router(lbl)
-    for backend, b_if in zip(backends, lbl.backend_ifs, strict=True):
-        _configure_backend(backend, b_if)
+    if configure_backends:  # else bare: addressed and routed only (xdplb-backend's job)
+        for backend, b_if in zip(backends, lbl.backend_ifs, strict=True):
+            _configure_backend(backend, b_if)
     set_offloads(client, "eth0", tx=False)
     return lbl
 
 
-def start_http_backends(lbl: LbLab, port: int = 80) -> list[Any]:
+def start_http_backends(lbl: LbLab, port: int = 80, decap: bool = True) -> list[Any]:
     """Give every backend the decapsulator (accepting its IPv4 and IPv6
     address) and an HTTP server answering `backend{i}`; wait until they serve.
 
@@ -256,11 +263,12 @@ def start_http_backends(lbl: LbLab, port: int = 80) -> list[Any]:
 
     decaps = []
     for i, host in enumerate(lbl.backends):
-        decap = Decapsulator()
-        decap.accept(backend_v4(i))
-        decap.accept(backend_v6(i))
-        decap.attach("eth0", netns=host.name)
-        decaps.append(decap)
+        if decap:
+            program = Decapsulator()
+            program.accept(backend_v4(i))
+            program.accept(backend_v6(i))
+            program.attach("eth0", netns=host.name)
+            decaps.append(program)
         host.popen([sys.executable, "-m", "xdplb_lab.backend_server", "--name", f"backend{i}",
                     "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for host in lbl.backends:
@@ -298,3 +306,13 @@ __all__ = [
     "set_offloads",
     "wait_port",
 ]
+
+
+def stop_backend_server(topo: LbLab, index: int) -> None:
+    """Stops the HTTP server of one backend (the namespace and its link stay). The
+    namespaces share one PID namespace: the server is found among the PIDs in this
+    backend's network namespace, not by name alone."""
+    for pid in ip_netns.ns_pids().get(topo.backends[index].name, []):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if b"xdplb_lab.backend_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)

@@ -223,9 +223,10 @@ class Host:
         check: bool = True,
         timeout: float = 30,
         input: str | None = None,
+        share_mounts: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in the namespace, capturing text output; bounded by `timeout`."""
-        cmd = self.argv(argv)
+        cmd = self.argv(argv, share_mounts=share_mounts)
         res = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, input=input, check=False
         )

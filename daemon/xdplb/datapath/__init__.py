@@ -8,12 +8,19 @@ per-CPU counters, and runs programs on test frames with BPF_PROG_TEST_RUN.
 
 One concern a module: loader (bcc), bpfmap (map access), maps (the one list
 of the balancer's maps), sizes (map sizes, check marks), vip_index, flow_table,
-testrun, netlink (attaching), balancer, decap (the backend-side program).
+testrun, netlink (attaching), progs (programs by id), balancer, decap (the
+backend-side program).
 """
 
 from xdplb.datapath.balancer import Balancer, PinnedMaps, remove_pins
 from xdplb.datapath.bpfmap import BpfMap, PerCpuArray, pinned_map_shape
-from xdplb.datapath.decap import Decapsulator
+from xdplb.datapath.decap import (
+    DECAP_PIN_ROOT,
+    DECAP_PROGRAM,
+    Decapsulator,
+    PinnedDecap,
+    remove_decap_pins,
+)
 from xdplb.datapath.errors import DatapathError
 from xdplb.datapath.flow_table import FlowTable, TableSweep
 from xdplb.datapath.loader import BPFFS, PIN_ROOT
@@ -25,6 +32,7 @@ from xdplb.datapath.netlink import (
     detach_xdp,
     tc_egress_programs,
 )
+from xdplb.datapath.progs import program_by_id, program_name
 from xdplb.datapath.sizes import (
     HC_MARK_BASE,
     HC_MARK_MASK,
@@ -46,10 +54,43 @@ from xdplb.datapath.testrun import (
 from xdplb.datapath.vip_index import VipTable
 
 __all__ = [
-    "BPFFS", "HC_MARK_BASE", "HC_MARK_MASK", "MAX_BACKEND_ENTRIES", "PIN_ROOT", "VERDICTS",
-    "XDP_ABORTED", "XDP_DROP", "XDP_PASS", "XDP_TX", "Balancer", "BpfMap", "DatapathError",
-    "Decapsulator", "FlowTable", "HealthMarks", "MapSizes", "PerCpuArray", "PinnedMaps",
-    "SkBuffCtx", "TableSweep", "TestRunResult", "VipTable", "XdpMd", "attach_tc_egress",
-    "attach_xdp", "attached_prog_id", "detach_tc_egress", "detach_xdp", "pinned_map_shape",
-    "prog_test_run", "remove_pins", "tc_egress_programs",
+    "BPFFS",
+    "DECAP_PIN_ROOT",
+    "DECAP_PROGRAM",
+    "HC_MARK_BASE",
+    "HC_MARK_MASK",
+    "MAX_BACKEND_ENTRIES",
+    "PIN_ROOT",
+    "VERDICTS",
+    "XDP_ABORTED",
+    "XDP_DROP",
+    "XDP_PASS",
+    "XDP_TX",
+    "Balancer",
+    "BpfMap",
+    "DatapathError",
+    "Decapsulator",
+    "FlowTable",
+    "HealthMarks",
+    "MapSizes",
+    "PerCpuArray",
+    "PinnedDecap",
+    "PinnedMaps",
+    "SkBuffCtx",
+    "TableSweep",
+    "TestRunResult",
+    "VipTable",
+    "XdpMd",
+    "attach_tc_egress",
+    "attach_xdp",
+    "attached_prog_id",
+    "detach_tc_egress",
+    "detach_xdp",
+    "pinned_map_shape",
+    "prog_test_run",
+    "program_by_id",
+    "program_name",
+    "remove_decap_pins",
+    "remove_pins",
+    "tc_egress_programs",
 ]
