@@ -44,9 +44,12 @@ def running_and_empty(lbd: Any) -> Any:
 
 @contextlib.contextmanager
 def lab_with_lbd(prefix: str, workdir: Path, sizes: Any, n_backends: int = 3,
-                 http: bool = True) -> Iterator[tuple[Any, Any]]:
+                 http: bool = True, config_extra: str = "",
+                 bare_backends: bool = False) -> Iterator[tuple[Any, Any]]:
     """A namespace lab (client, router, LB, backends with HTTP servers) and a running
-    lbd on its LB, both torn down on the way out, even after a failure: (topo, lbd)."""
+    lbd on its LB, both torn down on the way out, even after a failure: (topo, lbd).
+    Bare backends are addressed and routed, and serve HTTP, but have no VIP on lo,
+    no DSR sysctls and no decapsulator."""
     from tests.conftest import require_root
 
     require_root()
@@ -54,10 +57,11 @@ def lab_with_lbd(prefix: str, workdir: Path, sizes: Any, n_backends: int = 3,
     from xdplb_lab.daemon import LabLbd
 
     with labmod.Lab(prefix=prefix) as lab:
-        topo = labmod.build_lb_lab(lab, n_backends=n_backends)
+        topo = labmod.build_lb_lab(lab, n_backends=n_backends,
+                                   configure_backends=not bare_backends)
         if http:
-            labmod.start_http_backends(topo)
-        lbd = LabLbd(topo, workdir, sizes=sizes)
+            labmod.start_http_backends(topo, decap=not bare_backends)
+        lbd = LabLbd(topo, workdir, sizes=sizes, config_extra=config_extra)
         lbd.start()
         try:
             yield topo, lbd

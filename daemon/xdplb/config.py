@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.datapath import PIN_ROOT, DatapathError, HealthMarks, MapSizes
+from xdplb.hooks import HooksConfig, hooks_from_table
 from xdplb.reconciler import DatapathSettings
 from xdplb.state import StateError, StrictTable, shown
 
@@ -79,6 +80,8 @@ class FlowsConfig:
     settled_refresh_s: int = 8  # see DatapathSettings; 0: every packet reads the table
     idle_timeout_s: int = 3600  # entries idle longer are removed by the sweep; 0: never
     settle_interval_s: float = 10.0  # how often the table is swept and slots settled
+    # A flow is active while its last packet is at most this old (the sweep counts them).
+    active_window_s: int = 60
 
     def validate(self) -> None:
         if self.idle_timeout_s and not 10 <= self.idle_timeout_s <= 28800:
@@ -89,6 +92,14 @@ class FlowsConfig:
         if not 1 <= self.settle_interval_s <= 3600:
             raise ConfigError(f"flows.settle_interval_s: {self.settle_interval_s} must be "
                               "1..3600 seconds")
+        # A flow on a settled slot refreshes its stamp in one second of every
+        # settled_refresh_s it sends in, at random: a window of 4 periods misses
+        # at most (1 - 1/period)^(4 period) of the flows that send every second
+        # (1.4% at 8 s; 0.03% at the default 60 s).
+        low = max(1, 4 * self.settled_refresh_s)
+        if not low <= self.active_window_s <= 3600:
+            raise ConfigError(f"flows.active_window_s: {self.active_window_s} must be "
+                              f"{low}..3600 seconds (at least 4 x flows.settled_refresh_s)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class DaemonConfig:
     encap_source_v6: str = "fd00:ec::/112"
     max_new_flows_per_cpu: int = 0
     flows: FlowsConfig = field(default_factory=FlowsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
     @property
     def pin_dir(self) -> Path:
@@ -143,8 +155,13 @@ class DaemonConfig:
         return [
             self._validate_basics, self._validate_nexthop, self._validate_bgp,
             self._validate_api, self._validate_marks, self.flows.validate,
-            self._validate_datapath_settings,
+            self._validate_datapath_settings, self._validate_hooks,
         ]
+
+    def _validate_hooks(self) -> None:
+        problems = self.hooks.problems()
+        if problems:
+            raise ConfigError(problems[0], problems)
 
     def _validate_basics(self) -> None:
         found = _Problems()
@@ -281,12 +298,15 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig,
     metrics.done()
     values["maps"] = _maps(top, defaults.maps, problems)
     values["flows"] = _section(top, "flows", defaults.flows, {
-        "settled_refresh_s": int, "idle_timeout_s": int, "settle_interval_s": (int, float)})
+        "settled_refresh_s": int, "idle_timeout_s": int, "settle_interval_s": (int, float),
+        "active_window_s": int})
     health = StrictTable(top.take("health", dict, {}), "health", problems)
     values["health_marks"] = HealthMarks(
         base=health.take("fwmark", int, defaults.health_marks.base),
         mask=health.take("fwmark_mask", int, defaults.health_marks.mask))
     health.done()
+    values["hooks"] = hooks_from_table(StrictTable(top.take("hooks", dict, {}), "hooks",
+                                                   problems))
     top.done()
     return replace(defaults, **values)
 

@@ -27,14 +27,17 @@ from xdplb.events import (
     Changed,
     Event,
     HealthTransition,
+    HostDrainChanged,
     Lifecycle,
     NexthopChanged,
     Observer,
     Overflow,
     Realised,
     Reconciled,
+    VipServing,
 )
 from xdplb.health import HealthChecker
+from xdplb.hooks import HookRunner
 from xdplb.reconciler import (
     MemberId,
     ReconcileError,
@@ -127,9 +130,12 @@ class Controller:
         self.nexthop: nexthop.Nexthop | None = None
         self.last_report: ReconcileReport | None = None
         self.last_settle: SettleReport | None = None
+        self.last_settle_at = 0.0  # unix time of the last sweep
         self.health: HealthChecker | None = None
         self.capacity: CapacityController | None = None
         self.metrics: Observer | None = None
+        self.hooks: HookRunner | None = None  # lbd.py starts it when [hooks] has commands
+        self.vips_serving: dict[VipKey, bool] = {}  # per VIP: a healthy backend in its ring
         self.version = VERSION
         self.views = Views(self)  # what the API and the metrics read
         self._watchers: set[asyncio.Queue[Event]] = set()
@@ -263,10 +269,12 @@ class Controller:
         settles the ring slots no entry holds. Reconciles may run meanwhile:
         the reconciler settles only VIPs they left alone."""
         start = self.reconciler.settle_begin()
+        flows = self.config.flows
         sweep, blocked = await asyncio.to_thread(
-            self.balancer.sweep_flows, self.reconciler.clock(), self.config.flows.idle_timeout_s)
+            self.balancer.sweep_flows, self.reconciler.clock(), flows.idle_timeout_s,
+            active_window_s=flows.active_window_s)
         report = self.reconciler.settle_finish(start, sweep, blocked)
-        self.last_settle = report
+        self.last_settle, self.last_settle_at = report, time.time()
         if self.metrics is not None:
             self.metrics.observe_settle(report)
         if report.slots_settled or sweep.expired:
@@ -349,6 +357,7 @@ class Controller:
             for vip, positions in sorted(report.ring_positions.items()):
                 if positions:
                     self.publish(Reconciled(reason, positions=positions, vip=vip))
+        self._note_vips_serving()
         return report
 
     def _note_realised_health(self) -> None:
@@ -368,6 +377,18 @@ class Controller:
                 if before is not None:
                     self._publish_realised(member, serving, now)
         self.realised_health = realised
+
+    def _note_vips_serving(self) -> None:
+        """After a reconcile was written: a VIP whose ring went from no healthy
+        backend to some, or back, is published (kind "vip")."""
+        serving: dict[VipKey, bool] = {}
+        for key, plan in self.reconciler.plans.items():
+            serving[key] = up = plan.healthy > 0
+            before = self.vips_serving.get(key)
+            if before is not None and before != up:
+                self.publish(VipServing(up, plan.healthy, len(self.state.vips[key].backends),
+                                        vip=str(key)))
+        self.vips_serving = serving
 
     def _publish_realised(self, member: MemberId, serving: bool, now: float) -> None:
         key, address = member
@@ -423,8 +444,7 @@ class Controller:
             return
         self.store.save_host_drained(drained)
         self.host_drained = drained
-        self.publish(Changed("drain host: withdraw every VIP" if drained
-                             else "undrain host: announce VIPs again"))
+        self.publish(HostDrainChanged(drained))
         error = self._announce()
         if error:
             state = "drained" if drained else "undrained"
@@ -493,9 +513,12 @@ class Controller:
     # -- events --
 
     def publish(self, event: Event) -> None:
-        """One event: logged, and handed to every watcher of the Watch stream."""
+        """One event: logged, handed to the hooks and to every watcher of the Watch
+        stream."""
         log.info(event.message(), extra={"event": event.kind, "vip": event.vip,
                                          "backend": event.backend})
+        if self.hooks is not None:
+            self.hooks.handle(event)
         for queue in list(self._watchers):
             if queue.qsize() < WATCH_QUEUE_LIMIT:
                 queue.put_nowait(event)

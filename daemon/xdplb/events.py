@@ -106,6 +106,33 @@ class Realised(Event):
 
 
 @dataclass(frozen=True)
+class VipServing(Event):
+    """A VIP's ring, as written, went from no healthy backend to some, or back."""
+
+    KIND: ClassVar[str] = "vip"
+    up: bool
+    healthy: int  # healthy backends now
+    backends: int
+
+    def message(self) -> str:
+        if self.up:
+            return f"{self.vip} is up: {self.healthy} of {self.backends} backends healthy"
+        return f"{self.vip} is down: no healthy backend (of {self.backends})"
+
+
+@dataclass(frozen=True)
+class HostDrainChanged(Event):
+    """The host was drained (every VIP withdrawn from BGP) or put back in service."""
+
+    KIND: ClassVar[str] = "change"
+    drained: bool
+
+    def message(self) -> str:
+        return ("drain host: withdraw every VIP" if self.drained
+                else "undrain host: announce VIPs again")
+
+
+@dataclass(frozen=True)
 class CapacityNotice(Event):
     """Load feedback or slow start: a weight step, a deferral, a load source's state."""
 
@@ -162,3 +189,5 @@ class Observer(Protocol):
     def observe_state_write(self) -> None: ...
 
     def observe_api_request(self, method: str, code: str) -> None: ...
+
+    def observe_hook(self, hook: str, outcome: str) -> None: ...

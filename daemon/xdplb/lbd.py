@@ -30,6 +30,7 @@ from xdplb import __version__, api, metrics
 from xdplb.config import ConfigError, DaemonConfig, load_config, split_host_port
 from xdplb.controller import Controller
 from xdplb.datapath import DatapathError, remove_pins
+from xdplb.hooks import HookRunner
 from xdplb.nexthop import NexthopError
 from xdplb.reconciler import ReconcileError
 from xdplb.state import Limits
@@ -117,6 +118,8 @@ async def _refresh_bgp(controller: Controller) -> None:
 async def serve_until_stopped(controller: Controller) -> None:
     config = controller.config
     registry, controller.metrics = metrics.make_registry(controller.views)
+    if config.hooks.any:
+        controller.hooks = HookRunner(config.hooks, controller.metrics.observe_hook)
     server = await api.serve(controller)
     metrics_server = None
     if config.metrics_listen:
@@ -148,6 +151,8 @@ async def serve_until_stopped(controller: Controller) -> None:
         task.cancel()
     await health.close()
     await capacity.close()
+    if controller.hooks is not None:
+        await controller.hooks.close()
     if metrics_server is not None:
         metrics_server.close()
     await api.stop(server, config.api.socket)
