@@ -323,7 +323,7 @@ class Rig:
         per_pass = -(-10_000 // flows) * flows  # each flow the same number of times
         best = -1
         for passes in range(1, WARMUP_PASSES + 1):
-            self.bal.global_stats.clear(0)
+            self.bal.reset_counters()
             self.send(per_pass)
             hits = self.bal.counters()["conn_hit"]
             if hits == per_pass or hits <= best:
@@ -334,7 +334,7 @@ class Rig:
     def measure(self, program: str) -> Sample:
         self.gen.clear_received()
         if program in ("xdplb", "table"):
-            self.bal.global_stats.clear(0)
+            self.bal.reset_counters()
         self.probe.clear()
         veth0 = self.veth_counters()
         soft0 = _runtime_ns(self.ksoftirqd)

@@ -70,6 +70,11 @@ XDPLB_MAP("array", __u32, struct vip_ring, vip_rings, MAX_VIPS, 0);
 XDPLB_MAP("array", __u32, struct settle_state, settle, 1, 0);
 #define SETTLE_WORDS ((RING_ENTRIES + 63) / 64)
 XDPLB_MAP("array", __u32, __u64, settle_blocked, SETTLE_WORDS, 0);
+/* The sweep's census: its window and total, and active entries per backend
+ * index; and the per-CPU count of flows evicted from full sets. */
+XDPLB_MAP("array", __u32, struct flow_census, flow_census, 1, 0);
+XDPLB_MAP("array", __u32, __u32, flow_active, MAX_BACKENDS, 0);
+XDPLB_MAP("percpu_array", __u32, struct flow_events, flow_events, 1, 0);
 
 static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
 {
@@ -305,10 +310,20 @@ static __always_inline void flow_set_unlock(struct flow_set *set)
 	__sync_fetch_and_add(&set->seq, 1);
 }
 
+/* A full set gave up a flow (flow_events.evicted): the table's pressure, as
+ * operators watch it. */
+static __always_inline void count_eviction(void)
+{
+	__u32 zero = 0;
+	struct flow_events *ev = flow_events.lookup(&zero);
+	if (ev)
+		ev->evicted++;
+}
+
 /* Records key -> backend: in the key's own way if it has one, else in an
  * empty one, else in place of the flow seen longest ago (the lowest way
- * among equals). Returns -1, having changed nothing, when another CPU was
- * rewriting the set. */
+ * among equals; counted as an eviction). Returns -1, having changed
+ * nothing, when another CPU was rewriting the set. */
 static __always_inline int flow_record(struct flow_set *set, const struct flow_key *key,
 				       __u32 backend, __u16 now)
 {
@@ -331,6 +346,7 @@ static __always_inline int flow_record(struct flow_set *set, const struct flow_k
 			way = i;
 		}
 	}
+	int evicted = own < 0 && empty < 0;
 	if (own >= 0)
 		way = own;
 	else if (empty >= 0)
@@ -340,6 +356,8 @@ static __always_inline int flow_record(struct flow_set *set, const struct flow_k
 	set->backend[way] = backend;
 	set->last_seen[way] = now;
 	flow_set_unlock(set);
+	if (evicted)
+		count_eviction();
 	return 0;
 }
 
@@ -578,7 +596,8 @@ int xdplb_balancer(struct xdp_md *ctx)
  * one that names its slot's backend holds nothing and sends every packet
  * where the ring would, so it stays until a new flow evicts it. The control
  * plane clears RING_UNSETTLED only on slots whose bit stayed clear through a
- * whole sweep that began after the slot's last change. */
+ * whole sweep that began after the slot's last change. The sweep also takes
+ * the census of active entries (flow_census, flow_active). */
 /* Sets each run of xdplb_settle sweeps: given by the loader (datapath/flow_table.py),
  * which counts runs with the same number. */
 #ifndef SETTLE_SETS_PER_RUN
@@ -658,7 +677,25 @@ static __always_inline void settle_expire(struct settle_state *st, struct flow_s
 	}
 }
 
-static __always_inline void settle_set(struct settle_state *st, __u32 index)
+/* An entry whose last packet is at most census->active_window_s old counts
+ * as active, in total and for its backend. */
+static __always_inline void census_count(struct flow_census *census,
+					 const struct settle_state *st, __u16 last_seen,
+					 __u32 backend)
+{
+	__u16 age = (__u16)st->now_s - last_seen;
+	if (age > (__u16)(0xffff - SETTLE_CLOCK_SLACK_S))
+		age = 0; /* stamped after the sweep's clock */
+	if (age > census->active_window_s)
+		return;
+	census->active++;
+	__u32 *n = flow_active.lookup(&backend);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void settle_set(struct settle_state *st, struct flow_census *census,
+				       __u32 index)
 {
 	struct flow_set *set = conns.lookup(&index);
 	if (!set)
@@ -687,6 +724,7 @@ static __always_inline void settle_set(struct settle_state *st, __u32 index)
 		if (!backend)
 			continue;
 		st->entries++;
+		census_count(census, st, seen.last_seen[i], backend);
 		struct vip_ring *vr = NULL;
 		__s64 slot = settle_slot_of(&seen.key[i], &vr);
 		if (slot < 0 || !vr)
@@ -709,14 +747,15 @@ int xdplb_settle(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
 	struct settle_state *st = settle.lookup(&zero);
-	if (!st)
+	struct flow_census *census = flow_census.lookup(&zero);
+	if (!st || !census)
 		return XDP_ABORTED;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < SETTLE_SETS_PER_RUN; i++) {
 		__u32 index = st->next_set;
 		if (index >= st->end_set || index >= CONN_SETS)
 			break;
-		settle_set(st, index);
+		settle_set(st, census, index);
 		st->next_set = index + 1;
 	}
 	return XDP_PASS;

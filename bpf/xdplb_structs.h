@@ -205,6 +205,22 @@ struct settle_state {
 	__u64 busy;           /* sets a datapath writer held through every try */
 };
 
+/* The sweep's census (the single entry of `flow_census`, bpf/balancer.c):
+ * the control plane sets active_window_s before a sweep; the sweep counts
+ * entries seen within it, in total here and per backend in `flow_active`.
+ * Kept apart from settle_state so maps pinned by an older release keep
+ * their layout: a release adds maps, it never reshapes one. */
+struct flow_census {
+	__u32 active_window_s;
+	__u32 pad;
+	__u64 active; /* entries whose last packet is at most active_window_s old */
+};
+
+/* Per-CPU flow-table events that need their own map for the same reason. */
+struct flow_events {
+	__u64 evicted; /* a full set gave up the flow seen longest ago for a new one */
+};
+
 /* Per-CPU state of the new-flow rate limiter. */
 struct flood_state {
 	__u64 window_start_ns;

@@ -330,6 +330,35 @@ def stats(client: LbdClient, vip_key: VipKey | None, rate: bool, interval: float
         before, taken = after, now
 
 
+@cli.command()
+@click.argument("vip_key", metavar="[VIP]", type=VIP, required=False)
+@click.option("--backend", "address", type=ADDRESS, metavar="ADDRESS",
+              help="Only the flows on this backend (of VIP, or of any VIP).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True,
+              metavar="N", help="Stop after N flows.")
+@click.option("--from-set", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Start at set N of the table (what a listing that stopped says).")
+@output_option
+@click.pass_obj
+def flows(client: LbdClient, vip_key: VipKey | None, address: str | None, limit: int,
+          from_set: int, output_format: str) -> None:
+    """Entries of the connection table: client, VIP, backend, seconds idle.
+
+    Read a page at a time (each bounded in time, no set locked) until --limit
+    flows or the end of the table; the last line says how much was read and,
+    if it stopped early, where to go on."""
+    pages = []
+    while True:
+        page = client.call("ListFlows", lb_pb2.ListFlowsRequest(
+            vip="" if vip_key is None else str(vip_key), backend=address or "",
+            limit=limit - sum(len(p.flows) for p in pages), from_set=from_set))
+        pages.append(page)
+        from_set = page.next_set
+        if page.limit_reached or page.next_set >= page.total_sets:
+            break
+    click.echo(output.render_flows(pages, output_format), nl=False)
+
+
 @cli.command("drain-host")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0, max=86400), default=0.0,
               metavar="S", help="Wait up to S seconds for new flows to stop (0: don't wait).")

@@ -61,8 +61,9 @@ followed by "(leaving ring)" or "(joining ring)" while the datapath does not
 hold that verdict yet (the reconcile that writes it comes within 200 ms);
 LAST is its last check's result and latency, SINCE how long its verdict holds;
 AVAIL says whether the datapath may pick it; RING is its number of ring
-positions and SHARE their fraction of the ring; CHECK "-" means it uses the
-VIP's check.
+positions and SHARE their fraction of the ring; FLOWS its connection-table
+entries active within flows.active_window_s when the table was last swept
+("-" before the first sweep); CHECK "-" means it uses the VIP's check.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ from xdplb.v1 import lb_pb2
 
 VIP_COLUMNS = ("VIP", "HASH", "ENCAP", "RING", "MODE", "HEALTHY", "SERVING", "PACKETS", "BYTES",
                "CHECK")
-BACKEND_COLUMNS = ("ADDRESS", "WEIGHT", "EFF", "STATE", "AVAIL", "RING", "SHARE", "PACKETS",
-                   "BYTES", "LOAD", "LAST", "SINCE", "CHECK")
+BACKEND_COLUMNS = ("ADDRESS", "WEIGHT", "EFF", "STATE", "AVAIL", "RING", "SHARE", "FLOWS",
+                   "PACKETS", "BYTES", "LOAD", "LAST", "SINCE", "CHECK")
+FLOW_COLUMNS = ("CLIENT", "VIP", "PORT", "BACKEND", "IDLE")
 ARROW = "  -> "
 FORMATS = ("table", "json")
 
@@ -145,6 +147,30 @@ def render_backend_list(vip: lb_pb2.Vip, fmt: str) -> str:
                           "backends": [message_to_json(b) for b in vip.backends]})
     rows = [BACKEND_COLUMNS, *(_backend_row(vip, backend) for backend in vip.backends)]
     return _lines(align(rows))
+
+
+def render_flows(pages: Sequence[lb_pb2.ListFlowsResponse], fmt: str) -> str:
+    """The flows of consecutive pages, then how much of the table they cover."""
+    flows = [flow for page in pages for flow in page.flows]
+    first, last = pages[0], pages[-1]
+    read = sum(page.entries_read for page in pages)
+    complete = last.next_set >= last.total_sets
+    if fmt == "json":
+        return dump_json({"flows": [message_to_json(f) for f in flows],
+                          "from_set": first.from_set, "next_set": last.next_set,
+                          "total_sets": last.total_sets, "entries_read": read,
+                          "complete": complete})
+    rows = [FLOW_COLUMNS, *((_host_port(f.client, f.client_port), f.vip or "(removed VIP)",
+                             str(f.port), f.backend, f"{f.idle_s}s") for f in flows)]
+    sets = last.next_set - first.from_set
+    footer = (f"{len(flows)} flows; read sets {first.from_set}..{last.next_set - 1} of "
+              f"{last.total_sets} ({_share(sets, last.total_sets)}), {read} entries")
+    footer += " (to the end)" if complete else f"; go on with --from-set {last.next_set}"
+    return _lines([*align(rows), footer])
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def render_stats(response: lb_pb2.StatsResponse, fmt: str) -> str:
@@ -250,6 +276,7 @@ def _backend_row(vip: lb_pb2.Vip, backend: lb_pb2.Backend) -> tuple[str, ...]:
     return (backend.address, _optional(backend, "weight"), str(status.effective_weight),
             backend_state(backend), "yes" if status.available else "no",
             str(status.ring_positions), _share(status.ring_positions, vip.ring_size),
+            str(status.active_flows) if status.HasField("active_flows") else "-",
             str(status.packets), str(status.bytes), load_cell(status),
             last_check(status), since(status.since),
             short_check(backend.check) if backend.HasField("check") else "-")
@@ -392,11 +419,21 @@ def _status_rows(status: lb_pb2.StatusResponse) -> list[tuple[str, str]]:
              ("ring entries", f"{status.ring_entries_used} of {status.ring_entries}"
                               f" ({_share(status.ring_entries_used, status.ring_entries)})")]
     rows.append(("host", _describe_host(status)))
+    rows.append(("flow table", _describe_flow_table(status.flow_table)))
     if status.HasField("last_reconcile"):
         last = status.last_reconcile
         rows.append(("last reconcile", f"{last.map_writes} map writes in "
                                        f"{last.duration_ms:.1f} ms"))
     return rows
+
+
+def _describe_flow_table(table: lb_pb2.FlowTableStatus) -> str:
+    if not table.swept_at:
+        return f"{table.capacity} entries; not swept yet"
+    return (f"{table.entries} of {table.capacity} entries "
+            f"({_share(table.entries, table.capacity)}), {table.active} active within "
+            f"{table.active_window_s}s, swept {since(table.swept_at)} ago; "
+            f"{table.evicted} evicted")
 
 
 def _describe_host(status: lb_pb2.StatusResponse) -> str:

@@ -19,6 +19,8 @@ from scapy.layers.l2 import Ether
 from tests.conftest import CLIENT_MAC, LB_MAC, make_config, nonzero
 from xdplb import structs as s
 from xdplb.datapath import XDP_TX, BpfMap, DatapathError, MapSizes
+from xdplb.flows import FlowEntry, FlowFilter, FlowNames, read_page
+from xdplb.state import VipKey
 from xdplb_lab.programs import BenchHarness
 
 VIP = "10.200.0.10"
@@ -107,13 +109,16 @@ def test_full_set_evicts_the_flow_seen_longest_ago(bal, prog, vip):
     at(bal, 104)
     bal.test_run(frame(ports[0], flags="A"))  # the first flow is seen again: 104
     at(bal, 105)
+    bal.reset_counters()
     bal.test_run(frame(ports[4]))  # a fifth flow in the full set
+    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "new_flows": 1, "conn_evicted": 1}
     held = {k.sport: st.last_seen_s for k, st in bal.conns.items()}
     assert held == {s.port_be(ports[0]): 104, s.port_be(ports[2]): 102,
                     s.port_be(ports[3]): 103, s.port_be(ports[4]): 105}
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     bal.test_run(frame(ports[1], flags="A"))  # the evicted flow misses and takes the ring
-    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_miss": 1, "new_flows": 1}
+    assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_miss": 1, "new_flows": 1,
+                                       "conn_evicted": 1}
     assert bal.conns.get(key(vip, ports[1])).last_seen_s == 105
     assert bal.conns.get(key(vip, ports[2])) is None  # now the oldest (102): evicted
 
@@ -167,7 +172,7 @@ def test_every_cpu_finds_what_any_cpu_recorded(bal, prog, vip):
     first, second = two_cpus()
     out = on_cpu(first, lambda: bal.test_run(frame(4000)))
     backend = Ether(out.data)[IP].dst
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     out = on_cpu(second, lambda: bal.test_run(frame(4000, flags="A")))
     assert Ether(out.data)[IP].dst == backend
     assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_hit": 1}
@@ -257,7 +262,7 @@ def test_a_set_held_by_another_writer_is_neither_read_nor_written(bal, prog, vip
         out = bal.test_run(frame(recorded, flags="A"))
         assert Ether(out.data)[IP].dst == BACKENDS[ring_choice - 1]
         assert nonzero(bal.counters()) == {"tx_forwarded": 1, "new_flows": 1, "conn_busy": 1}
-        bal.global_stats.clear(0)
+        bal.reset_counters()
         out = bal.test_run(frame(new))
         assert Ether(out.data)[IP].dst == BACKENDS[vip.backend_for(CLIENT, new) - 1]
         assert nonzero(bal.counters()) == {"tx_forwarded": 1, "new_flows": 1, "conn_busy": 1}
@@ -265,7 +270,7 @@ def test_a_set_held_by_another_writer_is_neither_read_nor_written(bal, prog, vip
         assert [flow_set.backend[w] for w in range(s.FLOW_WAYS)].count(0) == s.FLOW_WAYS - 1
     finally:
         hold_set(bal, index, False)
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     out = bal.test_run(frame(recorded, flags="A"))
     assert Ether(out.data)[IP].dst == BACKENDS[other - 1]
     assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_hit": 1}
@@ -319,3 +324,46 @@ def test_values_batch_counts_entries_per_backend(bal, prog, vip):
         expected[vip.backend_for(CLIENT, sport)] += 1
     # A 4-way set may have evicted a few of 300 flows in 1024 sets: none here.
     assert dict(counted) == dict(expected)
+
+
+def test_flow_pages_cover_the_table_once_and_filter_exactly(bal, prog, vip):
+    """flows.read_page (`lbctl flows`): pages from set to set show every entry
+    once, with its client, port, VIP, backend and idle seconds, and a filter
+    keeps exactly the entries of its VIP and backends."""
+    at(bal, 1000)
+    expected = {}
+    for i in range(300):
+        client, sport = f"10.7.{i // 200}.{i % 200 + 1}", 10000 + i
+        backend = 1 + i % 3
+        bal.conns.put(key(vip, sport, src=client), s.FlowState(backend=backend,
+                                                               last_seen_s=1000 - i))
+        expected[(client, sport)] = (BACKENDS[backend - 1], i)
+    v6 = s.FlowKey(src=s.Addr16.of("fd00::7"), sport=s.port_be(443), dport=s.port_be(8443),
+                   vip_id=99)  # a VIP removed since: no name
+    bal.conns.put(v6, s.FlowState(backend=2, last_seen_s=1000))
+    held = {(str(k.src.address()), s.port_be(k.sport)) for k, _ in bal.conns.items()}
+    names = FlowNames(vips={vip.vip_id: VipKey(VIP, 80, "tcp")},
+                      backends=dict(enumerate(BACKENDS, start=1)), now_s=1000)
+
+    seen, start, pages = [], 0, 0
+    while start < bal.conns.sets:
+        page = read_page(bal.conns, names, FlowFilter(), limit=7, from_set=start)
+        assert page.from_set == start and page.next_set > start
+        assert 7 <= len(page.flows) <= 7 + s.FLOW_WAYS - 1 or page.next_set == bal.conns.sets
+        seen += page.flows
+        start, pages = page.next_set, pages + 1
+    assert pages >= len(held) // (7 + 3)
+    by_client = {(f.client, f.client_port): f for f in seen}
+    assert len(seen) == len(by_client) == len(held) == 301  # each once
+    for (client, sport), (backend, idle) in expected.items():
+        assert by_client[(client, sport)] == FlowEntry(
+            client=client, client_port=sport, vip=VipKey(VIP, 80, "tcp"), port=80,
+            backend=backend, idle_s=idle)
+    assert by_client[("fd00::7", 443)] == FlowEntry("fd00::7", 443, None, 8443, BACKENDS[1], 0)
+
+    whole = read_page(bal.conns, names, FlowFilter(vip_ids=frozenset({vip.vip_id}),
+                                                   backends=frozenset({2})), 10_000, 0)
+    assert (whole.next_set, whole.limit_reached) == (bal.conns.sets, False)
+    assert whole.entries_read == 301
+    assert sorted((f.client, f.client_port) for f in whole.flows) == sorted(
+        c for c, (b, _) in expected.items() if b == BACKENDS[1])

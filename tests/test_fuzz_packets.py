@@ -205,7 +205,7 @@ def ipv4_checksum_ok(header: bytes) -> bool:
 
 def check_frame(bal, frame: bytes) -> str:
     """Runs one frame and checks every rule; returns its outcome."""
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     out = bal.test_run(frame)
     moved = {name: value for name in s.OUTCOME_COUNTERS if (value := bal.counters()[name])}
     assert len(moved) == 1 and sum(moved.values()) == 1, moved

@@ -8,6 +8,7 @@ real client against a socket nobody serves, or against a stub gRPC server.
 from __future__ import annotations
 
 import json
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ class RecordingClient:
         self.calls.append((method, request))
         if self.refusal:
             raise LbdError(self.refusal)
-        return self.answers.get(method, lb_pb2.ChangeResponse(changes=[f"did {method}"]))
+        answer = self.answers.get(method, lb_pb2.ChangeResponse(changes=[f"did {method}"]))
+        return answer.pop(0) if isinstance(answer, list) else answer  # a list: one per call
 
 
 def run(args: list[str], client: RecordingClient | None = None, **kwargs: Any) -> Result:
@@ -75,7 +77,8 @@ def sample_vip() -> lb_pb2.Vip:
         status=lb_pb2.BackendStatus(healthy=True, available=True, index=1, ring_positions=43691,
                                     effective_weight=100, packets=200, bytes=30000,
                                     health="up", last_result="ok", check_latency_ms=0.4,
-                                    health_realised=True, realised_since=1.5e9))
+                                    health_realised=True, realised_since=1.5e9,
+                                    active_flows=7))
     down = lb_pb2.Backend(
         address="10.1.0.2", weight=50, drained=False,
         check=check_settings(kind="tcp", port=22, path="/", expect_status=[200]),
@@ -445,10 +448,10 @@ def test_deletes_and_reads_send_canonical_names() -> None:
 
 VIP_TABLE = """\
 VIP               HASH    ENCAP  RING   MODE    HEALTHY  SERVING  PACKETS  BYTES  CHECK
-  -> ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
+  -> ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  FLOWS  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
 10.0.0.10:80/tcp  5tuple  ipip   65537  normal  1/2      1        300      45000  http:8080/healthz
-  -> 10.1.0.1  100     100  up     yes    43691  66.7%  200            30000             -     ok 0.4ms       -      -
-  -> 10.1.0.2  50      50   down   no     21846  33.3%  1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
+  -> 10.1.0.1  100     100  up     yes    43691  66.7%  7      200            30000             -     ok 0.4ms       -      -
+  -> 10.1.0.2  50      50   down   no     21846  33.3%  -      1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
 """
 
 
@@ -462,8 +465,8 @@ def test_vip_list_table() -> None:
 def test_vip_list_table_without_vips_is_the_headers() -> None:
     assert output.render_vip_list(lb_pb2.ListVipsResponse(), "table") == (
         "VIP  HASH  ENCAP  RING  MODE  HEALTHY  SERVING  PACKETS  BYTES  CHECK\n"
-        "  -> ADDRESS  WEIGHT  EFF  STATE  AVAIL  RING  SHARE  PACKETS  BYTES  LOAD  LAST  SINCE  "
-        "CHECK\n")
+        "  -> ADDRESS  WEIGHT  EFF  STATE  AVAIL  RING  SHARE  FLOWS  PACKETS  BYTES  LOAD  LAST  "
+        "SINCE  CHECK\n")
 
 
 @pytest.mark.parametrize(("age", "shown"), [
@@ -507,13 +510,14 @@ VIP_JSON = {
          "status": {"healthy": True, "available": True, "index": 1, "ring_positions": 43691,
                     "effective_weight": 100, "packets": 200, "bytes": 30000, "health": "up",
                     "last_result": "ok", "check_latency_ms": 0.4, "since": 0.0, "check": "",
-                    **NO_LOAD, **REALISED}},
+                    **NO_LOAD, **REALISED, "active_flows": 7}},
         {"address": "10.1.0.2", "weight": 50, "drained": False,
          "check": check_json(kind="tcp", port=22, path="/", expect_status=[200]),
          "status": {"healthy": False, "available": False, "index": 2, "ring_positions": 21846,
                     "effective_weight": 50, "packets": 2**40, "bytes": 2**50,
                     "health": "down", "last_result": "refused", "check_latency_ms": 0.25,
-                    "since": 0.0, "check": "tcp 10.1.0.2:22", **NO_LOAD, **REALISED}},
+                    "since": 0.0, "check": "tcp 10.1.0.2:22", **NO_LOAD, **REALISED,
+                    "active_flows": None}},
     ],
     "capacity": None, "slow_start_s": None,
     "status": {"mode": "normal", "vip_id": 1, "healthy_backends": 1, "serving_backends": 1,
@@ -555,9 +559,9 @@ check of 10.1.0.2         tcp, port 22, every 2000 ms, timeout 1000 ms, rise 2, 
 def test_backend_list() -> None:
     vip = sample_vip()
     assert output.render_backend_list(vip, "table") == """\
-ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
-10.1.0.1  100     100  up     yes    43691  66.7%  200            30000             -     ok 0.4ms       -      -
-10.1.0.2  50      50   down   no     21846  33.3%  1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
+ADDRESS   WEIGHT  EFF  STATE  AVAIL  RING   SHARE  FLOWS  PACKETS        BYTES             LOAD  LAST           SINCE  CHECK
+10.1.0.1  100     100  up     yes    43691  66.7%  7      200            30000             -     ok 0.4ms       -      -
+10.1.0.2  50      50   down   no     21846  33.3%  -      1099511627776  1125899906842624  -     refused 0.2ms  -      tcp:22
 """
     assert json.loads(output.render_backend_list(vip, "json")) == {
         "vip": VIP_TEXT, "backends": VIP_JSON["backends"]}
@@ -613,7 +617,10 @@ def sample_status() -> lb_pb2.StatusResponse:
                                                ring_positions={VIP_TEXT: 65537}),
         vip_status=[lb_pb2.Vip(vip=VIP_TEXT, status=lb_pb2.VipStatus(
             mode="panic", vip_id=1, healthy_backends=1, serving_backends=2, packets=5,
-            bytes=600))])
+            bytes=600))],
+        flow_table=lb_pb2.FlowTableStatus(capacity=1 << 20, entries=1 << 16, active=5000,
+                                          active_window_s=60, swept_at=time.time() - 3.5,
+                                          evicted=12))
 
 
 def test_status_table() -> None:
@@ -632,6 +639,7 @@ vips            1 of 511
 backends        2 of 4095
 ring entries    65537 of 4194368 (1.6%)
 host            in service
+flow table      65536 of 1048576 entries (6.2%), 5000 active within 60s, swept 3s ago; 12 evicted
 last reconcile  12 map writes in 0.8 ms
 
 VIP               MODE   HEALTHY  SERVING  PACKETS  BYTES  ANNOUNCED  RING
@@ -853,3 +861,60 @@ def test_version_comes_from_the_package_metadata() -> None:
 
     result = run(["--version"])
     assert result.stdout == f"lbctl {version('xdplb')}\n"
+
+
+# --- flows ------------------------------------------------------------------------------
+
+
+def flow(client: str, port: int, backend: str, idle: int, vip: str = VIP_TEXT) -> lb_pb2.Flow:
+    return lb_pb2.Flow(client=client, client_port=port, vip=vip, port=80, backend=backend,
+                       idle_s=idle)
+
+
+def test_flows_follows_pages_to_the_end_of_the_table() -> None:
+    pages = [
+        lb_pb2.ListFlowsResponse(flows=[flow("10.2.0.1", 40000, "10.1.0.1", 3),
+                                        flow("fd00::7", 443, "10.1.0.2", 0, vip="")],
+                                 from_set=0, next_set=262144, total_sets=524288, ways=4,
+                                 entries_read=900),
+        lb_pb2.ListFlowsResponse(flows=[flow("10.2.0.2", 40001, "10.1.0.1", 61)],
+                                 from_set=262144, next_set=524288, total_sets=524288, ways=4,
+                                 entries_read=100)]
+    client = RecordingClient(answers={"ListFlows": pages})
+    result = run(["flows", VIP_TEXT, "--backend", "10.1.0.1", "--limit", "5"], client)
+    assert result.exit_code == 0, result.output
+    assert [(r.vip, r.backend, r.limit, r.from_set) for _, r in client.calls] == [
+        (VIP_TEXT, "10.1.0.1", 5, 0), (VIP_TEXT, "10.1.0.1", 3, 262144)]
+    assert result.stdout == """\
+CLIENT          VIP               PORT  BACKEND   IDLE
+10.2.0.1:40000  10.0.0.10:80/tcp  80    10.1.0.1  3s
+[fd00::7]:443   (removed VIP)     80    10.1.0.2  0s
+10.2.0.2:40001  10.0.0.10:80/tcp  80    10.1.0.1  61s
+3 flows; read sets 0..524287 of 524288 (100.0%), 1000 entries (to the end)
+"""
+
+
+def test_flows_stops_at_the_limit_and_says_where_to_go_on() -> None:
+    page = lb_pb2.ListFlowsResponse(flows=[flow("10.2.0.1", 40000, "10.1.0.1", 3)],
+                                    from_set=10, next_set=5000, total_sets=524288, ways=4,
+                                    entries_read=17, limit_reached=True)
+    client = RecordingClient(answers={"ListFlows": [page]})
+    result = run(["flows", "--limit", "1", "--from-set", "10"], client)
+    assert result.exit_code == 0, result.output
+    assert len(client.calls) == 1
+    assert result.stdout.splitlines()[-1] == (
+        "1 flows; read sets 10..4999 of 524288 (1.0%), 17 entries; go on with --from-set 5000")
+    data = json.loads(output.render_flows([page], "json"))
+    assert data == {"flows": [{"client": "10.2.0.1", "client_port": 40000, "vip": VIP_TEXT,
+                               "port": 80, "backend": "10.1.0.1", "idle_s": 3}],
+                    "from_set": 10, "next_set": 5000, "total_sets": 524288,
+                    "entries_read": 17, "complete": False}
+
+
+@pytest.mark.parametrize("args", [["flows", "--limit", "0"], ["flows", "--limit", "10001"],
+                                  ["flows", "--backend", "not-an-address"],
+                                  ["flows", "--from-set", "-1"]])
+def test_flows_refuses_bad_options_before_asking_lbd(args: list[str]) -> None:
+    client = RecordingClient()
+    result = run(args, client)
+    assert result.exit_code == 2 and client.calls == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+import xdplb
 from tests.conftest import require_root
 from tests.flows import BackendCounters, FlowTraffic
 from tests.lbd_helpers import ok
@@ -44,8 +46,10 @@ PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 PROM_PORT = 9090
 PROM_URL = f"http://127.0.0.1:{PROM_PORT}"
-DASHBOARD = (Path(__file__).resolve().parent.parent / "daemon" / "xdplb" / "dashboards"
-             / "grafana-xdplb.json")
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "xdplb"
+DASHBOARD = PACKAGE / "dashboards" / "grafana-xdplb.json"
+RULES = PACKAGE / "alerts" / "xdplb-rules.yml"
+INSTANCE_MATCHER = 'instance=~"$instance"'
 MS = r"[0-9]+\.[0-9] ms"
 
 # What metrics.py documents: every family lbd exposes, its type and its label names.
@@ -85,11 +89,15 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_flow_sweep_duration_seconds": ("histogram", frozenset()),
     "xdplb_flow_expired_entries_total": ("counter", frozenset()),
     "xdplb_ring_settled_positions_total": ("counter", frozenset()),
+    "xdplb_backend_active_flows": ("gauge", VB),
+    "xdplb_flow_sweep_last_timestamp_seconds": ("gauge", frozenset()),
+    "xdplb_build_info": ("gauge", frozenset({"version", "kernel"})),
+    "xdplb_hook_runs_total": ("counter", frozenset({"hook", "outcome"})),
 }
 # xdplb_<thing>_<unit>: the unit (or counted thing) is one of these words, in base
 # units and plural; a gauge without one must be a 0/1 state (healthy, mode, info).
 UNITS = frozenset({"packets", "bytes", "seconds", "events", "writes", "requests",
-                   "transitions", "positions", "entries", "weight", "ratio",
+                   "transitions", "positions", "entries", "weight", "ratio", "flows", "runs",
                    "load"})  # load: in the unit of the VIP's capacity target
 NON_BASE_UNITS = frozenset({"milliseconds", "microseconds", "nanoseconds", "minutes", "hours",
                             "ms", "us", "kilobytes", "megabytes", "kb", "mb", "bits"})
@@ -281,7 +289,8 @@ class Prometheus:
         config.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
             "  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: lbd\n    static_configs:\n"
+            f"rule_files:\n  - {RULES}\n"
+            "scrape_configs:\n  - job_name: xdplb\n    static_configs:\n"
             "      - targets: ['127.0.0.1:9640']\n")
         with self.log_path.open("w") as log:
             self.proc = self.topo.lb.popen(
@@ -290,7 +299,7 @@ class Prometheus:
                  f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready, 30, f"Prometheus ready\n{self.log_tail()}", interval=0.2)
-        wait_for(lambda: self.vector('up{job="lbd"} == 1'), 30,
+        wait_for(lambda: self.vector('up{job="xdplb"} == 1'), 30,
                  f"Prometheus's first scrape of lbd\n{self.log_tail()}", interval=0.2)
 
     def _ready(self) -> bool:
@@ -311,6 +320,15 @@ class Prometheus:
              f"{PROM_URL}/api/v1/query"], check=False)
         assert result.stdout, f"no answer to {expr!r}: {result.stderr}"
         return json.loads(result.stdout)
+
+    def api(self, path: str, *params: str) -> dict[str, Any]:
+        """A GET of the HTTP API (params: name=value), the answer's data."""
+        args = [a for p in params for a in ("--data-urlencode", p)]
+        result = self.topo.lb.run(["curl", "-sS", "--max-time", "10", "-G", *args,
+                                   f"{PROM_URL}/api/v1/{path}"], check=False)
+        answer = json.loads(result.stdout)
+        assert answer["status"] == "success", (path, answer)
+        return answer["data"]
 
     def vector(self, expr: str) -> list[tuple[dict[str, str], float]]:
         answer = self.query(expr)
@@ -401,7 +419,7 @@ def test_metrics_pass_promtool_and_follow_the_naming_rules(env, lbd, vips):
                 for a, r in [(lbls["action"], lbls["reason"])]}
     assert outcomes == {tuple(n.split("_", 1)) for n in s.OUTCOME_COUNTERS}
     assert {lbls["event"] for _, lbls, _ in exposed["xdplb_datapath_events_total"].samples} \
-        == set(s.EVENT_COUNTERS)
+        == set(s.EVENT_COUNTERS + s.FLOW_EVENT_COUNTERS)
     assert sample_value(families, "xdplb_api_requests_total", method="AddVip",
                         code="ALREADY_EXISTS") >= 1
     assert sample_value(families, "xdplb_backend_weight", vip=vip,
@@ -462,6 +480,32 @@ def dashboard_exprs() -> list[tuple[str, str]]:
             for target in panel.get("targets", [])]
 
 
+def as_grafana_sends(expr: str, instance: str = ".*") -> str:
+    """The query Grafana sends with the host variable set (".*": All)."""
+    return expr.replace("$instance", instance)
+
+
+def test_every_dashboard_selector_is_filtered_by_host():
+    """With several LB hosts, a panel shows the hosts chosen in the `instance`
+    variable: every metric selector carries the matcher."""
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    instance = variables["instance"]
+    assert instance["type"] == "query" and instance["includeAll"] and instance["multi"]
+    assert instance["query"]["query"] == "label_values(xdplb_build_info, instance)"
+    for title, expr in dashboard_exprs():
+        selectors = re.findall(r"(xdplb_\w+)(\{[^}]*\})?", expr)
+        assert selectors, (title, expr)
+        for name, matchers in selectors:
+            assert INSTANCE_MATCHER in matchers, f"{title}: {name} not filtered by host"
+    titles = {p["title"] for p in board["panels"]}
+    for needed in ("Packets/s per host", "Active flows per backend",
+                   "Connection table occupancy per host", "Drops/s by reason and host",
+                   "Capacity-derived weights", "BGP: prefixes announced per host",
+                   "Ring fingerprints per host"):
+        assert needed in titles, needed
+
+
 def metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression uses: identifiers followed by `{`, `[`,
     ` `, `)` or the end, once strings, matchers, ranges and label lists are gone."""
@@ -502,6 +546,61 @@ def test_sweeps_settle_a_new_vips_ring_and_the_metrics_say_so(env, lbd, vips):
              "established packets counted on settled slots")
 
 
+def test_active_flows_and_lbctl_flows_show_what_the_table_holds(env, lbd, vips):
+    """Real flows through the balancer: each backend's active-flow count (lbctl,
+    the API's JSON, the metric) is the number of flows the backends received,
+    and `lbctl flows` lists exactly those flows with the backend each reached."""
+    topo = env.topo
+    vip = f"{VIP_ADDR}:9004/tcp"
+    add_vip(lbd, vips, vip, topo.backend_v4, "--check", "none")
+    sports = list(range(47000, 47060))
+    counters = BackendCounters(topo, VIP_ADDR, 9004)
+    try:
+        FlowTraffic(topo, VIP_ADDR, 9004, sports=sports).send_rounds(1, 0.0)
+        counters.settle(len(sports))
+    finally:
+        counters.close()
+    reached = {sport: topo.backend_v4[i] for sport in sports
+               for i in counters.backends_of(sport)}
+    assert sorted(reached) == sports  # each flow reached exactly one backend
+    expected = {b: sum(1 for a in reached.values() if a == b) for b in topo.backend_v4}
+
+    def active() -> dict[str, int | None]:
+        listed = json.loads(ok(lbd, "backend", "list", vip, "-o", "json"))["backends"]
+        return {b["address"]: b["status"]["active_flows"] for b in listed}
+
+    wait_for(lambda: active() == expected, 15, f"active flows {expected}")
+    table = ok(lbd, "backend", "list", vip).splitlines()
+    column = table[0].split().index("FLOWS")
+    assert {row.split()[0]: int(row.split()[column]) for row in table[1:]} == expected
+    families = parse_exposition(scrape(env))
+    for backend, count in expected.items():
+        assert sample_value(families, "xdplb_backend_active_flows", vip=vip,
+                            backend=backend) == count
+    assert sample_value(families, "xdplb_map_entries_capacity", map="flows") == \
+        SIZES.conn_entries
+    assert sample_value(families, "xdplb_map_entries_used", map="flows") >= len(sports)
+    assert sample_value(families, "xdplb_build_info", version=xdplb.__version__,
+                        kernel=os.uname().release) == 1
+
+    listing = json.loads(ok(lbd, "flows", vip, "--limit", "10000", "-o", "json"))
+    assert listing["complete"] and listing["total_sets"] == SIZES.conn_entries // s.FLOW_WAYS
+    assert {f["client_port"]: f["backend"] for f in listing["flows"]} == reached
+    assert len(listing["flows"]) == len(sports)
+    assert all(f["client"] == topo.client_if.ipv4 and f["vip"] == vip and f["port"] == 9004
+               and 0 <= f["idle_s"] <= 60 for f in listing["flows"])
+    one = topo.backend_v4[0]
+    only = json.loads(ok(lbd, "flows", vip, "--backend", one, "-o", "json"))["flows"]
+    assert sorted(f["client_port"] for f in only) == sorted(
+        p for p, b in reached.items() if b == one)
+    status = ok(lbd, "status")
+    assert re.search(rf"^flow table\s+\d+ of {SIZES.conn_entries} entries .* active within "
+                     r"60s, swept \d+s ago; \d+ evicted$", status, re.M), status
+    refused = lbd.lbctl("flows", vip, "--backend", "10.9.9.9")
+    assert refused.returncode == 1
+    assert "backend 10.9.9.9: not a backend of VIP" in refused.stderr
+
+
 def test_metric_name_extraction():
     assert metric_names('sum by (vip, backend) (rate(a_total{x="b c"}[1m])) * 8') == {"a_total"}
     assert metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m])))") \
@@ -511,11 +610,25 @@ def test_metric_name_extraction():
     assert metric_names("m == 1") == {"m"}
 
 
-def test_dashboard_queries_only_what_lbd_exports(env, lbd, prometheus):
+# Series this lab has no feature for; the tests named prove lbd exposes them.
+SHOWN_ELSEWHERE = {
+    "xdplb_bgp_announced": "BGP: test_bgp.py (status and metrics)",
+    "xdplb_bgp_session_established": "BGP: test_bgp.py (status and metrics)",
+}
+
+
+def test_dashboard_queries_only_what_lbd_exports(env, lbd, vips, prometheus):
+    # A VIP with pushed load, so the load panels have series too.
+    vip = f"{VIP_ADDR}:9006/tcp"
+    add_vip(lbd, vips, vip, env.topo.backend_v4[:1], "--check", "none", "--capacity", "push",
+            "--capacity-target", "100")
+    ok(lbd, "backend", "report", env.topo.backend_v4[0], "42", "--vip", vip)
     board = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in board.get("templating", {}).get("list", [])}
     assert board["panels"]
     for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
         title = panel.get("title", panel.get("id"))
         source = panel.get("datasource")
         assert isinstance(source, dict) and source.get("type") == "prometheus", title
@@ -542,19 +655,61 @@ def test_dashboard_queries_only_what_lbd_exports(env, lbd, prometheus):
             family = base if families.get(base, Family("", "")).type == "histogram" else name
             if family not in families:
                 missing.append(f"{title}: {name} is no family lbd exposes")
-            elif name not in samples:
+            elif name not in samples and name not in SHOWN_ELSEWHERE:
                 missing.append(f"{title}: {name} has no series in a scrape "
                                f"(family {family} declared, never observed)")
     assert not missing, "\n".join(missing)
 
 
 def test_every_dashboard_query_runs_in_prometheus(prometheus):
+    """Each query as Grafana sends it, for all hosts and for lbd's own instance
+    (what the host variable's own query finds)."""
+    hosts = prometheus.api("label/instance/values", "match[]=xdplb_build_info")
+    assert hosts == ["127.0.0.1:9640"]
     errors = []
     for title, expr in dashboard_exprs():
-        answer = prometheus.query(expr)
-        if answer.get("status") != "success":
-            errors.append(f"{title}: {expr}: {answer.get('errorType')}: {answer.get('error')}")
+        for instance in (".*", hosts[0]):
+            answer = prometheus.query(as_grafana_sends(expr, instance))
+            if answer.get("status") != "success":
+                errors.append(f"{title}: {expr}: {answer.get('errorType')}: "
+                              f"{answer.get('error')}")
     assert not errors, "\n".join(errors)
+    shown = prometheus.vector(as_grafana_sends(
+        'sum by (instance) (xdplb_vip_packets_total{instance=~"$instance"})', hosts[0]))
+    assert [labels for labels, _ in shown] == [{"instance": hosts[0]}]
+
+
+def test_prometheus_loads_and_evaluates_the_shipped_rules(env, lbd, vips, prometheus):
+    """A real Prometheus evaluates every rule against lbd's own metrics without an
+    error, and a backend whose check fails makes XdplbBackendDown pending."""
+    topo = env.topo
+    vip = f"{VIP_ADDR}:9005/tcp"
+    ok(lbd, "vip", "add", vip, "--check", "tcp", "--check-port", "9",  # nothing listens
+       "--check-interval", "200", "--fall", "1")
+    vips.append(vip)
+    ok(lbd, "backend", "add", vip, topo.backend_v4[0])
+
+    def pending() -> list[dict[str, Any]]:
+        return [a for a in prometheus.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "XdplbBackendDown"
+                and a["labels"].get("vip") == vip]
+
+    alerts = wait_for(pending, 30, "XdplbBackendDown pending for the failing backend")
+    assert [(a["labels"]["backend"], a["state"]) for a in alerts] == [
+        (topo.backend_v4[0], "pending")]  # `for: 1m` has not passed
+    groups = prometheus.api("rules")["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert sorted(r["name"] for r in rules) == sorted(
+        re.findall(r"^\s*- alert: (\w+)$", RULES.read_text(), re.M))
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in rules), rules
+
+    def without_healthy_backend() -> set[str]:
+        rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+        rule = next(r for r in rules if r["name"] == "XdplbVipNoHealthyBackend")
+        return {a["labels"]["vip"] for a in rule["alerts"]}
+
+    assert wait_for(lambda: without_healthy_backend() == {vip}, 10,
+                    "XdplbVipNoHealthyBackend for the VIP whose only backend is down")
 
 
 # --- 4. lbctl stats --rate / --watch ------------------------------------------------------
@@ -649,7 +804,7 @@ def test_events_stream_tells_changes_and_ring_moves_in_order(env, lbd, vips):
 
     watches = watchers()
     events = subprocess.Popen(
-        [console_script("lbctl"), "--socket", str(lbd.socket), "events", "--count", "8",
+        [console_script("lbctl"), "--socket", str(lbd.socket), "events", "--count", "9",
          "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # lbd counts a Watch when it registers the stream: from then on nothing is missed.
@@ -680,6 +835,7 @@ def test_events_stream_tells_changes_and_ring_moves_in_order(env, lbd, vips):
                       rf"entries \(1 backend_stats, 1 backends, 65537 ring, 1 vip_rings\); "
                       rf"ring positions {v}: 65537 in {MS}"),
         ("reconcile", rf"ring of {v}: 65537 positions written"),
+        ("vip", rf"{v} is up: 1 of 1 backends healthy"),  # it had none
         ("change", re.escape(f"add backend {b} weight 100 to VIP {vip}")),
         ("reconcile", rf"change: wrote {moved + 2} map entries \(1 backend_stats, 1 backends, "
                       rf"{moved} ring\); ring positions {v}: {moved} in {MS}|change: wrote "

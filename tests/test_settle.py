@@ -140,7 +140,7 @@ def test_a_new_vip_reads_the_table_until_a_sweep_settles_it(lb):
     apply(rec, build(vip_a()))
     assert rec.unsettled_slots(A) == 1009
     opened = open_flows(bal, range(2000, 2300))
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     assert nonzero(bal.counters()) == {"tx_forwarded": 300, "conn_hit": 300}
@@ -152,7 +152,7 @@ def test_a_new_vip_reads_the_table_until_a_sweep_settles_it(lb):
     raw = np.array(bal.read_ring(rec.vips[A].offset, 1009), dtype=np.uint32)
     assert not (raw & s.RING_UNSETTLED).any() and (raw != 0).all()
 
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     refreshing = sum(reads_table(hash_of(A, CLIENT, p, 80), NOW) for p in opened)
@@ -171,7 +171,7 @@ def test_a_settled_packet_is_byte_for_byte_what_the_table_would_send(lb):
     expected = encapsulated(inner, backend, hash_of(A, CLIENT, sport, 80))
     assert bal.test_run(frame(sport, "A")).data == expected  # through the table
     rec.settle(quiet_s=0)
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     assert bal.test_run(frame(sport, "A")).data == expected  # through the settled slot
     assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_settled": 1}
 
@@ -191,7 +191,7 @@ def test_a_ring_change_unsettles_exactly_the_changed_slots_and_moves_no_flow(lb)
     on_changed = {p for p in opened
                   if changed[slot_of(rec, A, hash_of(A, CLIENT, p, 80)) - rec.vips[A].offset]}
     assert 0 < len(on_changed) < len(opened)
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     skipped = sum(1 for p in opened if p not in on_changed
@@ -222,7 +222,7 @@ def test_a_flow_first_seen_mid_stream_is_recorded_in_its_refresh_second(lb):
     refresh = next(t for t in range(NOW, NOW + 100) if reads_table(h, t))
     key = s.FlowKey(src=s.Addr16.of(CLIENT), sport=s.port_be(sport), dport=s.port_be(80),
                     vip_id=rec.vip_id(A))
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     rec.tick(quiet)
     backend = send(bal, frame(sport, "A"))
     assert nonzero(bal.counters()) == {"tx_forwarded": 1, "conn_settled": 1}
@@ -304,6 +304,32 @@ def test_a_flow_stamped_after_the_sweeps_second_is_not_idle(lb):
     assert (sweep.expired, sweep.blocking) == (len(moved), 0)
 
 
+def test_the_sweep_counts_each_backends_active_entries_within_the_window(lb):
+    """The census: an entry whose last packet is at most the window old is
+    active, per backend as the reconciler names them, and in total; an entry
+    stamped in the second after the sweep's clock is active too."""
+    bal, rec, _, opened = vip_with_flows(lb, range(2000, 2100), now=1000, settle=False)
+    rec.tick(1040)
+    recent = range(2000, 2030)
+    for sport in recent:
+        assert send(bal, frame(sport, "A")) == opened[sport]  # stamped 1040
+    rec.tick(1041)
+    send(bal, frame(2099, "A"))  # stamped 1041, one second past the sweep's clock
+    expected = {a: 0 for a in A_BACKENDS}
+    for sport in [*recent, 2099]:
+        expected[opened[sport]] += 1
+    sweep, _ = bal.sweep_flows(1040, 0, active_window_s=30)
+    assert (sweep.entries, sweep.active) == (100, 31)
+    by_address = {a: sweep.active_by_backend.get(rec.member_index(A, a), 0)
+                  for a in A_BACKENDS}
+    assert by_address == expected and sum(expected.values()) == 31
+    sweep, _ = bal.sweep_flows(1040, 0, active_window_s=40)  # 1000 is 40 s before: all
+    assert sweep.active == 100
+    assert sum(sweep.active_by_backend.values()) == 100
+    report = rec.settle(quiet_s=0, active_window_s=30)  # the reconciler's clock: 1041
+    assert report.active == {(A, a): n for a, n in expected.items()}
+
+
 def test_a_restarted_control_plane_counts_idle_time_from_its_start(tmp_path):
     """While no lbd runs the datapath's clock stands still and every packet is
     stamped with it; a restart must not count that time as idle."""
@@ -383,7 +409,7 @@ def test_a_settled_slot_whose_backend_is_unavailable_reads_the_table(lb):
     entry = bal.backends.get(ct.c_uint32(down))
     entry.flags &= ~s.BACKEND_F_AVAILABLE  # as health marks it, before the ring follows
     bal.backends.put(ct.c_uint32(down), entry)
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     on_down = [p for p, b in opened.items() if b == A_BACKENDS[0]]
     for sport in on_down:
         send(bal, frame(sport, "A"))
@@ -438,7 +464,7 @@ def test_empty_slots_read_the_table_and_never_settle(lb):
     assert rec.unsettled_slots(A) == 0
     assert rec.settle(quiet_s=0).slots_settled == 0
     assert bal.read_ring(rec.vips[A].offset, 1009) == [0] * 1009
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     assert nonzero(bal.counters()) == {"tx_forwarded": 100, "conn_hit": 100}
@@ -458,7 +484,7 @@ def test_a_new_hash_mode_unsettles_every_slot_and_keeps_every_flow(lb):
     bal, rec, desired, opened = vip_with_flows(lb, range(2000, 2300))
     rec.reconcile(build(SetVip(A, {"hash": "source"}), state=desired), settings=SETTINGS)
     assert rec.unsettled_slots(A) == 1009
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     assert bal.counters()["conn_hit"] == 300 and bal.counters()["conn_settled"] == 0
@@ -520,7 +546,7 @@ def test_refresh_zero_reads_the_table_on_every_packet(lb):
                                                          settled_refresh_s=0))
     opened = open_flows(bal, range(2000, 2100))
     assert rec.settle(quiet_s=0).slots_unsettled == 0
-    bal.global_stats.clear(0)
+    bal.reset_counters()
     for sport, backend in opened.items():
         assert send(bal, frame(sport, "A")) == backend
     assert nonzero(bal.counters()) == {"tx_forwarded": 100, "conn_hit": 100}

@@ -27,16 +27,18 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from xdplb import bgp
+from xdplb import bgp, flows
 from xdplb import state as st
+from xdplb import structs as s
 from xdplb.config import DaemonConfig
 from xdplb.controller import ChangeResult, Controller
 from xdplb.datapath import DatapathError
+from xdplb.flows import FlowEntry
 from xdplb.reconciler import ReconcileError, ReconcileReport
 from xdplb.store import StoreError
 from xdplb.v1 import lb_pb2 as pb
 from xdplb.v1 import lb_pb2_grpc as pb_grpc
-from xdplb.views import BackendView, VipView
+from xdplb.views import BackendView, FlowTableView, VipView
 
 log = logging.getLogger("xdplb.api")
 
@@ -71,6 +73,16 @@ def _seconds(name: str, value: float, low: float, high: float) -> float:
     return value
 
 
+def _flow_limit(limit: int, from_set: int, total_sets: int) -> int:
+    """A ListFlows page's limit, once the request's limit and from_set are in range."""
+    if from_set > total_sets:
+        raise st.StateError(f"from_set: {from_set} is past the table's {total_sets} sets")
+    try:
+        return flows.flow_count_limit(limit)
+    except ValueError as exc:
+        raise st.StateError(str(exc)) from None
+
+
 def _vip_key(text: str) -> st.VipKey:
     return st.VipKey.parse(text)
 
@@ -98,6 +110,8 @@ def backend_status(view: BackendView) -> pb.BackendStatus:
         packets=view.packets, bytes=view.bytes, health=view.health, check=view.check,
         since=view.since, last_result=view.last_result, check_latency_ms=view.latency_ms,
         health_realised=view.realised, realised_since=view.realised_since)
+    if view.active_flows is not None:
+        status.active_flows = view.active_flows
     if view.load is not None:
         status.load = view.load.load or 0.0
         status.load_age_s = view.load.age_s or 0.0
@@ -105,6 +119,18 @@ def backend_status(view: BackendView) -> pb.BackendStatus:
         status.capacity_factor = view.load.factor
         status.slow_start_factor = view.load.slow_start
     return status
+
+
+def _flow_table_status(view: FlowTableView) -> pb.FlowTableStatus:
+    return pb.FlowTableStatus(
+        capacity=view.capacity, entries=view.entries or 0, active=view.active or 0,
+        active_window_s=view.active_window_s, swept_at=view.swept_at, evicted=view.evicted)
+
+
+def _flow_message(flow: FlowEntry) -> pb.Flow:
+    return pb.Flow(client=flow.client, client_port=flow.client_port,
+                   vip="" if flow.vip is None else str(flow.vip), port=flow.port,
+                   backend=flow.backend, idle_s=flow.idle_s)
 
 
 def _change_response(result: ChangeResult) -> pb.ChangeResponse:
@@ -120,7 +146,9 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             self.ctl.metrics.observe_api_request(method, code.name)
 
     async def _run(self, context: grpc.aio.ServicerContext, method: str,
-                   action: Callable[[], Any]) -> Any:
+                   action: Callable[[], Any], *, finished: bool = True) -> Any:
+        """Runs action, turning a refusal into its gRPC code; counts the request
+        as answered unless more work follows (finished=False)."""
         try:
             result = action()
         except Exception as exc:
@@ -132,7 +160,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             log.exception("%s failed", method)
             self._count(method, grpc.StatusCode.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: {exc}")
-        self._count(method, grpc.StatusCode.OK)
+        if finished:
+            self._count(method, grpc.StatusCode.OK)
         return result
 
     # -- reading: the controller's views, rendered --
@@ -196,7 +225,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             backends=host.backends, max_vips=host.max_vips, max_backends=host.max_backends,
             ring_entries_used=host.ring_entries_used, ring_entries=host.ring_entries,
             vip_status=[self.vip_message(v) for v in self.ctl.views.vips()],
-            host_drained=host.host_drained,
+            host_drained=host.host_drained, flow_table=_flow_table_status(host.flow_table),
             bgp=pb.BgpStatus(enabled=bgp_state.enabled, announced=bgp_state.announced,
                              error=bgp_state.error, sessions=[
                                  pb.BgpSession(name=s.name, state=s.state, info=s.info)
@@ -282,7 +311,7 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     async def DrainHost(self, request, context):
         await self._run(context, "DrainHost", lambda: (
             _seconds("wait_s", request.wait_s, 0.0, MAX_WAIT_S),
-            _seconds("quiet_s", request.quiet_s, 0.0, 3600.0)))
+            _seconds("quiet_s", request.quiet_s, 0.0, 3600.0)), finished=False)
         await self._run(context, "DrainHost", lambda: self.ctl.set_host_drained(
             not request.undo))
         bgp_on = self.ctl.views.host().bgp_enabled
@@ -321,6 +350,28 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
     def _count_flows(self, vip: str, address: str, within: float) -> pb.FlowCount:
         flows, active = self.ctl.count_flows(_vip_key(vip), _address(address), within)
         return pb.FlowCount(flows=flows, active=active)
+
+    async def ListFlows(self, request, context):
+        views = self.ctl.views
+        names, wanted, limit = await self._run(context, "ListFlows", lambda: (
+            views.flow_names(),
+            views.flow_filter(_vip_key(request.vip) if request.vip else None,
+                              _address(request.backend) if request.backend else None),
+            _flow_limit(request.limit, request.from_set,
+                        views.flow_table().capacity // s.FLOW_WAYS)),
+            finished=False)
+        try:
+            page = await asyncio.to_thread(views.read_flow_page, names, wanted, limit,
+                                           request.from_set)
+        except DatapathError as exc:
+            log.error("ListFlows: %s", exc)
+            self._count("ListFlows", grpc.StatusCode.INTERNAL)
+            await context.abort(grpc.StatusCode.INTERNAL, f"ListFlows: {exc}")
+        self._count("ListFlows", grpc.StatusCode.OK)
+        return pb.ListFlowsResponse(
+            flows=[_flow_message(f) for f in page.flows], from_set=page.from_set,
+            next_set=page.next_set, total_sets=page.total_sets, ways=s.FLOW_WAYS,
+            entries_read=page.entries_read, limit_reached=page.limit_reached)
 
     # -- the watch stream --
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -114,6 +115,10 @@ class ControlPlaneMetrics:
             "xdplb_ring_settled_positions",
             "Ring positions settled by the sweep: their established packets skip the "
             "flow table.", registry=registry)
+        self.hook_runs = Counter(
+            "xdplb_hook_runs", "Runs of [hooks] commands, by hook and outcome (ok, failed: "
+            "a non-zero exit, timeout: killed, error: could not start, dropped: too many "
+            "waiting).", ["hook", "outcome"], registry=registry)
         self.check_seconds = CheckLatencies()
         registry.register(self.check_seconds)
         self.observe_check = self.check_seconds.observe  # every check's latency
@@ -125,6 +130,9 @@ class ControlPlaneMetrics:
 
     def observe_transition(self, event: HealthTransition) -> None:
         self.health_transitions.labels(event.backend, "up" if event.up else "down").inc()
+
+    def observe_hook(self, hook: str, outcome: str) -> None:
+        self.hook_runs.labels(hook, outcome).inc()
 
     def observe_state_write(self) -> None:
         self.state_writes.inc()
@@ -185,12 +193,13 @@ class DatapathCollector:
             "xdplb_datapath_events",
             "Connection-table and flow events: conn_hit, conn_miss, conn_rechosen, "
             "new_flows, new_flows_unrecorded, conn_busy, conn_settled (sent by a settled "
-            "ring slot, the table not read).", labels=["event"])
+            "ring slot, the table not read), conn_evicted (a full set gave up the flow seen "
+            "longest ago for a new one).", labels=["event"])
         counters = self.views.datapath_counters()
         for name in s.OUTCOME_COUNTERS:
             action, reason = name.split("_", 1)
             packets.add_metric([action, reason], counters[name])
-        for name in s.EVENT_COUNTERS:
+        for name in s.EVENT_COUNTERS + s.FLOW_EVENT_COUNTERS:
             events.add_metric([name], counters[name])
         tunnel = CounterMetricFamily(
             "xdplb_health_tunnel_packets",
@@ -225,6 +234,10 @@ class DatapathCollector:
         positions = GaugeMetricFamily("xdplb_backend_ring_positions",
                                       "Positions the backend holds in its VIP's ring.",
                                       labels=["vip", "backend"])
+        active = GaugeMetricFamily("xdplb_backend_active_flows",
+                                   "Connection-table entries naming the backend whose last "
+                                   "packet is at most flows.active_window_s old, at the last "
+                                   "sweep.", labels=["vip", "backend"])
         for vip in vips:
             for backend in vip.backends:
                 labels = [str(vip.spec.key), backend.spec.address]
@@ -233,11 +246,13 @@ class DatapathCollector:
                 weight.add_metric(labels, backend.spec.weight)
                 effective.add_metric(labels, backend.effective_weight)
                 positions.add_metric(labels, backend.ring_positions)
+                if backend.active_flows is not None:
+                    active.add_metric(labels, backend.active_flows)
                 if backend.load is not None:
                     if backend.load.load is not None:
                         load.add_metric(labels, backend.load.load)
                     factor.add_metric(labels, backend.load.factor * backend.load.slow_start)
-        yield from (healthy, available, weight, effective, positions, load, factor)
+        yield from (healthy, available, weight, effective, positions, active, load, factor)
 
     def _bgp(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
@@ -282,17 +297,31 @@ class DatapathCollector:
         yield mode
 
     def _capacity(self) -> Iterator[Metric]:
+        """Map occupancy (the connection table's from the last sweep), and build info."""
         host = self.views.host()
         used = GaugeMetricFamily("xdplb_map_entries_used", "Entries in use, per map.",
                                  labels=["map"])
         capacity = GaugeMetricFamily("xdplb_map_entries_capacity", "Entries a map holds.",
                                      labels=["map"])
+        table = host.flow_table
         for name, n, cap in (("vips", host.vips, host.max_vips),
                              ("backends", host.backends, host.max_backends),
-                             ("ring", host.ring_entries_used, host.ring_entries)):
-            used.add_metric([name], n)
+                             ("ring", host.ring_entries_used, host.ring_entries),
+                             ("flows", table.entries, table.capacity)):
+            if n is not None:  # flows: known from the first sweep
+                used.add_metric([name], n)
             capacity.add_metric([name], cap)
         yield from (used, capacity)
+        if table.swept_at:
+            swept = GaugeMetricFamily("xdplb_flow_sweep_last_timestamp_seconds",
+                                      "Unix time of the last sweep of the connection table.")
+            swept.add_metric([], table.swept_at)
+            yield swept
+        build = GaugeMetricFamily("xdplb_build_info", "Always 1; lbd's version and the "
+                                  "kernel its datapath runs on, as labels.",
+                                  labels=["version", "kernel"])
+        build.add_metric([host.version, os.uname().release], 1)
+        yield build
 
 
 def make_registry(views: Views) -> tuple[CollectorRegistry, ControlPlaneMetrics]:

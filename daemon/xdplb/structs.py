@@ -212,6 +212,25 @@ class SettleState(ct.Structure):
     ]
 
 
+class FlowCensus(ct.Structure):
+    """struct flow_census: the sweep's active window and its count of active entries."""
+
+    _fields_: ClassVar = [
+        ("active_window_s", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("active", ct.c_uint64),
+    ]
+
+
+FLOW_EVENT_COUNTERS = ("conn_evicted",)  # struct flow_events, as the counters name it
+
+
+class FlowEvents(ct.Structure):
+    """struct flow_events: per-CPU flow-table events (evicted: conn_evicted)."""
+
+    _fields_: ClassVar = [("evicted", ct.c_uint64)]
+
+
 class FloodState(ct.Structure):
     _fields_: ClassVar = [("window_start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
 

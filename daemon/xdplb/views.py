@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from xdplb import bgp
+from xdplb import bgp, flows
 from xdplb.state import BackendSpec, DesiredState, Limits, MemberId, NotFound, VipKey, VipSpec
+from xdplb.structs import FLOW_WAYS
 
 
 class ControllerParts(Protocol):
@@ -35,6 +36,8 @@ class ControllerParts(Protocol):
     host_drained: bool
     last_report: Any
     last_bgp_state: bgp.BgpState
+    last_settle: Any  # reconciler.SettleReport | None
+    last_settle_at: float
 
     def health_realised(self, member: MemberId) -> tuple[bool, float]: ...
 
@@ -66,6 +69,7 @@ class BackendView:
     realised: bool  # the maps hold the current verdict
     realised_since: float
     load: LoadView | None  # with load feedback or slow start
+    active_flows: int | None  # seen within flows.active_window_s at the last sweep (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,16 @@ class VipView:
     unsettled_positions: int
     announced: bool
     backends: tuple[BackendView, ...]
+
+
+@dataclass(frozen=True)
+class FlowTableView:
+    capacity: int  # entries: sets x ways
+    entries: int | None  # in use at the last sweep (None: no sweep yet)
+    active: int | None
+    active_window_s: int
+    swept_at: float  # unix time; 0: no sweep yet
+    evicted: int  # flows a full set gave up, since the maps were made
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class HostView:
     bgp_enabled: bool
     announced: tuple[str, ...]
     last_report: Any  # reconciler.ReconcileReport | None
+    flow_table: FlowTableView
 
 
 class Views:
@@ -153,7 +168,12 @@ class Views:
             effective_weight=plan.ring_weights.get(address, 0) if plan else 0,
             packets=counters["packets"], bytes=counters["bytes"], health=health,
             check=check, since=since, last_result=last, latency_ms=latency,
-            realised=realised, realised_since=realised_since, load=self._load(member))
+            realised=realised, realised_since=realised_since, load=self._load(member),
+            active_flows=self._active_flows(member))
+
+    def _active_flows(self, member: MemberId) -> int | None:
+        settle = self._ctl.last_settle
+        return None if settle is None else settle.active.get(member, 0)
 
     def _health(self, member: MemberId) -> tuple[str, str, float, str, float]:
         """(health, check description, since, last result, latency ms)."""
@@ -195,7 +215,49 @@ class Views:
             ring_entries=cfg.maps.ring_entries, host_drained=ctl.host_drained,
             bgp_enabled=ctl.announcer is not None,
             announced=tuple(sorted(ctl.announcer.announced)) if ctl.announcer else (),
-            last_report=ctl.last_report)
+            last_report=ctl.last_report, flow_table=self.flow_table())
+
+    def flow_table(self) -> FlowTableView:
+        ctl = self._ctl
+        sweep = ctl.last_settle.sweep if ctl.last_settle is not None else None
+        return FlowTableView(
+            capacity=ctl.balancer.conns.sets * FLOW_WAYS,
+            entries=None if sweep is None else sweep.entries,
+            active=None if sweep is None else sweep.active,
+            active_window_s=ctl.config.flows.active_window_s,
+            swept_at=ctl.last_settle_at if sweep is not None else 0.0,
+            evicted=ctl.balancer.counters()["conn_evicted"])
+
+    # -- the flow table, for `lbctl flows` --
+
+    def flow_names(self) -> flows.FlowNames:
+        """Who the table's entries name now (taken on the event loop; the read
+        that uses it runs in a thread)."""
+        rec = self._ctl.reconciler
+        return flows.FlowNames(
+            vips={realised.vip_id: key for key, realised in rec.vips.items()},
+            backends={index: address for (_, address), index in rec.members.items()},
+            now_s=rec.clock())
+
+    def flow_filter(self, key: VipKey | None, address: str | None) -> flows.FlowFilter:
+        """The entries of a VIP, of a backend (in that VIP, or in any), or all;
+        NotFound for a VIP or backend lbd does not have."""
+        ctl = self._ctl
+        if key is not None:
+            ctl.state.vip(key)
+        members = {m: i for m, i in ctl.reconciler.members.items()
+                   if (key is None or m[0] == key) and (address is None or m[1] == address)}
+        if address is not None and not members:
+            raise NotFound(f"backend {address}: not a backend of "
+                           f"{'VIP ' + str(key) if key else 'any VIP'}")
+        return flows.FlowFilter(
+            vip_ids=None if key is None else frozenset({ctl.reconciler.vip_id(key)}),
+            backends=None if address is None else frozenset(members.values()))
+
+    def read_flow_page(self, names: flows.FlowNames, wanted: flows.FlowFilter, limit: int,
+                       from_set: int) -> flows.FlowPage:
+        """A page of the table (flows.read_page); safe off the event loop."""
+        return flows.read_page(self._ctl.balancer.conns, names, wanted, limit, from_set)
 
     def datapath_counters(self) -> dict[str, int]:
         """The balancer's outcome and event counters, summed over CPUs."""

@@ -78,6 +78,9 @@ class Balancer:
         self.vip_rings = self._map("vip_rings")
         self._settle = self._map("settle")
         self._settle_blocked = self._map("settle_blocked")
+        self._census = self._map("flow_census")
+        self._flow_active = self._map("flow_active")
+        self.flow_events = self._per_cpu("flow_events")
         self._settle_prog_fd: int | None = None
 
     def map_shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -156,7 +159,14 @@ class Balancer:
         return [self.ring.get(ct.c_uint32(offset + i)).value for i in range(size)]
 
     def counters(self) -> dict[str, int]:
-        return self.global_stats.read(0)
+        """Every datapath counter summed over CPUs: outcomes, then events."""
+        events = self.flow_events.read(0)
+        return {**self.global_stats.read(0), "conn_evicted": events["evicted"]}
+
+    def reset_counters(self) -> None:
+        """Zeroes what counters() reads (tests and benchmarks count from zero)."""
+        self.global_stats.clear(0)
+        self.flow_events.clear(0)
 
     def test_run(self, frame: bytes, repeat: int = 1) -> TestRunResult:
         return prog_test_run(self.prog_fd, frame, repeat)
@@ -187,12 +197,13 @@ class Balancer:
         if self._settle_prog_fd is None:
             self._settle_prog_fd = load_xdp(self._bpf, "xdplb_settle").fd
 
-    def sweep_flows(self, now_s: int, idle_timeout_s: int,
-                    sets: range | None = None) -> tuple[TableSweep, np.ndarray]:
+    def sweep_flows(self, now_s: int, idle_timeout_s: int, sets: range | None = None,
+                    active_window_s: int = 60) -> tuple[TableSweep, np.ndarray]:
         """Sweeps the flow table with xdplb_settle (bpf/balancer.c): removes
-        entries idle longer than idle_timeout_s (0: none), and returns the
-        totals with one bool per ring entry, True where some entry on that
-        slot names another backend than the slot's."""
+        entries idle longer than idle_timeout_s (0: none), counts those seen
+        within active_window_s (per backend index), and returns the totals
+        with one bool per ring entry, True where some entry on that slot names
+        another backend than the slot's."""
         sets = sets if sets is not None else range(self.conns.sets)
         if sets.step != 1 or not 0 <= sets.start <= sets.stop <= self.conns.sets:
             raise DatapathError(f"sweep_flows: {sets} is not a run of the table's "
@@ -201,6 +212,7 @@ class Balancer:
         words = (self.sizes.ring_entries + 63) // 64
         keys = (ct.c_uint32 * words)(*range(words))
         self._settle_blocked.put_batch(keys, (ct.c_uint64 * words)())
+        self._reset_census(active_window_s)
         self._settle.put(ct.c_uint32(0), structs.SettleState(
             next_set=sets.start, end_set=sets.stop, idle_timeout_s=idle_timeout_s,
             now_s=now_s))
@@ -214,10 +226,26 @@ class Balancer:
                                 f"{state.next_set if state else '?'} of {sets}")
         blocked = np.frombuffer(self._settle_blocked.read_array(words), dtype=np.uint64)
         bits = np.unpackbits(blocked.view(np.uint8), bitorder="little").astype(bool)
+        census = self._census.get(ct.c_uint32(0))
         sweep = TableSweep(sets=len(sets), entries=state.entries, blocking=state.blocking,
                            expired=state.expired, busy=state.busy,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started,
+                           active=census.active if census else 0,
+                           active_by_backend=self._active_by_backend())
         return sweep, bits[:self.sizes.ring_entries]
+
+    def _reset_census(self, active_window_s: int) -> None:
+        if not 0 <= active_window_s <= 0xFFFF:
+            raise DatapathError(f"sweep_flows: active window {active_window_s} s is not "
+                                "0..65535")
+        n = self.sizes.max_backends
+        self._flow_active.put_batch((ct.c_uint32 * n)(*range(n)), (ct.c_uint32 * n)())
+        self._census.put(ct.c_uint32(0), structs.FlowCensus(active_window_s=active_window_s))
+
+    def _active_by_backend(self) -> dict[int, int]:
+        counts = np.frombuffer(self._flow_active.read_array(self.sizes.max_backends),
+                               dtype=np.uint32)
+        return {int(i): int(counts[i]) for i in np.flatnonzero(counts)}
 
     def close(self) -> None:
         """Releases this process's handles; pinned maps and attachments stay."""

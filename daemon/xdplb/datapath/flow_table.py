@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import ctypes as ct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from xdplb import structs
 from xdplb.datapath.bpfmap import BpfMap
 from xdplb.datapath.errors import DatapathError
 
 SETTLE_SETS_PER_RUN = 16  # bpf/balancer.c gets it as -DSETTLE_SETS_PER_RUN
+
+# struct flow_set as numpy reads a page of them (tests tie it to structs.FlowSet).
+# Ports are kept in network order, hence big-endian; the rest is host order.
+WAY_KEY_DTYPE = np.dtype([("src", "V16"), ("sport", ">u2"), ("dport", ">u2"),
+                          ("vip_id", "=u4")])
+SET_DTYPE = np.dtype([("key", WAY_KEY_DTYPE, (structs.FLOW_WAYS,)),
+                      ("backend", "=u4", (structs.FLOW_WAYS,)),
+                      ("last_seen", "=u2", (structs.FLOW_WAYS,)), ("seq", "=u8")])
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,12 @@ class TableSweep:
     expired: int   # entries removed as idle
     busy: int      # sets a datapath writer held throughout: the sweep proves nothing
     seconds: float
+    active: int = 0  # entries seen within the sweep's active window
+    active_by_backend: dict[int, int] = field(default_factory=dict)  # index -> active entries
 
+
+WAY_DTYPE = np.dtype([("set", "=u4"), ("src", "V16"), ("sport", "=u2"), ("dport", "=u2"),
+                      ("vip_id", "=u4"), ("backend", "=u4"), ("last_seen", "=u2")])
 
 
 def datapath_clock(config: BpfMap) -> Callable[[], int]:
@@ -168,6 +183,28 @@ class FlowTable:
             flows = [flow for flow_set in flow_sets for flow in self._flows(flow_set, now)]
             if flows:
                 yield flows
+
+    def read_ways(self, start: int, count: int) -> np.ndarray:
+        """The occupied ways of sets start..start+count-1, one batched read
+        that locks nothing: fields set (its index), src, sport, dport, vip_id,
+        backend, last_seen (now_s modulo 2^16), in set order. A set being rewritten as it is copied
+        may show the flow it is replacing."""
+        if not 0 <= start <= start + count <= self.sets:
+            raise DatapathError(f"{self.name}: sets {start}..{start + count - 1} are not "
+                                f"within 0..{self.sets - 1}")
+        if count == 0:
+            return np.zeros(0, WAY_DTYPE)
+        raw = self._sets.read_range(start, count, chunk=4096)
+        sets = np.frombuffer((ct.c_char * ct.sizeof(raw)).from_buffer(raw), SET_DTYPE)
+        ways = np.zeros(count * structs.FLOW_WAYS, WAY_DTYPE)
+        keys = sets["key"].reshape(-1)
+        for name in ("src", "sport", "dport", "vip_id"):
+            ways[name] = keys[name]
+        ways["set"] = np.repeat(np.arange(start, start + count, dtype=np.uint32),
+                                structs.FLOW_WAYS)
+        ways["backend"] = sets["backend"].reshape(-1)
+        ways["last_seen"] = sets["last_seen"].reshape(-1)
+        return ways[ways["backend"] != 0]
 
     def keys(self) -> Iterator[structs.FlowKey]:
         for flows in self._scan(1024):

@@ -46,6 +46,9 @@ BALANCER_MAPS: tuple[MapSpec, ...] = (
     MapSpec("vip_rings", U32, s.VipRing, lambda z: z.max_vips),
     MapSpec("settle", U32, s.SettleState, lambda z: 1),
     MapSpec("settle_blocked", U32, U64, lambda z: (z.ring_entries + 63) // 64),
+    MapSpec("flow_census", U32, s.FlowCensus, lambda z: 1),
+    MapSpec("flow_active", U32, U32, lambda z: z.max_backends),
+    MapSpec("flow_events", U32, s.FlowEvents, lambda z: 1, per_cpu=True),
 )
 BY_NAME = {spec.name: spec for spec in BALANCER_MAPS}
 # What a reader of a running balancer's pinned maps opens (PinnedMaps).

@@ -99,6 +99,8 @@ class SettleReport:
     vips_skipped: int = 0       # VIPs whose ring changed too recently
     slots_settled: int = 0      # unsettled bits cleared
     slots_unsettled: int = 0    # left set, in every VIP, after this settle
+    # Entries seen within the sweep's active window, per (VIP, backend address).
+    active: dict[tuple[VipKey, str], int] = field(default_factory=dict)
 
     def summary(self) -> str:
         sw = self.sweep
@@ -516,7 +518,9 @@ class Reconciler:
     def settle_finish(self, start: SettleStart, sweep: Any, blocked: np.ndarray) -> SettleReport:
         """After a sweep: clears the unsettled bit of every slot no entry held, in
         each VIP unchanged since start. A sweep that met a busy set proves nothing."""
-        report = SettleReport(sweep)
+        report = SettleReport(sweep, active={
+            member: sweep.active_by_backend.get(index, 0)
+            for member, index in self.members.items()})
         writes = ReconcileReport()
         for key, realised in self.vips.items():
             if sweep.busy or start.generations.get(key) != realised.generation:
@@ -537,9 +541,11 @@ class Reconciler:
         report.slots_unsettled = sum(self.unsettled_slots(k) for k in self.vips)
         return report
 
-    def settle(self, idle_timeout_s: int = 0, quiet_s: float = 1.0) -> SettleReport:
+    def settle(self, idle_timeout_s: int = 0, quiet_s: float = 1.0,
+               active_window_s: int = 60) -> SettleReport:
         """settle_begin, the sweep and settle_finish in one call (lbd runs the
         sweep off its event loop instead)."""
         start = self.settle_begin(quiet_s)
-        sweep, blocked = self.bal.sweep_flows(self.clock(), idle_timeout_s)
+        sweep, blocked = self.bal.sweep_flows(self.clock(), idle_timeout_s,
+                                              active_window_s=active_window_s)
         return self.settle_finish(start, sweep, blocked)

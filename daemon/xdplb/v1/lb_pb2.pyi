@@ -83,7 +83,7 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor", "health_realised", "realised_since")
+    __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor", "health_realised", "realised_since", "active_flows")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class BackendStatus(_message.Message):
     SLOW_START_FACTOR_FIELD_NUMBER: _ClassVar[int]
     HEALTH_REALISED_FIELD_NUMBER: _ClassVar[int]
     REALISED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FLOWS_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     available: bool
     index: int
@@ -122,7 +123,8 @@ class BackendStatus(_message.Message):
     slow_start_factor: float
     health_realised: bool
     realised_since: float
-    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ..., health_realised: _Optional[bool] = ..., realised_since: _Optional[float] = ...) -> None: ...
+    active_flows: int
+    def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ..., health_realised: _Optional[bool] = ..., realised_since: _Optional[float] = ..., active_flows: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
     __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "status")
@@ -340,7 +342,7 @@ class Interface(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prog_id: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "interfaces", "nexthop_mac", "nexthop_source", "state_file", "pin_dir", "vips", "backends", "max_vips", "max_backends", "ring_entries_used", "ring_entries", "last_reconcile", "vip_status", "bgp", "host_drained")
+    __slots__ = ("version", "uptime_s", "interfaces", "nexthop_mac", "nexthop_source", "state_file", "pin_dir", "vips", "backends", "max_vips", "max_backends", "ring_entries_used", "ring_entries", "last_reconcile", "vip_status", "bgp", "host_drained", "flow_table")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +360,7 @@ class StatusResponse(_message.Message):
     VIP_STATUS_FIELD_NUMBER: _ClassVar[int]
     BGP_FIELD_NUMBER: _ClassVar[int]
     HOST_DRAINED_FIELD_NUMBER: _ClassVar[int]
+    FLOW_TABLE_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
@@ -375,7 +378,24 @@ class StatusResponse(_message.Message):
     vip_status: _containers.RepeatedCompositeFieldContainer[Vip]
     bgp: BgpStatus
     host_drained: bool
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., nexthop_mac: _Optional[str] = ..., nexthop_source: _Optional[str] = ..., state_file: _Optional[str] = ..., pin_dir: _Optional[str] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., ring_entries_used: _Optional[int] = ..., ring_entries: _Optional[int] = ..., last_reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ..., vip_status: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ..., bgp: _Optional[_Union[BgpStatus, _Mapping]] = ..., host_drained: _Optional[bool] = ...) -> None: ...
+    flow_table: FlowTableStatus
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., nexthop_mac: _Optional[str] = ..., nexthop_source: _Optional[str] = ..., state_file: _Optional[str] = ..., pin_dir: _Optional[str] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., ring_entries_used: _Optional[int] = ..., ring_entries: _Optional[int] = ..., last_reconcile: _Optional[_Union[ReconcileSummary, _Mapping]] = ..., vip_status: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ..., bgp: _Optional[_Union[BgpStatus, _Mapping]] = ..., host_drained: _Optional[bool] = ..., flow_table: _Optional[_Union[FlowTableStatus, _Mapping]] = ...) -> None: ...
+
+class FlowTableStatus(_message.Message):
+    __slots__ = ("capacity", "entries", "active", "active_window_s", "swept_at", "evicted")
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    SWEPT_AT_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    capacity: int
+    entries: int
+    active: int
+    active_window_s: int
+    swept_at: float
+    evicted: int
+    def __init__(self, capacity: _Optional[int] = ..., entries: _Optional[int] = ..., active: _Optional[int] = ..., active_window_s: _Optional[int] = ..., swept_at: _Optional[float] = ..., evicted: _Optional[int] = ...) -> None: ...
 
 class BgpStatus(_message.Message):
     __slots__ = ("enabled", "sessions", "announced", "error")
@@ -472,3 +492,49 @@ class FlowCount(_message.Message):
     flows: int
     active: int
     def __init__(self, flows: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
+
+class ListFlowsRequest(_message.Message):
+    __slots__ = ("vip", "backend", "limit", "from_set")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FROM_SET_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    backend: str
+    limit: int
+    from_set: int
+    def __init__(self, vip: _Optional[str] = ..., backend: _Optional[str] = ..., limit: _Optional[int] = ..., from_set: _Optional[int] = ...) -> None: ...
+
+class Flow(_message.Message):
+    __slots__ = ("client", "client_port", "vip", "port", "backend", "idle_s")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    client_port: int
+    vip: str
+    port: int
+    backend: str
+    idle_s: int
+    def __init__(self, client: _Optional[str] = ..., client_port: _Optional[int] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., backend: _Optional[str] = ..., idle_s: _Optional[int] = ...) -> None: ...
+
+class ListFlowsResponse(_message.Message):
+    __slots__ = ("flows", "from_set", "next_set", "total_sets", "ways", "entries_read", "limit_reached")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    FROM_SET_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SETS_FIELD_NUMBER: _ClassVar[int]
+    WAYS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_READ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_REACHED_FIELD_NUMBER: _ClassVar[int]
+    flows: _containers.RepeatedCompositeFieldContainer[Flow]
+    from_set: int
+    next_set: int
+    total_sets: int
+    ways: int
+    entries_read: int
+    limit_reached: bool
+    def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., from_set: _Optional[int] = ..., next_set: _Optional[int] = ..., total_sets: _Optional[int] = ..., ways: _Optional[int] = ..., entries_read: _Optional[int] = ..., limit_reached: _Optional[bool] = ...) -> None: ...

@@ -114,6 +114,11 @@ class LoadBalancerStub:
                 request_serializer=xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.SerializeToString,
                 response_deserializer=xdplb_dot_v1_dot_lb__pb2.FlowCount.FromString,
                 _registered_method=True)
+        self.ListFlows = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/ListFlows',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -222,6 +227,14 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlows(self, request, context):
+        """Entries of the connection table, a page at a time, read without locking any
+        set (the datapath never waits): `lbctl flows`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +317,11 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.CountFlows,
                     request_deserializer=xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.FromString,
                     response_serializer=xdplb_dot_v1_dot_lb__pb2.FlowCount.SerializeToString,
+            ),
+            'ListFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlows,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -738,6 +756,33 @@ class LoadBalancer:
             '/xdplb.v1.LoadBalancer/CountFlows',
             xdplb_dot_v1_dot_lb__pb2.CountFlowsRequest.SerializeToString,
             xdplb_dot_v1_dot_lb__pb2.FlowCount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/ListFlows',
+            xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
