@@ -132,7 +132,9 @@ def reference_service(frame: bytes) -> tuple[bytes, str] | None:
         if end - l4 < 20 or not 20 <= (frame[l4 + 12] >> 4) * 4 <= end - l4:
             return None
     elif proto == 17:
-        if end - l4 < 8 or int.from_bytes(frame[l4 + 4:l4 + 6], "big") != end - l4:
+        # As the kernel's UDP receive path: the UDP length may be shorter than the IP
+        # payload (the stack trims the rest), never longer.
+        if end - l4 < 8 or not 8 <= int.from_bytes(frame[l4 + 4:l4 + 6], "big") <= end - l4:
             return None
     else:
         return None

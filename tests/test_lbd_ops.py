@@ -368,7 +368,7 @@ def test_watch_streams_changes_and_reconciles_in_order(site, lbd):
         time.sleep(0.3)  # the server registers the watcher once it has the request
         ok(lbd, "vip", "add", VIP4)
         ok(lbd, "backend", "add", VIP4, backend, "--check", "none")
-        watcher.wait_for(lambda events: len(events) >= 5)
+        watcher.wait_for(lambda events: len(events) >= 6)
         time.sleep(0.5)  # anything unexpected would arrive now
     finally:
         watcher.close()
@@ -376,7 +376,7 @@ def test_watch_streams_changes_and_reconciles_in_order(site, lbd):
     assert not watcher.thread.is_alive()
     events = watcher.events
     kinds = [e.kind for e in events]
-    assert kinds == ["change", "reconcile", "change", "reconcile", "reconcile"]
+    assert kinds == ["change", "reconcile", "change", "reconcile", "reconcile", "vip"]
     messages = [e.message for e in events]
     assert messages[0] == (f"add VIP {VIP4} (hash 5tuple, encap ipip, ring 65537, "
                            "0 backends)")
@@ -386,6 +386,8 @@ def test_watch_streams_changes_and_reconciles_in_order(site, lbd):
     assert f"ring positions {VIP4}: 65537" in messages[3]
     assert messages[4] == f"ring of {VIP4}: 65537 positions written"
     assert events[4].vip == VIP4
+    # A VIP without backends is not announced as down; its first one brings it up.
+    assert messages[5] == f"{VIP4} is up: 1 of 1 backends healthy"
     assert all(e.time > 0 for e in events)
 
 

@@ -125,14 +125,14 @@ def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path
         probe = subprocess.run(["/bin/sh", "-c", f"command -v {compiler}"], env=env,
                                capture_output=True, text=True, check=False)
         assert probe.returncode != 0, f"{compiler} is on the test's PATH"
-    version = run([str(prefix / "bin" / "lbd"), "--version"], env=env).stdout
-    assert re.fullmatch(r"lbd \d+\.\d+\.\d+\S*\n", version)
+    lbd_version = run([str(prefix / "bin" / "lbd"), "--version"], env=env).stdout
+    assert re.fullmatch(r"lbd \d+\.\d+\.\d+\S*\n", lbd_version)
     config = tmp_path / "lbd.toml"
     config.write_text('interfaces = ["eth0"]\n')
     assert run([str(prefix / "bin" / "lbd"), "--check-config", str(config)],
                env=env).stdout == f"{config}: ok\n"
     assert run([str(prefix / "bin" / "xdplb-backend"), "--version"],
-               env=env).stdout == f"xdplb-backend {version('xdplb')}\n"
+               env=env).stdout == "xdplb-backend " + lbd_version.split()[1] + "\n"
     script = ("import json, sys\nfrom xdplb import maglev\n"
               "ring = maglev.build_ring(json.loads(sys.argv[1]), 65537)\n"
               "print(maglev.native_available(), maglev.native_library_path())\n"
