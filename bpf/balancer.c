@@ -26,6 +26,7 @@
 #include "encap.h"
 #include "icmp.h"
 #include "hc_encap.h"
+#include "quic.h"
 
 /* A health check through the tunnel carries mark HC_MARK_BASE | index: the
  * bits outside HC_MARK_MASK are its backend entry's index. */
@@ -75,6 +76,10 @@ XDPLB_MAP("array", __u32, __u64, settle_blocked, SETTLE_WORDS, 0);
 XDPLB_MAP("array", __u32, struct flow_census, flow_census, 1, 0);
 XDPLB_MAP("array", __u32, __u32, flow_active, MAX_BACKENDS, 0);
 XDPLB_MAP("percpu_array", __u32, struct flow_events, flow_events, 1, 0);
+/* QUIC VIPs: the backend entry of each server ID (an ID indexes the array:
+ * IDs are 1..MAX_BACKENDS-1), and the per-CPU counters of their packets. */
+XDPLB_MAP("array", __u32, struct quic_server, quic_servers, MAX_BACKENDS, 0);
+XDPLB_MAP("percpu_array", __u32, struct quic_counters, quic_stats, 1, 0);
 
 static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
 {
@@ -524,6 +529,79 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, const struct packet *
 	return XDP_PASS;
 }
 
+/* The backend entry a server ID routes `vip`'s packets to; 0 when none may
+ * take them (the entry is read between two equal, even seqs, as the VIP
+ * index's slots are). */
+static __always_inline __u32 quic_server_backend(__u64 sid, const struct vip_meta *vip,
+						 struct quic_counters *qc, struct backend **be)
+{
+	if (sid == 0 || sid >= MAX_BACKENDS) {
+		qc->unknown_server++;
+		return 0;
+	}
+	__u32 key = sid;
+	struct quic_server *server = quic_servers.lookup(&key);
+	if (!server) {
+		qc->unknown_server++;
+		return 0;
+	}
+	__u32 seq = *(volatile __u32 *)&server->seq;
+	xdplb_barrier();
+	__u32 vip_id = server->vip_id;
+	__u32 idx = server->backend;
+	xdplb_barrier();
+	if (*(volatile __u32 *)&server->seq != seq || (seq & 1)) {
+		qc->busy++;
+		return 0;
+	}
+	if (!idx || vip_id != vip->vip_id) {
+		qc->unknown_server++;
+		return 0;
+	}
+	*be = backends.lookup(&idx);
+	if (!is_usable(*be)) {
+		qc->server_down++;
+		return 0;
+	}
+	qc->routed++;
+	return idx;
+}
+
+/* A QUIC VIP's packet whose connection ID names a server goes to that
+ * server's backend, whatever its 4-tuple, without the connection table;
+ * 0: the packet takes the 5-tuple path (counted by why). */
+static __always_inline __u32 quic_pick(struct xdp_md *ctx, const struct packet *pkt,
+				       const struct vip_meta *vip, struct backend **be)
+{
+	__u32 zero = 0;
+	struct quic_counters *qc = quic_stats.lookup(&zero);
+	if (!qc || pkt->proto != IPPROTO_UDP)
+		return 0;
+	__u64 sid = 0;
+	int found = quic_server_id((void *)(long)ctx->data, (void *)(long)ctx->data_end, pkt,
+				   (vip->flags >> VIP_QUIC_SID_LEN_SHIFT) & 0xf,
+				   (vip->flags >> VIP_QUIC_ROTATION_SHIFT) & 0x7, &sid);
+	switch (found) {
+	case QUIC_BY_CID:
+		return quic_server_backend(sid, vip, qc, be);
+	case QUIC_CLIENT_CID:
+		qc->client_cid++;
+		break;
+	case QUIC_OTHER_VERSION:
+		qc->other_version++;
+		break;
+	case QUIC_OTHER_CONFIG:
+		qc->other_config++;
+		break;
+	case QUIC_SHORT_CID:
+		qc->short_cid++;
+		break;
+	default:
+		qc->not_quic++;
+	}
+	return 0;
+}
+
 static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 				   const struct vip_meta *vip, const struct lb_config *cfg,
 				   struct global_counters *gc, __u32 frame_len)
@@ -531,7 +609,11 @@ static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 	count_vip(vip->vip_id, frame_len);
 	__u32 hash = hash_for_vip(vip, pkt);
 	struct backend *be = NULL;
-	__u32 idx = choose_backend(vip, pkt, hash, cfg, gc, &be);
+	__u32 idx = 0;
+	if (vip->flags & VIP_F_QUIC)
+		idx = quic_pick(ctx, pkt, vip, &be);
+	if (!idx)
+		idx = choose_backend(vip, pkt, hash, cfg, gc, &be);
 	return send_to_backend(ctx, pkt, idx, be, hash, vip->flags & VIP_F_GUE, cfg, gc,
 			       0, frame_len);
 }

@@ -27,6 +27,14 @@ struct vip_key {
 
 #define VIP_F_HASH_SRC_ONLY (1U << 0) /* client affinity: ring keyed by source address */
 #define VIP_F_GUE (1U << 1)           /* encapsulate in UDP (GUE variant 1) */
+/* A UDP VIP whose packets carry QUIC: those whose destination connection ID
+ * holds a QUIC-LB server ID (bpf/quic.h) go to that server's backend. The
+ * flags also hold the server ID's length in octets (1..QUIC_SID_MAX_LEN) and
+ * the configuration's rotation codepoint (0..6). */
+#define VIP_F_QUIC (1U << 2)
+#define VIP_QUIC_SID_LEN_SHIFT 8
+#define VIP_QUIC_ROTATION_SHIFT 12
+#define QUIC_SID_MAX_LEN 8
 
 /* Value of the `vips` map. The ring lives at ring[ring_offset .. +ring_size):
  * one map update swaps all three, so a resize or move is atomic for packets. */
@@ -219,6 +227,34 @@ struct flow_census {
 /* Per-CPU flow-table events that need their own map for the same reason. */
 struct flow_events {
 	__u64 evicted; /* a full set gave up the flow seen longest ago for a new one */
+};
+
+/* One entry of `quic_servers`, indexed by a QUIC-LB server ID read as a
+ * big-endian integer: the backend entry it routes to, and that entry's VIP
+ * (a server ID routes only its own VIP's packets). Rewritten under seq as
+ * the VIP index is (daemon/xdplb/datapath/quic.py QuicServerTable), so a
+ * packet never takes a torn entry; backend 0: no server has this ID. */
+struct quic_server {
+	__u32 seq;
+	__u32 vip_id;
+	__u32 backend;
+	__u32 pad;
+};
+
+/* Per-CPU counters of QUIC VIPs' packets (events: each packet's outcome is
+ * counted in global_counters as any other's). routed: by the server ID in
+ * its connection ID; every other counter is a packet that took the 5-tuple
+ * path (ring and connection table), and why. */
+struct quic_counters {
+	__u64 routed;
+	__u64 client_cid;     /* Initial or 0-RTT: a connection ID the client chose */
+	__u64 other_version;  /* a long header of a version other than 1 and 2 */
+	__u64 other_config;   /* rotation bits of another configuration, or 0b111 */
+	__u64 short_cid;      /* the connection ID is shorter than its server ID */
+	__u64 not_quic;       /* a short header without the fixed bit, or no payload */
+	__u64 unknown_server; /* no backend of this VIP has the server ID */
+	__u64 server_down;    /* the server ID's backend may not take new packets */
+	__u64 busy;           /* the server ID's entry was being rewritten */
 };
 
 /* Per-CPU state of the new-flow rate limiter. */

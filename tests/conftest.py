@@ -118,6 +118,8 @@ def reset_maps(bal) -> None:
         for key in list(m.keys()):
             m.delete(key)
     bal.conns.clear()
+    for server_id in bal.quic_servers.in_use():
+        bal.quic_servers.clear(server_id)
     for index in range(bal.sizes.max_backends):
         bal.backends.put(ct.c_uint32(index), s.Backend())
     bal.write_addr_filter([])

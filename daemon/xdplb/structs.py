@@ -21,6 +21,10 @@ IPPROTO_ICMPV6 = 58
 
 VIP_F_HASH_SRC_ONLY = 1 << 0
 VIP_F_GUE = 1 << 1
+VIP_F_QUIC = 1 << 2
+VIP_QUIC_SID_LEN_SHIFT = 8
+VIP_QUIC_ROTATION_SHIFT = 12
+QUIC_SID_MAX_LEN = 8
 VIP_ADDR_F_PORTLESS_TCP = 1 << 0
 VIP_ADDR_F_PORTLESS_UDP = 1 << 1
 BACKEND_F_IPV6 = 1 << 0
@@ -229,6 +233,34 @@ class FlowEvents(ct.Structure):
     """struct flow_events: per-CPU flow-table events (evicted: conn_evicted)."""
 
     _fields_: ClassVar = [("evicted", ct.c_uint64)]
+
+
+def quic_vip_flags(server_id_len: int, rotation: int) -> int:
+    """The VIP flags of a QUIC VIP whose server IDs are server_id_len octets long
+    in the configuration of codepoint `rotation`."""
+    return (VIP_F_QUIC | server_id_len << VIP_QUIC_SID_LEN_SHIFT
+            | rotation << VIP_QUIC_ROTATION_SHIFT)
+
+
+class QuicServer(ct.Structure):
+    """struct quic_server: the backend entry of one server ID, under seq."""
+
+    _fields_: ClassVar = [
+        ("seq", ct.c_uint32),  # even: stable; odd: being rewritten
+        ("vip_id", ct.c_uint32),
+        ("backend", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+# struct quic_counters, as the counters name them: quic_routed, then each reason a
+# QUIC VIP's packet took the 5-tuple path.
+QUIC_COUNTERS = ("routed", "client_cid", "other_version", "other_config", "short_cid",
+                 "not_quic", "unknown_server", "server_down", "busy")
+
+
+class QuicCounters(ct.Structure):
+    _fields_: ClassVar = [(name, ct.c_uint64) for name in QUIC_COUNTERS]
 
 
 class FloodState(ct.Structure):

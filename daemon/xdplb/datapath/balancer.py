@@ -25,6 +25,7 @@ from xdplb.datapath.flow_table import (
 from xdplb.datapath.loader import compile_program, ensure_bpffs, load_sched_cls, load_xdp
 from xdplb.datapath.maps import BY_NAME, INSPECTED, map_shapes
 from xdplb.datapath.netlink import attach_tc_egress, attach_xdp
+from xdplb.datapath.quic import QuicServerTable
 from xdplb.datapath.sizes import HealthMarks, MapSizes
 from xdplb.datapath.testrun import SkBuffCtx, TestRunResult, prog_test_run
 from xdplb.datapath.vip_index import VipTable
@@ -81,6 +82,8 @@ class Balancer:
         self._census = self._map("flow_census")
         self._flow_active = self._map("flow_active")
         self.flow_events = self._per_cpu("flow_events")
+        self.quic_servers = QuicServerTable(self._map("quic_servers"), self.sizes.max_backends)
+        self.quic_stats = self._per_cpu("quic_stats")
         self._settle_prog_fd: int | None = None
 
     def map_shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -163,10 +166,16 @@ class Balancer:
         events = self.flow_events.read(0)
         return {**self.global_stats.read(0), "conn_evicted": events["evicted"]}
 
+    def quic_counters(self) -> dict[str, int]:
+        """QUIC VIPs' packets summed over CPUs: routed by connection ID, or why not."""
+        return self.quic_stats.read(0)
+
     def reset_counters(self) -> None:
-        """Zeroes what counters() reads (tests and benchmarks count from zero)."""
+        """Zeroes what counters() and quic_counters() read (tests and benchmarks
+        count from zero)."""
         self.global_stats.clear(0)
         self.flow_events.clear(0)
+        self.quic_stats.clear(0)
 
     def test_run(self, frame: bytes, repeat: int = 1) -> TestRunResult:
         return prog_test_run(self.prog_fd, frame, repeat)

@@ -49,6 +49,8 @@ BALANCER_MAPS: tuple[MapSpec, ...] = (
     MapSpec("flow_census", U32, s.FlowCensus, lambda z: 1),
     MapSpec("flow_active", U32, U32, lambda z: z.max_backends),
     MapSpec("flow_events", U32, s.FlowEvents, lambda z: 1, per_cpu=True),
+    MapSpec("quic_servers", U32, s.QuicServer, lambda z: z.max_backends),
+    MapSpec("quic_stats", U32, s.QuicCounters, lambda z: 1, per_cpu=True),
 )
 BY_NAME = {spec.name: spec for spec in BALANCER_MAPS}
 # What a reader of a running balancer's pinned maps opens (PinnedMaps).
