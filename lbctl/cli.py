@@ -35,6 +35,7 @@ from lbctl.client import (
 from lbctl.options import (
     ADDRESS,
     PROG_NAME,
+    SERVER_ID,
     VIP,
     WEIGHT,
     LbctlGroup,
@@ -52,6 +53,7 @@ from lbctl.options import (
     read_document,
     take_capacity_options,
     take_check_options,
+    take_quic_options,
     vip_argument,
     vip_spec_options,
 )
@@ -132,6 +134,8 @@ def vip_add(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
     or 10.0.0.10/tcp for every port. Options left out take lbd's defaults."""
     check = build_check(**take_check_options(options))
     options["capacity"] = build_capacity(**take_capacity_options(options))
+    quic = take_quic_options(options, vip_key)
+    options["quic"] = quic.get("quic")
     _print_changes(client.call("AddVip", build_add_vip(vip_key, check, **options)))
 
 
@@ -143,6 +147,7 @@ def vip_set(client: LbdClient, vip_key: VipKey, **options: Any) -> None:
     """Change a VIP's settings; the rest stay as they are."""
     check = build_check(**take_check_options(options))
     options["capacity"] = build_capacity(**take_capacity_options(options))
+    options.update(take_quic_options(options, vip_key))
     _require_some("vip set", {**options, "check": check})
     _print_changes(client.call("SetVip", build_set_vip(vip_key, check, **options)))
 
@@ -187,6 +192,9 @@ def backend() -> None:
 @click.option("--drain", "drained", is_flag=True, default=None,
               help="Add it drained: no new flows.")
 @check_options
+@click.option("--server-id", type=SERVER_ID, metavar="N",
+              help="A QUIC VIP's backend: its QUIC-LB server ID (lbd's default: the "
+                   "smallest free one).")
 @click.pass_obj
 def backend_add(client: LbdClient, vip_key: VipKey, address: str, **options: Any) -> None:
     """Add backend ADDRESS to VIP.
@@ -206,10 +214,17 @@ def backend_add(client: LbdClient, vip_key: VipKey, address: str, **options: Any
 @check_options
 @click.option("--vip-check", "clear_check", is_flag=True,
               help="Drop the backend's own check: use the VIP's again.")
+@click.option("--server-id", type=SERVER_ID, metavar="N",
+              help="A QUIC VIP's backend: a new server ID (needs --force-server-id).")
+@click.option("--force-server-id", is_flag=True, default=None,
+              help="Change the server ID although clients hold connection IDs with the "
+                   "old one (their connections leave this backend).")
 @click.pass_obj
 def backend_set(client: LbdClient, vip_key: VipKey, address: str, clear_check: bool,
                 **options: Any) -> None:
     """Change a backend's settings; the rest stay as they are."""
+    if options["force_server_id"] and options["server_id"] is None:
+        raise OneLineUsageError("--force-server-id goes with --server-id")
     check = build_check(**take_check_options(options))
     if clear_check and check is not None:
         raise OneLineUsageError("--vip-check drops the backend's own check: "

@@ -146,6 +146,7 @@ ADDRESS = AddressType()
 # The ranges state.HealthCheck.validate enforces: lbd checks again, but here a
 # bad value is a usage error before any call.
 WEIGHT = click.IntRange(0, state.MAX_WEIGHT)
+SERVER_ID = click.IntRange(1, 0xFFFF)
 CHECK_PORT = click.IntRange(0, 65535)
 CHECK_INTERVAL_MS = click.IntRange(100, 3_600_000)
 CHECK_TIMEOUT_MS = click.IntRange(10, 3_600_000)
@@ -245,6 +246,13 @@ vip_spec_options = _apply_options([
     capacity_options,
     click.option("--slow-start", "slow_start_s", type=click.FloatRange(0, 3600), metavar="S",
                  help="New or recovered backends ramp up to their weight over S seconds."),
+    click.option("--quic/--no-quic", "quic_enabled", default=None,
+                 help="A UDP VIP carrying QUIC: packets go to the backend whose server ID "
+                      "their connection ID carries (QUIC-LB), whatever the client's address."),
+    click.option("--quic-server-id-len", "quic_server_id_len", type=click.IntRange(1, 8),
+                 metavar="N", help="Octets of a QUIC-LB server ID (lbd's default: 2)."),
+    click.option("--quic-rotation", "quic_rotation", type=click.IntRange(0, 6), metavar="N",
+                 help="The QUIC-LB configuration's rotation codepoint (lbd's default: 0)."),
 ])
 
 output_option = click.option(
@@ -273,6 +281,23 @@ def take_capacity_options(options: dict[str, Any]) -> dict[str, Any]:
     """Remove the capacity options from a command's options; return them by Capacity field."""
     names = [name for name in options if name.startswith("capacity_")]
     return {name.removeprefix("capacity_"): options.pop(name) for name in names}
+
+
+def take_quic_options(options: dict[str, Any], vip: VipKey) -> dict[str, Any]:
+    """Remove the QUIC options; return the request fields they make (quic, clear_quic)."""
+    enabled = options.pop("quic_enabled")
+    given = given_settings({"server_id_len": options.pop("quic_server_id_len"),
+                            "rotation": options.pop("quic_rotation")})
+    if enabled is False:
+        if given:
+            raise OneLineUsageError("--no-quic cannot be combined with --quic-* options")
+        return {"clear_quic": True}
+    if not enabled and not given:
+        return {}
+    if vip.protocol != "udp":
+        raise OneLineUsageError(f"{vip}: QUIC runs over UDP, a {vip.protocol} VIP cannot be "
+                                "a QUIC VIP")
+    return {"quic": lb_pb2.QuicConfig(**given)}
 
 
 def build_capacity(**settings: Any) -> lb_pb2.Capacity | None:

@@ -63,7 +63,8 @@ LAST is its last check's result and latency, SINCE how long its verdict holds;
 AVAIL says whether the datapath may pick it; RING is its number of ring
 positions and SHARE their fraction of the ring; FLOWS its connection-table
 entries active within flows.active_window_s when the table was last swept
-("-" before the first sweep); CHECK "-" means it uses the VIP's check.
+("-" before the first sweep); CHECK "-" means it uses the VIP's check. A QUIC
+VIP's backends also show their QUIC-LB SERVER-ID.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def render_backend_list(vip: lb_pb2.Vip, fmt: str) -> str:
         return dump_json({"vip": vip.vip,
                           "backends": [message_to_json(b) for b in vip.backends]})
     rows = [BACKEND_COLUMNS, *(_backend_row(vip, backend) for backend in vip.backends)]
+    if vip.HasField("quic"):  # a QUIC VIP: which server ID routes to each backend
+        rows = [(*rows[0], "SERVER-ID"), *((*row, str(b.server_id or "-")) for row, b in
+                                           zip(rows[1:], vip.backends, strict=True))]
     return _lines(align(rows))
 
 
@@ -336,6 +340,9 @@ def vip_details(vip: lb_pb2.Vip) -> str:
             ("check", describe_check(vip.check) if vip.HasField("check") else "-"),
             ("panic threshold", _panic_threshold(vip)),
             ("when none healthy", _optional(vip, "when_none_healthy"))]
+    if vip.HasField("quic"):
+        rows.append(("quic", f"QUIC-LB server IDs of {vip.quic.server_id_len or 2} octets, "
+                             f"rotation {vip.quic.rotation}"))
     rows += [(f"check of {b.address}", describe_check(b.check))
              for b in vip.backends if b.HasField("check")]
     return _lines(align(rows))

@@ -268,6 +268,14 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
                                                          "capacity", vip.capacity)
         if request.HasField("slow_start_s"):
             settings["slow_start_s"] = request.slow_start_s
+        if request.HasField("quic") and request.clear_quic:
+            raise st.StateError("quic and clear_quic: give one or the other")
+        if request.HasField("quic"):
+            base = st.quic_to_dict(vip.quic) if vip.quic else {}
+            settings["quic"] = st.quic_from_dict(
+                st.StrictTable({**base, **_to_dict(request.quic)}, "quic"), "quic")
+        elif request.clear_quic:
+            settings["quic"] = None
         return st.SetVip(key, settings)
 
     async def AddBackend(self, request, context):
@@ -284,13 +292,29 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             st.RemoveBackend(_vip_key(request.vip), _address(request.address))])
 
     async def SetBackend(self, request, context):
-        return await self._change(context, "SetBackend", lambda: [self._set_backend(request)])
+        return await self._change(context, "SetBackend", lambda: self._set_backend(request))
 
-    def _set_backend(self, request: pb.SetBackendRequest) -> st.Change:
+    def _set_backend(self, request: pb.SetBackendRequest) -> list[st.Change]:
         key, address = _vip_key(request.vip), _address(request.address)
         vip = self.ctl.state.vip(key)
         if address not in vip.backends:
             raise st.NotFound(f"VIP {key}: no backend {address}")
+        settings = self._backend_settings(request, vip, key, address)
+        changes: list[st.Change] = []
+        if settings.settings or not request.HasField("server_id"):
+            changes.append(settings)
+        if request.HasField("server_id"):
+            current = vip.backends[address].server_id
+            if request.server_id != current and not request.force_server_id:
+                raise st.StateError(
+                    f"VIP {key} backend {address}: server_id {current} -> "
+                    f"{request.server_id} moves the connections whose IDs carry {current} "
+                    "off it: add force_server_id (--force-server-id) to do it anyway")
+            changes.append(st.ReassignServerId(key, address, request.server_id))
+        return changes
+
+    def _backend_settings(self, request: pb.SetBackendRequest, vip: st.VipSpec,
+                          key: st.VipKey, address: str) -> st.SetBackend:
         settings: dict[str, Any] = {name: getattr(request, name) for name in (
             "weight", "drained") if request.HasField(name)}
         if request.HasField("check") and request.clear_check:

@@ -209,7 +209,15 @@ class DatapathCollector:
         hc = self.views.tunnel_counters()
         for name in s.HC_COUNTERS:
             tunnel.add_metric([name], hc[name])
-        yield from (packets, events, tunnel)
+        quic = CounterMetricFamily(
+            "xdplb_quic_packets",
+            "Packets of QUIC VIPs by how they were routed: routed (by the server ID in "
+            "their connection ID), or the 5-tuple path because of client_cid (Initial, "
+            "0-RTT), other_version, other_config, short_cid, not_quic, unknown_server, "
+            "server_down or busy.", labels=["outcome"])
+        for name, value in self.views.quic_counters().items():
+            quic.add_metric([name], value)
+        yield from (packets, events, tunnel, quic)
 
     def _backends(self, vips: list[VipView]) -> Iterator[Metric]:
         healthy = GaugeMetricFamily("xdplb_backend_healthy",

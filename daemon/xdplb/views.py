@@ -263,6 +263,10 @@ class Views:
         """The balancer's outcome and event counters, summed over CPUs."""
         return self._ctl.balancer.counters()
 
+    def quic_counters(self) -> dict[str, int]:
+        """QUIC VIPs' packets: routed by connection ID, or why they took the 5-tuple path."""
+        return self._ctl.balancer.quic_counters()
+
     def tunnel_counters(self) -> dict[str, int]:
         """The tc program's counters of checks through the VIP."""
         return self._ctl.balancer.hc_counters()

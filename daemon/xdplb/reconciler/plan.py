@@ -106,8 +106,10 @@ def plan_vip(vip: VipSpec, runtime: Runtime) -> VipPlan:
 
 
 def vip_flags(vip: VipSpec) -> int:
+    quic = (s.quic_vip_flags(vip.quic.server_id_len, vip.quic.rotation)
+            if vip.quic is not None else 0)
     return ((s.VIP_F_HASH_SRC_ONLY if vip.hash == "source" else 0)
-            | (s.VIP_F_GUE if vip.encap == "gue" else 0))
+            | (s.VIP_F_GUE if vip.encap == "gue" else 0) | quic)
 
 
 def portless_flag(key: VipKey) -> int:

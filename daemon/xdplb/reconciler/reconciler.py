@@ -195,6 +195,7 @@ class Reconciler:
         if settings is not None:
             self._write_config(settings, report)
         self._remove_stale_keys(report)
+        self._write_quic_servers(desired, report, adding=False)
         # Removed VIPs go first: their entries, then their rings, freeing the
         # space (and ids) that VIPs added in the same change may need.
         for key in sorted(set(self.vips) - set(desired.vips)):
@@ -203,6 +204,7 @@ class Reconciler:
         plans = {key: plan_vip(vip, runtime) for key, vip in desired.vips.items()}
         self._allocate(desired, report)
         self._write_backends(desired, plans, report)
+        self._write_quic_servers(desired, report, adding=True)
         self._write_addr_flags(desired, report, final=False)
         for key in sorted(desired.vips):
             self._realise_vip(desired.vips[key], plans[key], report)
@@ -300,6 +302,31 @@ class Reconciler:
                          | (s.BACKEND_F_AVAILABLE if plans[key].available[address] else 0))
                 entry = s.Backend(addr=s.Addr16.of(address), flags=flags, vip_id=vip_id)
                 self._put_backend(self.members[(key, address)], entry, report)
+
+    def _write_quic_servers(self, desired: DesiredState, report: ReconcileReport, *,
+                            adding: bool) -> None:
+        """A server ID names its backend entry once the entry exists (adding, after
+        _write_backends) and stops naming it before the entry or its VIP id is
+        freed (first, before anything is removed): no packet is ever routed to an
+        entry that another backend or VIP may be given."""
+        table = self.bal.quic_servers
+        wanted: dict[int, tuple[int, int]] = {}
+        for key, vip in desired.vips.items():
+            if vip.quic is None or (adding is False and key not in self.vips):
+                continue
+            for address, backend in vip.backends.items():
+                member = self.members.get((key, address))
+                if member is not None and backend.server_id:
+                    wanted[backend.server_id] = (self.vips[key].vip_id, member)
+        for server_id, entry in table.in_use().items():
+            if wanted.get(server_id) != entry:
+                table.clear(server_id)
+                report.writes["quic_servers"] += 1
+        if adding:
+            for server_id, (vip_id, index) in sorted(wanted.items()):
+                if table.get(server_id) != (vip_id, index):
+                    table.put(server_id, vip_id, index)
+                    report.writes["quic_servers"] += 1
 
     def _ring_values(self, vip: VipSpec, plan: VipPlan, offset: int) -> np.ndarray:
         """The region's new entries: backend indexes, with RING_UNSETTLED on every

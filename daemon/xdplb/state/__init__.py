@@ -26,6 +26,7 @@ from xdplb.state.changes import (
     AddBackend,
     AddVip,
     Change,
+    ReassignServerId,
     RemoveBackend,
     RemoveVip,
     SetBackend,
@@ -54,6 +55,7 @@ from xdplb.state.model import (
     vip_from_dict,
     vip_to_dict,
 )
+from xdplb.state.quic import QuicConfig, quic_from_dict, quic_to_dict
 from xdplb.state.rules import (
     CHECK_KINDS,
     CHECK_VIAS,
@@ -121,6 +123,8 @@ __all__ = [
     "Limits",
     "MemberId",
     "NotFound",
+    "QuicConfig",
+    "ReassignServerId",
     "RemoveBackend",
     "RemoveVip",
     "SetBackend",
@@ -142,6 +146,8 @@ __all__ = [
     "ip_sort_key",
     "is_ipv6",
     "parse_label_matchers",
+    "quic_from_dict",
+    "quic_to_dict",
     "shown",
     "vip_from_dict",
     "vip_to_dict",

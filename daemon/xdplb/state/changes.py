@@ -19,6 +19,7 @@ from xdplb.state.model import (
     Limits,
     VipSpec,
 )
+from xdplb.state.quic import check_server_id_change, free_server_ids, unassigned
 from xdplb.state.rules import (
     MAX_STATE_BYTES,
     AlreadyExists,
@@ -86,7 +87,7 @@ class RemoveVip(Change):
 
 
 VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy",
-                "capacity", "slow_start_s")
+                "capacity", "slow_start_s", "quic")
 BACKEND_SETTABLE = ("weight", "drained", "check")
 
 
@@ -105,7 +106,11 @@ class SetVip(Change):
 
     def apply(self, vips: dict[VipKey, VipSpec]) -> None:
         _check_fields(self.settings, VIP_SETTABLE, f"VIP {self.key}")
-        vips[self.key] = dataclasses.replace(_existing(vips, self.key), **self.settings)
+        vip = dataclasses.replace(_existing(vips, self.key), **self.settings)
+        if vip.quic is None:  # no longer QUIC: its backends' server IDs are free again
+            vip = dataclasses.replace(vip, backends={
+                a: dataclasses.replace(b, server_id=0) for a, b in vip.backends.items()})
+        vips[self.key] = vip
 
     def describe(self) -> str:
         return f"set VIP {self.key} " + _describe_settings(self.settings)
@@ -167,8 +172,47 @@ class SetBackend(Change):
             self.settings)
 
 
+@dataclass(frozen=True)
+class ReassignServerId(Change):
+    """A backend's server ID changed on purpose (lbctl backend set --server-id
+    --force-server-id): clients holding connection IDs with the old one lose
+    their connections to it, unless the ring sends them there anyway."""
+
+    key: VipKey
+    address: str
+    server_id: int
+    kind: ClassVar[str] = "backend-server-id"
+
+    def apply(self, vips: dict[VipKey, VipSpec]) -> None:
+        vip = _existing(vips, self.key)
+        if vip.quic is None:
+            raise StateError(f"VIP {self.key}: not a QUIC VIP: its backends have no server ID")
+        backend = _existing_backend(vip, self.address)
+        updated = dataclasses.replace(backend, server_id=self.server_id)
+        vips[self.key] = dataclasses.replace(
+            vip, backends={**vip.backends, backend.address: updated})
+
+    def describe(self) -> str:
+        return f"set backend {self.address} of VIP {self.key} server_id={self.server_id}"
+
+
 def _describe_settings(settings: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={'(check)' if k == 'check' else v}" for k, v in settings.items())
+
+
+def assign_server_ids(vips: dict[VipKey, VipSpec], limits: Limits) -> None:
+    """Gives each QUIC VIP backend without a server ID the smallest free one."""
+    free = iter(free_server_ids(vips.values(), limits.max_backends))
+    for key, address in unassigned(vips.values()):
+        vip = vips[key]
+        server_id = next(free, None)
+        if server_id is None or server_id > vip.quic.max_server_id:
+            raise LimitExceeded(
+                f"VIP {key} backend {address}: no free server ID (at most "
+                f"{min(limits.max_backends, vip.quic.max_server_id)} with "
+                f"{vip.quic.server_id_len}-octet server IDs and map size max_backends)")
+        backend = dataclasses.replace(vip.backends[address], server_id=server_id)
+        vips[key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
 
 
 def apply_changes(state: DesiredState, changes: Iterable[Change],
@@ -177,6 +221,7 @@ def apply_changes(state: DesiredState, changes: Iterable[Change],
     vips = dict(state.vips)
     for change in changes:
         change.apply(vips)
+    assign_server_ids(vips, limits)
     new = DesiredState(vips)
     new.validate(limits)
     size = len(json.dumps(new.to_dict(), separators=(",", ":")))
@@ -210,6 +255,10 @@ def _vip_diff(old: VipSpec, new: VipSpec) -> list[Change]:
         changes.append(AddBackend(new.key, new.backends[address]))
     for address in sorted(set(old.backends) & set(new.backends), key=ip_sort_key):
         before, after = old.backends[address], new.backends[address]
+        if new.quic is not None and old.quic is not None:
+            check_server_id_change(new, address, before.server_id, after.server_id)
+        elif new.quic is not None and after.server_id:  # becoming QUIC: as the document says
+            changes.append(ReassignServerId(new.key, address, after.server_id))
         changed = {name: getattr(after, name) for name in BACKEND_SETTABLE
                    if getattr(before, name) != getattr(after, name)}
         if changed:

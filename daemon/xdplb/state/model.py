@@ -17,6 +17,13 @@ from xdplb.state.addresses import (
     ip_sort_key,
     is_ipv6,
 )
+from xdplb.state.quic import (
+    MAX_SERVER_ID,
+    QuicConfig,
+    quic_from_dict,
+    quic_to_dict,
+    validate_server_ids,
+)
 from xdplb.state.rules import (
     _GRPC_SERVICE,
     _HTTP_HOST,
@@ -215,10 +222,12 @@ class BackendSpec:
     weight: int = DEFAULT_WEIGHT
     drained: bool = False
     check: HealthCheck | None = None  # None: the VIP's default check
+    server_id: int = 0  # a QUIC VIP's backend: its QUIC-LB server ID (0: none yet)
 
     def validate(self, where: str) -> None:
         canonical_address(self.address, f"{where}.address")
         _int_in(f"{where}.weight", self.weight, 0, MAX_WEIGHT)
+        _int_in(f"{where}.server_id", self.server_id, 0, MAX_SERVER_ID)
         if not isinstance(self.drained, bool):
             raise _fail(f"{where}.drained", f"must be true or false, got {shown(self.drained)}")
         if self.check is not None:
@@ -242,6 +251,7 @@ class VipSpec:
     capacity: Capacity = NO_CAPACITY
     slow_start_s: float = 0.0  # a backend added or back up ramps to its weight over this
     backends: Mapping[str, BackendSpec] = field(default_factory=dict)
+    quic: QuicConfig | None = None  # a UDP VIP carrying QUIC: route by server ID
 
     def validate(self, where: str) -> None:
         _one_of(f"{where}.hash", self.hash, HASH_MODES)
@@ -261,6 +271,10 @@ class VipSpec:
         self.capacity.validate(f"{where}.capacity")
         _float_in(f"{where}.slow_start_s", self.slow_start_s, 0.0, 3600.0)
         _one_of(f"{where}.when_none_healthy", self.when_none_healthy, WHEN_NONE_HEALTHY)
+        if self.quic is not None:
+            if self.key.protocol != "udp":
+                raise _fail(f"{where}.quic", "QUIC runs over UDP: a tcp VIP cannot be one")
+            self.quic.validate(f"{where}.quic")
         for address, backend in self.backends.items():
             bwhere = f"{where} backend {address}"
             backend.validate(bwhere)
@@ -344,6 +358,7 @@ class DesiredState:
         if members > limits.max_backends:
             raise LimitExceeded(f"{members} backends (counted per VIP) exceed the limit of "
                              f"{limits.max_backends} (map size max_backends)")
+        validate_server_ids(self.vips.values(), limits.max_backends)
         ring_total = sum(v.ring_size for v in self.vips.values())
         if ring_total > limits.ring_entries:
             raise LimitExceeded(f"rings need {ring_total} entries in total, more than the "
@@ -481,6 +496,8 @@ def backend_to_dict(backend: BackendSpec) -> dict[str, Any]:
                            "drained": backend.drained}
     if backend.check is not None:
         out["check"] = check_to_dict(backend.check)
+    if backend.server_id:
+        out["server_id"] = backend.server_id
     return out
 
 
@@ -490,23 +507,27 @@ def backend_from_dict(data: object, where: str, vip_check: HealthCheck) -> Backe
     weight = obj.take("weight", int, DEFAULT_WEIGHT)
     drained = obj.take("drained", bool, False)
     check_data = obj.take("check", dict, None)
+    server_id = obj.take("server_id", int, 0)
     obj.done()
     check = None if check_data is None else check_from_dict(check_data, f"{where}.check",
                                                            vip_check)
-    backend = BackendSpec(address, weight, drained, check)
+    backend = BackendSpec(address, weight, drained, check, server_id)
     backend.validate(where)
     return backend
 
 
 def vip_to_dict(vip: VipSpec) -> dict[str, Any]:
-    return {
+    out = {
         "vip": str(vip.key), "hash": vip.hash, "encap": vip.encap, "ring_size": vip.ring_size,
         "check": check_to_dict(vip.check), "panic_threshold": vip.panic_threshold,
         "when_none_healthy": vip.when_none_healthy,
         "capacity": dataclasses.asdict(vip.capacity), "slow_start_s": vip.slow_start_s,
-        "backends": [backend_to_dict(vip.backends[a]) for a in sorted(
-            vip.backends, key=ip_sort_key)],
     }
+    if vip.quic is not None:
+        out["quic"] = quic_to_dict(vip.quic)
+    out["backends"] = [backend_to_dict(vip.backends[a]) for a in sorted(
+        vip.backends, key=ip_sort_key)]
+    return out
 
 
 def vip_from_dict(data: object, where: str) -> VipSpec:
@@ -541,10 +562,15 @@ def vip_from_dict(data: object, where: str) -> VipSpec:
         capacity=capacity_from_dict(obj.take("capacity", dict, None), f"{where}.capacity"),
         slow_start_s=float(obj.take("slow_start_s", (int, float), 0.0)),
         backends=backends,
+        quic=_quic_of(obj.take("quic", dict, None), f"{where}.quic"),
     )
     obj.done()
     vip.validate(where)
     return vip
+
+
+def _quic_of(data: dict[str, Any] | None, where: str) -> QuicConfig | None:
+    return None if data is None else quic_from_dict(StrictTable(data, where), where)
 
 
 def default_vip(key: VipKey, **options: Any) -> VipSpec:

@@ -68,19 +68,29 @@ class Capacity(_message.Message):
     stale_after_ms: int
     def __init__(self, source: _Optional[str] = ..., metric: _Optional[str] = ..., labels: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., target: _Optional[float] = ..., interval_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., smoothing: _Optional[float] = ..., min_factor: _Optional[float] = ..., max_factor: _Optional[float] = ..., hysteresis: _Optional[float] = ..., churn_budget: _Optional[float] = ..., churn_window_s: _Optional[float] = ..., stale_after_ms: _Optional[int] = ...) -> None: ...
 
+class QuicConfig(_message.Message):
+    __slots__ = ("server_id_len", "rotation")
+    SERVER_ID_LEN_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
+    server_id_len: int
+    rotation: int
+    def __init__(self, server_id_len: _Optional[int] = ..., rotation: _Optional[int] = ...) -> None: ...
+
 class Backend(_message.Message):
-    __slots__ = ("address", "weight", "drained", "check", "status")
+    __slots__ = ("address", "weight", "drained", "check", "server_id", "status")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: int
     drained: bool
     check: HealthCheck
+    server_id: int
     status: BackendStatus
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., server_id: _Optional[int] = ..., status: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
     __slots__ = ("healthy", "available", "index", "ring_positions", "effective_weight", "packets", "bytes", "health", "last_result", "check_latency_ms", "since", "check", "load", "load_age_s", "load_state", "capacity_factor", "slow_start_factor", "health_realised", "realised_since", "active_flows")
@@ -127,7 +137,7 @@ class BackendStatus(_message.Message):
     def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ..., health_realised: _Optional[bool] = ..., realised_since: _Optional[float] = ..., active_flows: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "status")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "quic", "status")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +148,7 @@ class Vip(_message.Message):
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
+    QUIC_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
@@ -149,8 +160,9 @@ class Vip(_message.Message):
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     capacity: Capacity
     slow_start_s: float
+    quic: QuicConfig
     status: VipStatus
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
 
 class VipStatus(_message.Message):
     __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced", "unsettled_positions")
@@ -205,7 +217,7 @@ class AddVipRequest(_message.Message):
     def __init__(self, vip: _Optional[_Union[Vip, _Mapping]] = ...) -> None: ...
 
 class SetVipRequest(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "capacity", "slow_start_s")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "capacity", "slow_start_s", "quic", "clear_quic")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +227,8 @@ class SetVipRequest(_message.Message):
     WHEN_NONE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
+    QUIC_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_QUIC_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
     encap: str
@@ -224,7 +238,9 @@ class SetVipRequest(_message.Message):
     when_none_healthy: str
     capacity: Capacity
     slow_start_s: float
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ...) -> None: ...
+    quic: QuicConfig
+    clear_quic: bool
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., clear_quic: _Optional[bool] = ...) -> None: ...
 
 class AddBackendRequest(_message.Message):
     __slots__ = ("vip", "backend")
@@ -235,20 +251,24 @@ class AddBackendRequest(_message.Message):
     def __init__(self, vip: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class SetBackendRequest(_message.Message):
-    __slots__ = ("vip", "address", "weight", "drained", "check", "clear_check")
+    __slots__ = ("vip", "address", "weight", "drained", "check", "clear_check", "server_id", "force_server_id")
     VIP_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
     CLEAR_CHECK_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     vip: str
     address: str
     weight: int
     drained: bool
     check: HealthCheck
     clear_check: bool
-    def __init__(self, vip: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., clear_check: _Optional[bool] = ...) -> None: ...
+    server_id: int
+    force_server_id: bool
+    def __init__(self, vip: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., drained: _Optional[bool] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., clear_check: _Optional[bool] = ..., server_id: _Optional[int] = ..., force_server_id: _Optional[bool] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
     __slots__ = ("document", "dry_run")
