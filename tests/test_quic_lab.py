@@ -65,24 +65,33 @@ def certificate(workdir: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture(scope="module")
-def quic_lab(tmp_path_factory):
+def start_quic_server(topo, index: int, workdir: Path, cert: Path, key: Path) -> None:
+    """backend{index}'s QUIC server (server ID index + 1), once it listens."""
     from xdplb_lab import lab as labmod
 
+    ready = workdir / f"ready{index}"
+    ready.unlink(missing_ok=True)
+    topo.backends[index].popen([
+        sys.executable, "-m", "xdplb_lab.quic_server", "--name", f"backend{index}",
+        "--bind", labmod.VIP_V4, "--bind", topo.backend_v4[index],  # the VIP; checks
+        "--port", str(PORT), "--server-id", str(index + 1),
+        "--rotation", str(ROTATION), "--cert", str(cert), "--key", str(key),
+        "--ready", str(ready)])
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert time.monotonic() < deadline, f"backend{index}'s QUIC server did not start"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def quic_lab(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quic")
     with lab_with_lbd("xtquic", workdir / "lbd", SIZES, n_backends=3) as (topo, lbd):
         cert, key = certificate(workdir)
-        for i, host in enumerate(topo.backends):
-            ready = workdir / f"ready{i}"
-            host.popen([sys.executable, "-m", "xdplb_lab.quic_server", "--name", f"backend{i}",
-                        "--bind", labmod.VIP_V4, "--port", str(PORT), "--server-id", str(i + 1),
-                        "--rotation", str(ROTATION), "--cert", str(cert), "--key", str(key),
-                        "--ready", str(ready)])
-            deadline = time.monotonic() + 20
-            while not ready.exists():
-                assert time.monotonic() < deadline, f"backend{i}'s QUIC server did not start"
-                time.sleep(0.05)
+        for i in range(len(topo.backends)):
+            start_quic_server(topo, i, workdir, cert, key)
         topo.client.run(["ip", "addr", "add", f"{MOVED}/24", "dev", "eth0"])
+        topo.quic_restart = lambda i: start_quic_server(topo, i, workdir, cert, key)
         yield topo, lbd, cert
 
 
@@ -326,4 +335,40 @@ def test_a_down_backend_fails_its_connections_over_by_the_5tuple_path(quic_lab):
     finally:
         if victim is not None:
             labmod.start_http_backends(topo, decap=False)  # the stopped one starts again
+        lbctl_ok(lbd, "vip", "del", vip)
+
+
+@pytest.mark.netns
+def test_h3_checks_follow_a_real_http3_server(quic_lab):
+    """An h3 check GETs the path over HTTP/3 from each backend's aioquic server: both
+    up; one server stopped goes down by timeout while the other stays up; restarted,
+    it comes back."""
+    from xdplb_lab import lab as labmod
+
+    topo, lbd, _ = quic_lab
+    vip = f"{labmod.VIP_V4}:{PORT}/udp"
+    lbctl_ok(lbd, "vip", "add", vip, "--quic", "--quic-rotation", str(ROTATION),
+             "--ring-size", str(RING), "--check", "h3", "--check-path", "/healthz",
+             "--check-interval", "300", "--check-timeout", "250", "--rise", "1", "--fall", "2")
+    stopped = False
+    try:
+        for i in (0, 1):
+            lbctl_ok(lbd, "backend", "add", vip, topo.backend_v4[i], "--server-id", str(i + 1))
+            wait_health(lbd, vip, topo.backend_v4[i], "up")
+        labmod.stop_backend_server(topo, 1, "xdplb_lab.quic_server")
+        stopped = True
+        wait_health(lbd, vip, topo.backend_v4[1], "down")
+        import json
+
+        listing = json.loads(lbctl_ok(lbd, "backend", "list", vip, "-o", "json"))
+        status = {b["address"]: b["status"] for b in listing["backends"]}
+        assert status[topo.backend_v4[0]]["health"] == "up"
+        assert status[topo.backend_v4[1]]["last_result"] == "timeout"
+        assert status[topo.backend_v4[0]]["check"] == f"h3 {topo.backend_v4[0]}:443/healthz"
+        topo.quic_restart(1)
+        stopped = False
+        wait_health(lbd, vip, topo.backend_v4[1], "up")
+    finally:
+        if stopped:
+            topo.quic_restart(1)
         lbctl_ok(lbd, "vip", "del", vip)

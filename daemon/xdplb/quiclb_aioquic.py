@@ -1,6 +1,6 @@
 """An aioquic server whose connection IDs carry a QUIC-LB server ID
 (xdplb.quiclb), so xdplb can route its QUIC packets even after the client's
-address changes. Install with the `quic` extra (aioquic).
+address changes (aioquic is a dependency of the package).
 
 aioquic has no option for custom CIDs, so QuicLbConnection, a QuicConnection
 subclass, swaps them in at the two places aioquic draws them from os.urandom

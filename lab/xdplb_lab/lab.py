@@ -308,11 +308,12 @@ __all__ = [
 ]
 
 
-def stop_backend_server(topo: LbLab, index: int) -> None:
-    """Stops the HTTP server of one backend (the namespace and its link stay). The
-    namespaces share one PID namespace: the server is found among the PIDs in this
-    backend's network namespace, not by name alone."""
+def stop_backend_server(topo: LbLab, index: int,
+                        module: str = "xdplb_lab.backend_server") -> None:
+    """Stops a server of one backend (by default its HTTP server; the namespace and
+    its link stay). The namespaces share one PID namespace: the server is found among
+    the PIDs in this backend's network namespace, not by name alone."""
     for pid in ip_netns.ns_pids().get(topo.backends[index].name, []):
         with contextlib.suppress(OSError):  # gone meanwhile
-            if b"xdplb_lab.backend_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGTERM)

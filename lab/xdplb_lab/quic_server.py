@@ -1,4 +1,5 @@
-"""A lab backend's QUIC server: answers every stream with its name, and issues
+"""A lab backend's QUIC server: answers every stream with its name (and, over
+HTTP/3, every request with 200 and its name, for h3 checks), and issues
 QUIC-LB connection IDs with its server ID (xdplb.quiclb_aioquic), so a QUIC VIP
 routes a connection's packets to it whatever the client's address.
 
@@ -14,21 +15,34 @@ import asyncio
 from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceived
 
 from xdplb.quiclb import QuicLbConfig, server_id_bytes
 from xdplb.quiclb_aioquic import serve
 
-ALPN = ["xdplb-lab"]
+ALPN = ["xdplb-lab", *H3_ALPN]
 
 
 def name_protocol(name: str) -> type[QuicConnectionProtocol]:
     class NameProtocol(QuicConnectionProtocol):
-        """Each stream the client ends is answered with the server's name."""
+        """Each stream the client ends is answered with the server's name; over
+        HTTP/3, each request with 200 and the name."""
+
+        _http: H3Connection | None = None
 
         def quic_event_received(self, event: QuicEvent) -> None:
-            if isinstance(event, StreamDataReceived) and event.end_stream:
+            if isinstance(event, HandshakeCompleted) and event.alpn_protocol in H3_ALPN:
+                self._http = H3Connection(self._quic)
+            if self._http is not None:
+                for h3_event in self._http.handle_event(event):
+                    if isinstance(h3_event, HeadersReceived) and h3_event.stream_ended:
+                        self._http.send_headers(h3_event.stream_id, [(b":status", b"200")])
+                        self._http.send_data(h3_event.stream_id, name.encode(), end_stream=True)
+                self.transmit()
+            elif isinstance(event, StreamDataReceived) and event.end_stream:
                 self._quic.send_stream_data(event.stream_id, name.encode(), end_stream=True)
                 self.transmit()
 

@@ -77,7 +77,7 @@ class Probe:
 
     def describe(self) -> str:
         where = f"[{self.address}]" if ":" in self.address else self.address
-        extra = f"{self.path}" if self.kind in ("http", "https") else (
+        extra = f"{self.path}" if self.kind in ("http", "https", "h3") else (
             f" service {self.grpc_service!r}" if self.kind == "grpc" else "")
         via = f" through the tunnel to {self.backend}" if self.backend else ""
         return f"{self.kind} {where}:{self.port}{extra}{via}"
@@ -168,11 +168,24 @@ def _judge_http(probe: Probe, response: bytes) -> str:
     if status is None:
         line = answer.status_line
         return f"bad response {line[:40]!r}" if line else "empty response"
+    return _judge_status(probe, status, answer.body)
+
+
+def _judge_status(probe: Probe, status: int, body: bytes) -> str:
     if status not in probe.expect_status:
         return f"status {status}"
-    if probe.body and probe.body.encode() not in answer.body:
+    if probe.body and probe.body.encode() not in body:
         return f"body lacks {probe.body!r}"
     return "ok"
+
+
+async def _probe_h3(probe: Probe) -> str:
+    from xdplb.health import h3probe  # aioquic, imported once an h3 check runs
+
+    host = probe.host or (f"[{probe.address}]" if ":" in probe.address else probe.address)
+    status, body = await h3probe.get(probe.address, probe.port, probe.path, host,
+                                     probe.fwmark)
+    return _judge_status(probe, status, body)
 
 
 class GrpcChannels:
@@ -240,6 +253,8 @@ async def run_probe(probe: Probe, channels: GrpcChannels) -> Result:
                 reason = await _probe_http(probe)
             elif probe.kind == "grpc":
                 reason = await _probe_grpc(probe, channels)
+            elif probe.kind == "h3":
+                reason = await _probe_h3(probe)
             else:
                 reason = f"unknown check kind {probe.kind!r}"
     except Exception as exc:

@@ -89,6 +89,9 @@ class HealthCheck:
             raise _fail(f"{where}.via", "a grpc check cannot go through the VIP (the gRPC "
                                         "client cannot mark its connections); use via "
                                         "\"backend\", or a tcp or http check")
+        if self.via == "vip" and self.kind == "h3":
+            raise _fail(f"{where}.via", "an h3 check speaks QUIC over UDP, and checks "
+                                        "through the VIP speak TCP: use via \"backend\"")
         _int_in(f"{where}.port", self.port, 0, 65535)
         _int_in(f"{where}.interval_ms", self.interval_ms, 100, 3_600_000)
         _int_in(f"{where}.timeout_ms", self.timeout_ms, 10, 3_600_000)
