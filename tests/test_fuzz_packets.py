@@ -15,6 +15,11 @@ each frame:
 - an answer the LB makes itself (echo reply, packet too big) comes from a VIP,
   with valid checksums.
 
+A QUIC VIP is among them (short headers, Handshake and Initial packets with
+QUIC-LB connection IDs, mutated like the rest): some of its frames must be
+routed by their server ID and some must take the 5-tuple path, with every
+rule above holding either way.
+
 `make test` tries XDPLB_FUZZ_EXAMPLES frames (default 3000); `make fuzz` runs
 the long campaign (scripts/fuzz.sh) and prints its figures.
 """
@@ -40,9 +45,13 @@ EXAMPLES = int(os.environ.get("XDPLB_FUZZ_EXAMPLES", "3000"))
 VIP4, VIP6, VIP4_GUE = "10.200.0.10", "fd00:200::10", "10.200.0.20"
 CLIENT4, CLIENT6 = "10.100.1.2", "fd00:100:1::2"
 BACKEND4, BACKEND6 = "10.100.10.2", "fd00:100:10::2"
+BACKEND4_QUIC = "10.100.11.2"  # only a QUIC server ID routes to it
 # (address, port or 0 for every port, protocol) -> encapsulation
 SERVICES = {(VIP4, 80, 6): "ipip", (VIP4, 53, 17): "ipip", (VIP6, 443, 6): "ip6",
-            (VIP6, 0, 17): "ip6", (VIP4_GUE, 8080, 6): "gue"}
+            (VIP6, 0, 17): "ip6", (VIP4_GUE, 8080, 6): "gue", (VIP4, 443, 17): "ipip"}
+# The QUIC VIP (VIP4:443/udp): 2-octet server IDs, rotation 1; server ID 2 names
+# BACKEND4_QUIC, 1 the ring's backend.
+QUIC_DCID = bytes([1 << 5 | 8]) + (2).to_bytes(2, "big") + b"nonce6"
 VERDICT_OF = {name: (XDP_PASS if name.startswith("pass") else
                      XDP_TX if name.startswith("tx") else XDP_DROP)
               for name in s.OUTCOME_COUNTERS}
@@ -71,6 +80,13 @@ SEEDS = [
     lambda v: _eth(v) / IP(src=CLIENT4, dst="10.200.0.99") / TCP(sport=1, dport=80),
     lambda v: _eth(v) / IP(src=CLIENT4, dst=VIP4, flags="MF") / TCP(sport=4000, dport=80),
     lambda v: _eth(v) / IP(src=CLIENT4, dst=VIP4) / TCP(sport=4000, dport=80) / (b"b" * 1500),
+    lambda v: _eth(v) / IP(src=CLIENT4, dst=VIP4) / UDP(sport=4433, dport=443) / (
+        b"\x41" + QUIC_DCID + b"\x00\x01" + b"p" * 24),  # 1-RTT, routed by server ID
+    lambda v: _eth(v) / IP(src=CLIENT4, dst=VIP4) / UDP(sport=4433, dport=443) / (
+        b"\xe0\x00\x00\x00\x01" + bytes([len(QUIC_DCID)]) + QUIC_DCID + b"\x08clientsc"
+        + b"\x00\x40\x20" + b"h" * 32),  # a v1 Handshake
+    lambda v: _eth(v) / IP(src=CLIENT4, dst=VIP4) / UDP(sport=4433, dport=443) / (
+        b"\xc0\x00\x00\x00\x01\x08randomid\x08clientsc" + b"i" * 40),  # a v1 Initial
 ]
 
 
@@ -182,11 +198,15 @@ def programmed(balancer_program):
     prog = Programmer(bal)
     prog.backend(1, BACKEND4)
     prog.backend(2, BACKEND6)
+    prog.backend(3, BACKEND4_QUIC)
     prog.vip(VIP4, 80, s.IPPROTO_TCP, [1] * 7)
     prog.vip(VIP4, 53, s.IPPROTO_UDP, [1] * 7)
     prog.vip(VIP6, 443, s.IPPROTO_TCP, [2] * 7)
     prog.vip(VIP6, 0, s.IPPROTO_UDP, [2] * 7, addr_flags=s.VIP_ADDR_F_PORTLESS_UDP)
     prog.vip(VIP4_GUE, 8080, s.IPPROTO_TCP, [1] * 7, flags=s.VIP_F_GUE)
+    quic = prog.vip(VIP4, 443, s.IPPROTO_UDP, [1] * 7, flags=s.quic_vip_flags(2, 1))
+    bal.quic_servers.put(1, quic.vip_id, 1)
+    bal.quic_servers.put(2, quic.vip_id, 3)
     yield bal
     reset_maps(bal)
 
@@ -221,7 +241,7 @@ def check_frame(bal, frame: bytes) -> str:
         packet, encap = accepted
         outer_dst, inner, trailer = inner_of(out.data, encap)
         assert out.data[12:l3_offset(frame)] == frame[12:l3_offset(frame)]  # the VLAN tag
-        assert outer_dst in (BACKEND4, BACKEND6)
+        assert outer_dst in (BACKEND4, BACKEND6, BACKEND4_QUIC)
         assert inner == packet, "the inner packet is not the input's"
         # bytes past the IP packet (Ethernet padding) travel along, untouched
         assert frame.endswith(trailer) and len(trailer) == len(frame) - l3_offset(
@@ -242,14 +262,17 @@ def check_frame(bal, frame: bytes) -> str:
 
 def test_fuzzed_frames_get_one_counted_outcome_and_nothing_forwarded_is_wrong(programmed):
     seen: Counter[str] = Counter()
+    quic: Counter[str] = Counter()  # the QUIC VIP's frames: routed, or why not
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(frame=frames())
     def fuzz(frame: bytes) -> None:
         seen[check_frame(programmed, frame)] += 1
+        quic.update({k: v for k, v in programmed.quic_counters().items() if v})
 
     fuzz()
+    assert quic["routed"] > 0 and sum(quic.values()) > quic["routed"], dict(quic)
     # The campaign must have reached the interesting verdicts, or it proves little.
     for outcome in ("tx_forwarded", "pass_not_vip", "pass_unparsed", "drop_malformed",
                     "tx_icmp_echo_reply", "drop_fragment"):
@@ -257,4 +280,5 @@ def test_fuzzed_frames_get_one_counted_outcome_and_nothing_forwarded_is_wrong(pr
     report = os.environ.get("XDPLB_FUZZ_REPORT")
     if report:
         with open(report, "a") as f:
-            f.write(f"packets: {sum(seen.values())} frames, outcomes {dict(seen)}\n")
+            f.write(f"packets: {sum(seen.values())} frames, outcomes {dict(seen)}; "
+                    f"QUIC VIP {dict(quic)}\n")
