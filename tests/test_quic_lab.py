@@ -1,7 +1,7 @@
-"""Real QUIC through a QUIC VIP: aioquic servers on the lab's backends issue
-QUIC-LB connection IDs (lab/xdplb_lab/quic_server.py, answering every stream
-with their name), a real aioquic client in the client namespace talks to the
-VIP, and lbd configures it with lbctl.
+"""Real QUIC through a QUIC VIP: aioquic HTTP/3 servers on the lab's backends
+issue QUIC-LB connection IDs (lab/xdplb_lab/quic_server.py, answering every
+request with their name), a real aioquic HTTP/3 client in the client namespace
+talks to the VIP, and lbd configures it with lbctl.
 
 One connection keeps answering from the same backend while the client rebinds
 to a new UDP port, moves to a second address, and a backend joins (the ring
@@ -25,8 +25,11 @@ from pathlib import Path
 
 import pytest
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import QuicEvent
 
 from tests.lbd_helpers import lab_with_lbd
 from xdplb import maglev
@@ -104,15 +107,45 @@ def lbctl_ok(lbd, *args: str) -> str:
     return result.stdout
 
 
+class H3Client(QuicConnectionProtocol):
+    """HTTP/3 GETs on one connection; each resolves to the response body."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._http = H3Connection(self._quic)
+        self._answers: dict[int, asyncio.Future[bytes]] = {}
+        self._bodies: dict[int, bytes] = {}
+
+    async def get(self, path: str) -> str:
+        stream_id = self._quic.get_next_available_stream_id()
+        answer = self._answers[stream_id] = self._loop.create_future()
+        self._http.send_headers(stream_id, [
+            (b":method", b"GET"), (b":scheme", b"https"), (b":authority", SERVER_NAME.encode()),
+            (b":path", path.encode())], end_stream=True)
+        self.transmit()
+        return (await answer).decode()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        for h3_event in self._http.handle_event(event):
+            if isinstance(h3_event, DataReceived | HeadersReceived):
+                stream = h3_event.stream_id
+                if isinstance(h3_event, DataReceived):
+                    self._bodies[stream] = self._bodies.get(stream, b"") + h3_event.data
+                answer = self._answers.get(stream)
+                if h3_event.stream_ended and answer is not None and not answer.done():
+                    answer.set_result(self._bodies.pop(stream, b""))
+
+
 class Client:
-    """An aioquic client in the client namespace that can change its address and port."""
+    """A real HTTP/3 client (aioquic) in the client namespace that can change its
+    address and port mid-connection."""
 
     def __init__(self, topo, cafile: Path, vip: str):
         self.topo, self.vip = topo, vip
-        config = QuicConfiguration(is_client=True, alpn_protocols=["xdplb-lab"],
+        config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
                                    server_name=SERVER_NAME)
         config.load_verify_locations(cafile=str(cafile))
-        self.protocol = QuicConnectionProtocol(QuicConnection(configuration=config))
+        self.protocol = H3Client(QuicConnection(configuration=config))
         self.transport: asyncio.DatagramTransport | None = None
         self.local: tuple[str, int] = ("", 0)
 
@@ -143,12 +176,8 @@ class Client:
             old.close()
 
     async def ask(self) -> str:
-        async def exchange() -> str:
-            reader, writer = await self.protocol.create_stream()
-            writer.write(b"who")
-            writer.write_eof()
-            return (await reader.read()).decode()
-        return await asyncio.wait_for(exchange(), ANSWER_S)
+        """GET / over HTTP/3: the backend answers with its name."""
+        return await asyncio.wait_for(self.protocol.get("/"), ANSWER_S)
 
     async def close(self) -> None:
         self.protocol.close()
