@@ -260,6 +260,16 @@ def test_a_connection_keeps_its_backend_through_rebinding_moving_and_a_ring_chan
         answers = asyncio.run(scenario())
         assert len(set(answers)) == 1 and answers[0].startswith("backend"), answers
         assert routed(topo) > before
+
+        # A server ID changes only when forced; a TCP VIP cannot be a QUIC VIP.
+        moved = lbd.lbctl("backend", "set", vip, topo.backend_v4[0], "--server-id", "9")
+        assert moved.returncode == 1 and "--force-server-id" in moved.stderr, moved.stderr
+        lbctl_ok(lbd, "backend", "set", vip, topo.backend_v4[0], "--server-id", "9",
+                 "--force-server-id")
+        listing = lbctl_ok(lbd, "backend", "list", vip).splitlines()
+        assert [line.split()[-1] for line in listing[1:]] == ["9", "2", "3"]
+        tcp = lbd.lbctl("vip", "add", f"{labmod.VIP_V4}:8443/tcp", "--quic")
+        assert tcp.returncode == 2 and "QUIC runs over UDP" in tcp.stderr, tcp.stderr
     finally:
         lbctl_ok(lbd, "vip", "del", vip)
 
