@@ -14,7 +14,7 @@ from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent
 
-from tests.test_quiclb import self_signed
+from tests.certs import self_signed
 from xdplb.health import GrpcChannels, Probe, run_probe
 from xdplb.state import BackendSpec, HealthCheck, StateError, VipKey, default_vip
 

@@ -49,18 +49,13 @@ from xdplb.state.rules import (
     NotFound,
     StateError,
     _fail,
+    _int_in,
     _one_of,
     _text,
     shown,
 )
 
 # --- health checks ------------------------------------------------------------
-
-
-def _int_in(where: str, value: object, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _fail(where, f"must be an integer {low}..{high}, got {shown(value)}")
-    return value
 
 
 @dataclass(frozen=True)

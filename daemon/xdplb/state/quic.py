@@ -15,17 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from xdplb.state.rules import LimitExceeded, StateError, _fail, shown
+from xdplb.state.rules import LimitExceeded, StateError, _fail, _int_in
 
 MAX_SERVER_ID_LEN = 8  # octets the datapath reads (structs.QUIC_SID_MAX_LEN)
 MAX_ROTATION = 6  # 0b111 marks connection IDs no configuration routes
 MAX_SERVER_ID = 0xFFFF  # the largest backend map (max_backends 65536) less entry 0
-
-
-def _int_in(where: str, value: object, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _fail(where, f"must be an integer {low}..{high}, got {shown(value)}")
-    return value
 
 
 @dataclass(frozen=True)

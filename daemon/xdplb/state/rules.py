@@ -94,3 +94,9 @@ def _text(where: str, value: object, limit: int, pattern: re.Pattern[str] | None
 def _one_of(where: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise _fail(where, f"{shown(value)} is not one of {', '.join(choices)}")
+
+
+def _int_in(where: str, value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _fail(where, f"must be an integer {low}..{high}, got {shown(value)}")
+    return value
