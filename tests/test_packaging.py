@@ -115,7 +115,7 @@ def test_the_wheel_ships_only_the_product(wheel: Path) -> None:
         assert not [n for n in names if absent in n.rsplit("/", 1)[-1]], absent
     bpf = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("xdplb/bpf/"))
     assert bpf == ["__init__.py", "balancer.c", "csum.h", "decap.c", "encap.h", "hash.h",
-                   "hc_encap.h", "icmp.h", "parse.h", "xdplb_structs.h"]
+                   "hc_encap.h", "icmp.h", "parse.h", "quic.h", "xdplb_structs.h"]
 
 
 def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path) -> None:
