@@ -868,8 +868,12 @@ def test_a_backend_added_with_slow_start_ramps_linearly(cap, lbd):
     assert [w0 for _, w0, _, _ in steps] == [10] + [w1 for _, _, w1, _ in steps[:-1]]
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(steps)]
     assert max(gaps) <= tick + 0.15, gaps
-    assert steps[-1][2:] == (100, 1.0)
-    assert t0 + SLOW_START_S <= steps[-1][0] <= t0 + SLOW_START_S + tick + 0.15
+    # The last weight step reaches 100: at the ramp's end, or at a step whose factor
+    # already rounds to weight 100 (>= 0.995; the factor's move to 1.0 after it changes
+    # no weight and is seen in the listing above). CI saw one at 0.9968.
+    assert steps[-1][2] == 100 and steps[-1][3] >= 0.995, steps[-1]
+    reaches_100 = t0 + (0.995 - 0.1) / 0.9 * SLOW_START_S
+    assert reaches_100 - 0.05 <= steps[-1][0] <= t0 + SLOW_START_S + tick + 0.15
     assert listing[b2]["status"]["effective_weight"] == 100
     assert ring == maglev.build_ring(dict.fromkeys(cap.addresses, 100), RING).owners()
     print(f"slow start: {len(steps)} steps, worst step error "
