@@ -21,6 +21,23 @@ ENCAP_SRC4 = "172.16.0.0"
 ENCAP_SRC6 = "fd00:ec::"
 GUE_PORT = 6080
 MTU = 1500
+# Name prefixes of the labs tests make: "xt..." (lab tests), "xlt" and "s" + hex
+# (test_lab.py's own runs). Never a demo's, a benchmark's or a make target's.
+TEST_LAB_PREFIXES = ("xt", "xlt", "s")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test (and any xdist worker) starts, remove what a run that was
+    killed outright left behind: teardown cannot run in a killed process, so the
+    next run reaps its labs (only runs whose creator process is gone)."""
+    if hasattr(config, "workerinput") or os.geteuid() != 0:
+        return
+    from xdplb_lab.lab import remove_stale
+
+    for prefix in TEST_LAB_PREFIXES:
+        removed = remove_stale(prefix)
+        if removed:
+            print(f"removed namespaces a killed test run left: {' '.join(removed)}")
 
 
 def require_root() -> None:
