@@ -178,14 +178,6 @@ async def client(topo, cafile: Path, address: str, port: int = 0) -> AsyncIterat
         await peer.close()
 
 
-def routed(topo) -> int:
-    metrics = topo.lb.run(["curl", "-sS", "--max-time", "5",
-                           "http://127.0.0.1:9640/metrics"]).stdout
-    found = re.search(r'^xdplb_quic_packets_total\{outcome="routed"\} (\S+)$', metrics, re.M)
-    assert found, "no xdplb_quic_packets_total{outcome=\"routed\"}"
-    return int(float(found[1]))
-
-
 def ring_backend(topo, addresses: list[str], src: str, sport: int) -> str:
     """The backend name the VIP's ring gives a 4-tuple (lbd builds the same ring)."""
     from xdplb_lab import lab as labmod
@@ -217,7 +209,7 @@ def test_a_connection_keeps_its_backend_through_rebinding_moving_and_a_ring_chan
             lbctl_ok(lbd, "backend", "add", vip, topo.backend_v4[i], "--server-id", str(i + 1))
         listing = lbctl_ok(lbd, "backend", "list", vip)
         assert listing.splitlines()[0].endswith("SERVER-ID")
-        before = routed(topo)
+        before = quic_counter(topo, "routed")
 
         async def scenario() -> list[str]:
             answers = []
@@ -238,7 +230,7 @@ def test_a_connection_keeps_its_backend_through_rebinding_moving_and_a_ring_chan
 
         answers = asyncio.run(scenario())
         assert len(set(answers)) == 1 and answers[0].startswith("backend"), answers
-        assert routed(topo) > before
+        assert quic_counter(topo, "routed") > before
 
         # A server ID changes only when forced; a TCP VIP cannot be a QUIC VIP.
         moved = lbd.lbctl("backend", "set", vip, topo.backend_v4[0], "--server-id", "9")

@@ -51,6 +51,11 @@ def _existing(vips: Mapping[VipKey, VipSpec], key: VipKey) -> VipSpec:
     return vips[key]
 
 
+def _with_backend(vip: VipSpec, backend: BackendSpec) -> VipSpec:
+    """`vip` with `backend` added, or put in place of the one with its address."""
+    return dataclasses.replace(vip, backends={**vip.backends, backend.address: backend})
+
+
 def _existing_backend(vip: VipSpec, address: str) -> BackendSpec:
     address = canonical_address(address, "backend address")
     if address not in vip.backends:
@@ -128,7 +133,7 @@ class AddBackend(Change):
         if address in vip.backends:
             raise AlreadyExists(f"VIP {self.key}: backend {address} already exists")
         backend = dataclasses.replace(self.backend, address=address)
-        vips[self.key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
+        vips[self.key] = _with_backend(vip, backend)
 
     def describe(self) -> str:
         state = " drained" if self.backend.drained else ""
@@ -164,8 +169,7 @@ class SetBackend(Change):
         backend = _existing_backend(vip, self.address)
         _check_fields(self.settings, BACKEND_SETTABLE, f"backend {backend.address}")
         updated = dataclasses.replace(backend, **self.settings)
-        vips[self.key] = dataclasses.replace(
-            vip, backends={**vip.backends, backend.address: updated})
+        vips[self.key] = _with_backend(vip, updated)
 
     def describe(self) -> str:
         return f"set backend {self.address} of VIP {self.key} " + _describe_settings(
@@ -189,8 +193,7 @@ class ReassignServerId(Change):
             raise StateError(f"VIP {self.key}: not a QUIC VIP: its backends have no server ID")
         backend = _existing_backend(vip, self.address)
         updated = dataclasses.replace(backend, server_id=self.server_id)
-        vips[self.key] = dataclasses.replace(
-            vip, backends={**vip.backends, backend.address: updated})
+        vips[self.key] = _with_backend(vip, updated)
 
     def describe(self) -> str:
         return f"set backend {self.address} of VIP {self.key} server_id={self.server_id}"
@@ -212,7 +215,7 @@ def assign_server_ids(vips: dict[VipKey, VipSpec], limits: Limits) -> None:
                 f"{min(limits.max_backends, vip.quic.max_server_id)} with "
                 f"{vip.quic.server_id_len}-octet server IDs and map size max_backends)")
         backend = dataclasses.replace(vip.backends[address], server_id=server_id)
-        vips[key] = dataclasses.replace(vip, backends={**vip.backends, address: backend})
+        vips[key] = _with_backend(vip, backend)
 
 
 def apply_changes(state: DesiredState, changes: Iterable[Change],
