@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down clean proto lock wheel fuzz
+.PHONY: setup test lint bench demo demo-down bgp-lab bgp-lab-down fleet-lab fleet-lab-down clean proto etcd-proto lock wheel fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,11 @@ fuzz: setup
 
 # Regenerates the API modules from daemon/xdplb/v1/lb.proto (they are committed;
 # tests/test_api_proto.py checks they match the proto).
+# Regenerates xdplb.etcdv3 (etcd's gRPC API) from Debian's etcd protos (committed;
+# tests/test_etcd_proto.py checks they match).
+etcd-proto: setup
+	@$(PY) scripts/etcd_proto.py daemon
+
 proto: setup
 	@$(PY) -m grpc_tools.protoc -I daemon --python_out=daemon --pyi_out=daemon \
 		--grpc_python_out=daemon daemon/xdplb/v1/lb.proto
@@ -76,5 +81,12 @@ bgp-lab: setup
 bgp-lab-down: setup
 	@$(PY) -m xdplb_lab.bgp down
 
-clean: demo-down bgp-lab-down
+# The fleet lab: a 3-member etcd cluster and two LB hosts sharing one desired state.
+fleet-lab: setup
+	@$(PY) -m xdplb_lab.fleet up
+
+fleet-lab-down: setup
+	@$(PY) -m xdplb_lab.fleet down
+
+clean: demo-down bgp-lab-down fleet-lab-down
 	rm -rf $(VENV) bench-results dist build

@@ -13,6 +13,8 @@ APT_PACKAGES=(
   bird2  # BGP: lbd announces VIPs through it; the multi-host lab runs it as the router
   netsniff-ng  # trafgen: the line-rate benchmark's generator where live frames are refused
   systemd  # systemd-analyze verifies and scores lbd's unit in the tests
+  etcd-server etcd-client  # the fleet store: tests and the fleet lab run their own members
+  golang-etcd-server-dev  # etcd's .proto files: xdplb.etcdv3 is generated from them
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -22,6 +24,16 @@ need_root() {
     echo "setup: must run as root (loads BPF programs, creates namespaces)" >&2
     exit 1
   fi
+}
+
+# Debian's etcd-server enables a system etcd.service on install: a stray
+# single-member store on every LB host. Masked first, so it never starts; the
+# tests and the fleet lab run the members they need themselves.
+mask_system_etcd() {
+  local unit=/etc/systemd/system/etcd.service
+  [ -L "$unit" ] && [ "$(readlink "$unit")" = /dev/null ] && return 0
+  mkdir -p /etc/systemd/system
+  ln -sf /dev/null "$unit"
 }
 
 install_apt_packages() {
@@ -96,6 +108,7 @@ make_venv() {
 
 main() {
   need_root
+  mask_system_etcd
   install_apt_packages
   link_kernel_headers
   mount_bpffs
