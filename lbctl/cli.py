@@ -32,6 +32,7 @@ from lbctl.client import (
     LbdClient,
     choose_endpoint,
 )
+from lbctl.fleet import fleet
 from lbctl.options import (
     ADDRESS,
     PROG_NAME,
@@ -493,6 +494,9 @@ def completion(ctx: click.Context, shell: str) -> None:
     if completer is None:  # cannot happen for SHELLS; a usage error rather than a traceback
         raise OneLineUsageError(f"no completion for {shell}")
     click.echo(completer(root.command, {}, prog_name, complete_var).source(), nl=False)
+
+
+cli.add_command(fleet)
 
 
 def main() -> None:

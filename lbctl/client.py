@@ -188,6 +188,8 @@ def describe_rpc_error(error: grpc.RpcError, endpoint: Endpoint, timeout: float)
     """The one line that explains a failed call."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or ""
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("etcd"):
+        return details.splitlines()[0]  # lbd answered: the fleet's store did not
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach lbd at {endpoint.target}: {_unreachable_reason(details, endpoint)}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -253,6 +253,12 @@ vip_spec_options = _apply_options([
                  metavar="N", help="Octets of a QUIC-LB server ID (lbd's default: 2)."),
     click.option("--quic-rotation", "quic_rotation", type=click.IntRange(0, 6), metavar="N",
                  help="The QUIC-LB configuration's rotation codepoint (lbd's default: 0)."),
+    click.option("--health-scope", type=click.Choice(state.HEALTH_SCOPES),
+                 help="Whose checks take a backend out: this host's (host, the default), or "
+                      "a quorum of the fleet's LB hosts (fleet; needs lbd with [fleet])."),
+    click.option("--health-quorum", type=click.IntRange(0, state.MAX_HEALTH_QUORUM),
+                 metavar="N", help="With --health-scope fleet: LB hosts that must see a "
+                                   "backend down (0: a majority of those checking it)."),
 ])
 
 output_option = click.option(

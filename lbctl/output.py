@@ -343,6 +343,10 @@ def vip_details(vip: lb_pb2.Vip) -> str:
     if vip.HasField("quic"):
         rows.append(("quic", f"QUIC-LB server IDs of {vip.quic.server_id_len or 2} octets, "
                              f"rotation {vip.quic.rotation}"))
+    if vip.health_scope == "fleet":
+        quorum = vip.health_quorum or "a majority"
+        rows.append(("health scope", f"fleet: down when {quorum} of the LB hosts checking a "
+                                     "backend see it down"))
     rows += [(f"check of {b.address}", describe_check(b.check))
              for b in vip.backends if b.HasField("check")]
     return _lines(align(rows))

@@ -338,7 +338,8 @@ REFUSALS = [
                  id="panic_threshold bool"),
     pytest.param([state.SetVip(V4, {"backends": {}})],
                  f"{V4_WHERE}: 'backends' cannot be set (settable: hash, encap, ring_size, "
-                 "check, panic_threshold, when_none_healthy, capacity, slow_start_s, quic)",
+                 "check, panic_threshold, when_none_healthy, capacity, slow_start_s, quic, "
+                 "health_scope, health_quorum)",
                  id="SetVip backends"),
     pytest.param([state.SetVip(V4, {"key": V6})],
                  f"{V4_WHERE}: 'key' cannot be set", id="SetVip key"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from xdplb import structs as s
 from xdplb.config import DaemonConfig
 from xdplb.controller import ChangeResult, Controller
 from xdplb.datapath import DatapathError
+from xdplb.fleet import FleetConflict, FleetUnavailable
 from xdplb.flows import FlowEntry
 from xdplb.reconciler import ReconcileError, ReconcileReport
 from xdplb.store import StoreError
@@ -43,6 +45,8 @@ from xdplb.views import BackendView, FlowTableView, VipView
 log = logging.getLogger("xdplb.api")
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (FleetConflict, grpc.StatusCode.ABORTED),
+    (FleetUnavailable, grpc.StatusCode.UNAVAILABLE),
     (st.NotFound, grpc.StatusCode.NOT_FOUND),
     (st.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (st.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -151,6 +155,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         as answered unless more work follows (finished=False)."""
         try:
             result = action()
+            if inspect.isawaitable(result):
+                result = await result
         except Exception as exc:
             for kind, code in _CODES:
                 if isinstance(exc, kind):
@@ -239,8 +245,10 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
 
     async def _change(self, context: grpc.aio.ServicerContext, method: str,
                       build: Callable[[], list[st.Change]]) -> pb.ChangeResponse:
-        response = await self._run(context, method, lambda: _change_response(
-            self.ctl.change(build())))
+        async def change() -> pb.ChangeResponse:
+            return _change_response(await self.ctl.change(build()))
+
+        response = await self._run(context, method, change)
         await self.ctl.settle_new_backends()
         return response
 
@@ -259,7 +267,8 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         key = _vip_key(request.vip)
         vip = self.ctl.state.vip(key)
         settings: dict[str, Any] = {name: getattr(request, name) for name in (
-            "hash", "encap", "ring_size", "panic_threshold", "when_none_healthy")
+            "hash", "encap", "ring_size", "panic_threshold", "when_none_healthy",
+            "health_scope", "health_quorum")
             if request.HasField(name)}
         if request.HasField("check"):
             settings["check"] = _merged_check(request.check, vip.check, "check")
@@ -327,8 +336,11 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
         return st.SetBackend(key, address, settings)
 
     async def Apply(self, request, context):
-        response = await self._run(context, "Apply", lambda: _change_response(
-            self.ctl.apply_document(request.document, request.dry_run)))
+        async def apply() -> pb.ChangeResponse:
+            return _change_response(await self.ctl.apply_document(request.document,
+                                                                  request.dry_run))
+
+        response = await self._run(context, "Apply", apply)
         await self.ctl.settle_new_backends()
         return response
 
@@ -398,6 +410,46 @@ class LoadBalancerService(pb_grpc.LoadBalancerServicer):
             entries_read=page.entries_read, limit_reached=page.limit_reached)
 
     # -- the watch stream --
+
+    # -- the fleet --
+
+    async def FleetStatus(self, request, context):
+        return await self._run(context, "FleetStatus", self._fleet_status)
+
+    def _fleet_status(self) -> pb.FleetStatusResponse:
+        fleet = self.ctl.config.fleet
+        view = self.ctl.views.fleet_view()
+        if view is None:
+            return pb.FleetStatusResponse(enabled=False)
+        now, drift = time.time(), view.drift()
+        newest = view.newest.revision if view.newest else 0
+        hosts = [pb.FleetHost(
+            name=name, live=name in view.live, revision=report.revision,
+            behind_s=view.behind_s(report.revision, now), version=report.version,
+            addresses=report.addresses, drained=report.drained, bgp=report.bgp,
+            fingerprints=report.fingerprints, down=report.down, drift=drift.get(name, []),
+            reported_at=report.reported_at) for name, report in sorted(view.reports.items())]
+        return pb.FleetStatusResponse(
+            enabled=True, connected=view.connected, prefix=fleet.prefix,
+            endpoints=",".join(fleet.etcd), newest_revision=newest,
+            realised_revision=self.ctl.fleet_revision, hosts=hosts, error=view.error,
+            host=fleet.host_name)
+
+    async def FleetImport(self, request, context):
+        async def import_state() -> pb.FleetImportResponse:
+            revision = await self.ctl.import_to_fleet()
+            return pb.FleetImportResponse(revision=revision, vips=len(self.ctl.state.vips))
+
+        return await self._run(context, "FleetImport", import_state)
+
+    async def FleetForget(self, request, context):
+        async def forget() -> pb.FleetForgetResponse:
+            if self.ctl.fleet is None:
+                raise st.StateError("lbd runs in local-file mode: there is no fleet")
+            await self.ctl.fleet.forget(request.host)
+            return pb.FleetForgetResponse()
+
+        return await self._run(context, "FleetForget", forget)
 
     async def Watch(self, request, context) -> AsyncIterator[pb.Event]:
         self._count("Watch", grpc.StatusCode.OK)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.datapath import PIN_ROOT, DatapathError, HealthMarks, MapSizes
+from xdplb.fleet.settings import FleetConfig, fleet_from_table
 from xdplb.hooks import HooksConfig, hooks_from_table
 from xdplb.reconciler import DatapathSettings
 from xdplb.state import StateError, StrictTable, shown
@@ -125,6 +126,7 @@ class DaemonConfig:
     max_new_flows_per_cpu: int = 0
     flows: FlowsConfig = field(default_factory=FlowsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)  # etcd: off (local file)
 
     @property
     def pin_dir(self) -> Path:
@@ -155,8 +157,13 @@ class DaemonConfig:
         return [
             self._validate_basics, self._validate_nexthop, self._validate_bgp,
             self._validate_api, self._validate_marks, self.flows.validate,
-            self._validate_datapath_settings, self._validate_hooks,
+            self._validate_datapath_settings, self._validate_hooks, self._validate_fleet,
         ]
+
+    def _validate_fleet(self) -> None:
+        problems = self.fleet.problems()
+        if problems:
+            raise ConfigError(problems[0], problems)
 
     def _validate_hooks(self) -> None:
         problems = self.hooks.problems()
@@ -306,6 +313,8 @@ def _read_tables(data: dict[str, Any], defaults: DaemonConfig,
         mask=health.take("fwmark_mask", int, defaults.health_marks.mask))
     health.done()
     values["hooks"] = hooks_from_table(StrictTable(top.take("hooks", dict, {}), "hooks",
+                                                   problems))
+    values["fleet"] = fleet_from_table(StrictTable(top.take("fleet", dict, {}), "fleet",
                                                    problems))
     top.done()
     return replace(defaults, **values)

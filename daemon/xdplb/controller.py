@@ -36,6 +36,7 @@ from xdplb.events import (
     Reconciled,
     VipServing,
 )
+from xdplb.fleet import FleetLink, FleetState
 from xdplb.health import HealthChecker
 from xdplb.hooks import HookRunner
 from xdplb.reconciler import (
@@ -137,6 +138,12 @@ class Controller:
         self.hooks: HookRunner | None = None  # lbd.py starts it when [hooks] has commands
         self.vips_serving: dict[VipKey, bool] = {}  # per VIP: a healthy backend in its ring
         self.version = VERSION
+        self.fleet: FleetLink | None = None  # lbd.py starts it when [fleet] names etcd
+        # In fleet mode: the revision of the shared state these maps realise, and the
+        # newest one refused (with why).
+        self.fleet_revision = self.store.load_fleet_revision(config.fleet.prefix)
+        self.fleet_refused: tuple[int, str] = (0, "")
+        self.fleet_addresses: tuple[str, ...] = ()  # this host's, as its report names them
         self.views = Views(self)  # what the API and the metrics read
         self._watchers: set[asyncio.Queue[Event]] = set()
 
@@ -197,6 +204,40 @@ class Controller:
         self.publish(Lifecycle("start", "checks through the VIP: tc egress program attached "
                                         f"on {', '.join(self.config.interfaces)}"))
 
+    def start_fleet(self) -> FleetLink:
+        """Follows the fleet's etcd (inside the event loop); the local copy forwards
+        until the first read."""
+        self.fleet = FleetLink(self.config.fleet, on_state=self.adopt_fleet_state,
+                               on_health=self._fleet_health_changed,
+                               report=self.views.fleet_report)
+        return self.fleet
+
+    def adopt_fleet_state(self, newest: FleetState) -> None:
+        """A revision of the shared desired state, from the watch: realised unless this
+        host already realises it (or a newer one), or refuses it (its map sizes)."""
+        if newest.revision == 0 or newest.revision <= self.fleet_revision:
+            return
+        try:
+            newest.state.validate(self.limits)
+            self._attach_tunnel_checks(newest.state)
+        except (StateError, ReconcileError, datapath.DatapathError) as exc:
+            if self.fleet_refused[0] != newest.revision:
+                self.publish(Lifecycle("fleet", f"revision {newest.revision} refused: {exc}; "
+                                                f"forwarding on revision {self.fleet_revision}"))
+            self.fleet_refused = (newest.revision, str(exc))
+            return
+        self.fleet_refused = (0, "")
+        by = f" (from {newest.changed_by})" if newest.changed_by else ""
+        self._adopt(newest.state, diff(self.state, newest.state), newest.revision, by)
+
+    def _fleet_health_changed(self) -> None:
+        if self.health is not None:
+            self.apply_health(self.health.healthy())
+
+    def _fleet_members(self) -> dict[MemberId, int]:
+        return {(key, address): vip.health_quorum for key, vip in self.state.vips.items()
+                if vip.health_scope == "fleet" for address in vip.backends}
+
     async def settle_new_backends(self) -> None:
         """Lets the first checks of new backends decide, so a change is acknowledged
         with every new backend either in its rings (healthy) or known down."""
@@ -205,7 +246,13 @@ class Controller:
             self.apply_health(self.health.healthy())
 
     def apply_health(self, healthy: dict[MemberId, bool]) -> None:
-        """Health verdicts; a backend back up also starts its slow start."""
+        """Health verdicts; a backend back up also starts its slow start. Backends of
+        fleet-scoped VIPs: this host's verdicts are published, the fleet's quorum
+        decides."""
+        if self.fleet is not None:
+            members = self._fleet_members()
+            self.fleet.publish_verdicts({m: up for m, up in healthy.items() if m in members})
+            healthy = self.fleet.agreed(healthy, members)
         weights = self.runtime.weights
         if self.capacity is not None:
             self.capacity.update(self.state, healthy)
@@ -303,18 +350,34 @@ class Controller:
 
     # -- changes --
 
-    def change(self, changes: Iterable[Change]) -> ChangeResult:
-        """Validates, persists, then realises; refuses with StateError, changing nothing."""
+    async def change(self, changes: Iterable[Change]) -> ChangeResult:
+        """Validates, persists (in fleet mode: writes to etcd if the shared state is
+        still the one validated against), then realises; refuses with StateError,
+        changing nothing."""
         changes = list(changes)
-        new = apply_changes(self.state, changes, self.limits)
-        if new == self.state:
+        base, base_revision = self.state, self.fleet_revision
+        new = apply_changes(base, changes, self.limits)
+        if new == base:
             return ChangeResult([], None)
         try:
             self._attach_tunnel_checks(new)
         except datapath.DatapathError as exc:
             raise ReconcileError(f"checks through the VIP need the tc egress program: {exc}"
                                  ) from None
+        revision = 0
+        if self.fleet is not None:
+            revision = await self.fleet.commit(base, new, base_revision)
+            if revision <= self.fleet_revision:  # the watch brought it (or a newer one)
+                return ChangeResult([c.describe() for c in changes], self.last_report)
+        return self._adopt(new, changes, revision)
+
+    def _adopt(self, new: DesiredState, changes: list[Change], revision: int,
+               origin: str = "") -> ChangeResult:
+        """Persists (the local copy) and realises a validated state."""
         self.store.save(new)
+        if self.fleet is not None:
+            self.store.save_fleet_revision(self.config.fleet.prefix, revision)
+            self.fleet_revision = revision
         if self.metrics is not None:
             self.metrics.observe_state_write()
         self.state = new
@@ -328,16 +391,29 @@ class Controller:
         lines = [c.describe() for c in changes]
         for change, line in zip(changes, lines, strict=True):
             vip, backend = change_subject(change)
-            self.publish(Changed(line, vip=vip, backend=backend))
-        return ChangeResult(lines, self._reconcile("change"))
+            self.publish(Changed(line + origin, vip=vip, backend=backend))
+        report = self._reconcile("change")
+        if self.fleet is not None:
+            self.fleet.report_changed()
+        return ChangeResult(lines, report)
 
-    def apply_document(self, document: str, dry_run: bool) -> ChangeResult:
+    async def import_to_fleet(self) -> int:
+        """Local -> etcd mode: this host's state becomes the fleet's first revision."""
+        if self.fleet is None:
+            raise StateError("lbd runs in local-file mode: set [fleet] etcd in its "
+                             "configuration and restart it first")
+        revision = await self.fleet.import_state(self.state)
+        if revision > self.fleet_revision:
+            self._adopt(self.state, [], revision)
+        return revision
+
+    async def apply_document(self, document: str, dry_run: bool) -> ChangeResult:
         target = DesiredState.from_dict(parse_document(document), "document")
         changes = diff(self.state, target)
         apply_changes(self.state, changes, self.limits)  # refuses before anything is said
         if dry_run:
             return ChangeResult([c.describe() for c in changes], None)
-        return self.change(changes)
+        return await self.change(changes)
 
     def set_runtime(self, runtime: Runtime, reason: str) -> ReconcileReport:
         """Health and load feedback: not persisted, realised at once."""
@@ -404,6 +480,9 @@ class Controller:
         if realised is None:
             return False, 0.0
         verdict = self.health.serving(member) if self.health else realised.serving
+        vip = self.state.vips.get(member[0])
+        if self.fleet is not None and vip is not None and vip.health_scope == "fleet":
+            verdict = self.runtime.healthy.get(member, True)  # the quorum's
         return verdict == realised.serving, realised.at
 
     # -- BGP and host maintenance --

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from xdplb import __version__, api, metrics
+from xdplb import __version__, api, metrics, nexthop
 from xdplb.config import ConfigError, DaemonConfig, load_config, split_host_port
 from xdplb.controller import Controller
 from xdplb.datapath import DatapathError, remove_pins
@@ -132,6 +132,12 @@ async def serve_until_stopped(controller: Controller) -> None:
         loop.add_signal_handler(sig, stopping.set)
     health = controller.start_health()
     capacity = controller.start_capacity()
+    fleet = controller.start_fleet() if config.fleet.enabled else None
+    if fleet is not None:
+        controller.fleet_addresses = await asyncio.to_thread(
+            nexthop.interface_addresses, config.interfaces)
+        log.info("fleet: host %s follows %s under %s", fleet.host, ", ".join(config.fleet.etcd),
+                 config.fleet.prefix)
     tasks = [
         asyncio.create_task(health.run_batches()),
         asyncio.create_task(capacity.run()),
@@ -142,6 +148,8 @@ async def serve_until_stopped(controller: Controller) -> None:
                                    lambda: _follow_nexthop(controller), "next hop refresh")),
         asyncio.create_task(_every(5.0, lambda: _refresh_bgp(controller), "BGP status")),
     ]
+    if fleet is not None:
+        tasks.append(asyncio.create_task(fleet.run()))
     log.info("API on unix:%s%s", config.api.socket,
              f" and {config.api.listen}" if config.api.listen else "")
     notify_systemd("READY=1")
@@ -151,6 +159,8 @@ async def serve_until_stopped(controller: Controller) -> None:
         task.cancel()
     await health.close()
     await capacity.close()
+    if fleet is not None:
+        await fleet.close()
     if controller.hooks is not None:
         await controller.hooks.close()
     if metrics_server is not None:

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -164,6 +165,7 @@ class DatapathCollector:
         yield from self._vips(vips)
         yield from self._capacity()
         yield from self._bgp()
+        yield from self._fleet()
 
     def _traffic(self, vips: list[VipView]) -> Iterator[Metric]:
         vip_packets = CounterMetricFamily("xdplb_vip_packets", "Packets forwarded per VIP.",
@@ -279,6 +281,34 @@ class DatapathCollector:
                                     "1 when the host is drained (every VIP withdrawn).")
         drained.add_metric([], int(host.host_drained))
         yield from (sessions, announced, drained)
+
+    def _fleet(self) -> Iterator[Metric]:
+        view = self.views.fleet_view()
+        if view is None:  # local-file mode: no fleet series at all
+            return
+        realised = self.views.host().fleet_revision
+        newest = view.newest.revision if view.newest else 0
+        revision = GaugeMetricFamily("xdplb_fleet_revision", "Revisions of the fleet's "
+                                     "desired state: the newest this lbd has read, and the "
+                                     "one its maps realise.", labels=["kind"])
+        revision.add_metric(["newest"], newest)
+        revision.add_metric(["realised"], realised)
+        yield revision
+        yield GaugeMetricFamily("xdplb_fleet_behind_seconds", "How long the newest revision "
+                                "has waited for this host's maps (0: realised).",
+                                value=view.behind_s(realised, time.time()))
+        yield GaugeMetricFamily("xdplb_fleet_connected", "1 while this lbd reaches etcd.",
+                                value=1 if view.connected else 0)
+        drift = view.drift()
+        yield GaugeMetricFamily("xdplb_fleet_drifting_hosts", "Hosts that do not match the "
+                                "fleet as this lbd sees it (behind, differing ring, refused "
+                                "revision, lease expired).",
+                                value=sum(1 for reasons in drift.values() if reasons))
+        hosts = GaugeMetricFamily("xdplb_fleet_hosts", "Hosts with a report, by lease.",
+                                  labels=["lease"])
+        hosts.add_metric(["live"], sum(1 for name in drift if name in view.live))
+        hosts.add_metric(["expired"], sum(1 for name in drift if name not in view.live))
+        yield hosts
 
     def _vips(self, vips: list[VipView]) -> Iterator[Metric]:
         fingerprint = GaugeMetricFamily(

@@ -79,3 +79,19 @@ def resolve(via: str = "", timeout: float = 3.0) -> Nexthop:
                                    f"after {timeout:.0f} s (is it up?)")
             _provoke_resolution(gateway)
             time.sleep(0.1)
+
+
+def interface_addresses(interfaces: tuple[str, ...]) -> tuple[str, ...]:
+    """The addresses on these interfaces (link-local ones left out): what a host's
+    fleet report names it by."""
+    found: list[str] = []
+    with IPRoute() as ipr:
+        for name in interfaces:
+            indexes = ipr.link_lookup(ifname=name)
+            if not indexes:
+                continue
+            for message in ipr.get_addr(index=indexes[0]):
+                address = message.get_attr("IFA_ADDRESS")
+                if address and not address.startswith("fe80:"):
+                    found.append(address)
+    return tuple(found)

@@ -12,6 +12,7 @@ from xdplb.state import DesiredState, Limits, StateError
 
 STATE_FILE_NAME = "state.json"
 HOST_FILE_NAME = "host.json"  # host maintenance (drained), apart from the VIPs apply manages
+FLEET_FILE_NAME = "fleet.json"  # fleet mode: the revision of the prefix state.json copies
 
 
 class StoreError(RuntimeError):
@@ -23,6 +24,7 @@ class StateStore:
         self.directory = Path(directory)
         self.path = self.directory / STATE_FILE_NAME
         self.host_path = self.directory / HOST_FILE_NAME
+        self.fleet_path = self.directory / FLEET_FILE_NAME
         self.writes = 0
 
     def load(self) -> DesiredState:
@@ -55,6 +57,23 @@ class StateStore:
 
     def save_host_drained(self, drained: bool) -> None:
         self._write(self.host_path, json.dumps({"drained": drained}) + "\n")
+
+    def load_fleet_revision(self, prefix: str) -> int:
+        """The revision of the fleet's state that state.json is a copy of (0: none, or
+        a copy of another prefix's). Unreadable: 0, as the fleet's state replaces it."""
+        try:
+            data = json.loads(self.fleet_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return 0
+        if not isinstance(data, dict) or data.get("prefix") != prefix:
+            return 0
+        revision = data.get("revision", 0)
+        return revision if isinstance(revision, int) and revision > 0 else 0
+
+    def save_fleet_revision(self, prefix: str, revision: int) -> None:
+        """After state.json: a crash between the two leaves an older revision, which
+        only makes lbd read the fleet's state again."""
+        self._write(self.fleet_path, json.dumps({"prefix": prefix, "revision": revision}) + "\n")
 
     def _write(self, path: Path, text: str) -> None:
         try:

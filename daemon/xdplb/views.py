@@ -8,10 +8,12 @@ positions, availability and health come from what the maps were last given.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from xdplb import bgp, flows
+from xdplb.fleet.layout import HostReport, member_text
 from xdplb.state import BackendSpec, DesiredState, Limits, MemberId, NotFound, VipKey, VipSpec
 from xdplb.structs import FLOW_WAYS
 
@@ -38,6 +40,10 @@ class ControllerParts(Protocol):
     last_bgp_state: bgp.BgpState
     last_settle: Any  # reconciler.SettleReport | None
     last_settle_at: float
+    fleet: Any  # fleet.FleetLink | None
+    fleet_revision: int
+    fleet_refused: tuple[int, str]
+    fleet_addresses: tuple[str, ...]
 
     def health_realised(self, member: MemberId) -> tuple[bool, float]: ...
 
@@ -113,6 +119,7 @@ class HostView:
     ring_entries_used: int
     ring_entries: int
     host_drained: bool
+    fleet_revision: int  # fleet mode: the shared state's revision the maps realise
     bgp_enabled: bool
     announced: tuple[str, ...]
     last_report: Any  # reconciler.ReconcileReport | None
@@ -161,6 +168,11 @@ class Views:
                                                                          "bytes": 0}
         realised, realised_since = ctl.health_realised(member)
         health, check, since, last, latency = self._health(member)
+        if vip.health_scope == "fleet" and ctl.fleet is not None and health in ("up", "down"):
+            # The quorum's verdict is what the ring realises; this host's own beside it.
+            agreed = "up" if ctl.runtime.healthy.get(member, True) else "down"
+            last = f"fleet quorum: {agreed}; this host: {health} ({last or 'no result'})"
+            health = agreed
         return BackendView(
             spec=vip.backends[address], healthy=ctl.runtime.healthy.get(member, True),
             available=bool(plan and plan.available.get(address)), index=index,
@@ -213,6 +225,7 @@ class Views:
             max_vips=ctl.limits.max_vips, max_backends=ctl.limits.max_backends,
             ring_entries_used=ctl.reconciler.ring_entries_used(),
             ring_entries=cfg.maps.ring_entries, host_drained=ctl.host_drained,
+            fleet_revision=ctl.fleet_revision,
             bgp_enabled=ctl.announcer is not None,
             announced=tuple(sorted(ctl.announcer.announced)) if ctl.announcer else (),
             last_report=ctl.last_report, flow_table=self.flow_table())
@@ -270,6 +283,26 @@ class Views:
     def tunnel_counters(self) -> dict[str, int]:
         """The tc program's counters of checks through the VIP."""
         return self._ctl.balancer.hc_counters()
+
+    def fleet_report(self) -> HostReport:
+        """What this host tells the fleet it realises."""
+        ctl = self._ctl
+        verdicts = ctl.health.healthy() if ctl.health is not None else {}
+        bgp_state = ctl.last_bgp_state
+        bgp_text = "off" if not bgp_state.enabled else (
+            ", ".join(f"{s.name} {s.state}" for s in bgp_state.sessions) or "no session") + (
+            f"; announcing {len(bgp_state.announced)}")
+        return HostReport(
+            host=ctl.config.fleet.host_name, version=ctl.version, revision=ctl.fleet_revision,
+            fingerprints={str(k): fp[:16] for k, fp in ctl.reconciler.fingerprints.items()},
+            addresses=ctl.fleet_addresses, drained=ctl.host_drained, bgp=bgp_text,
+            down=tuple(sorted(member_text(m) for m, up in verdicts.items() if not up)),
+            refused_revision=ctl.fleet_refused[0], refused_reason=ctl.fleet_refused[1],
+            reported_at=time.time())
+
+    def fleet_view(self) -> Any:
+        """The fleet as this lbd last saw it (fleet.FleetView), or None: local-file mode."""
+        return self._ctl.fleet.view if self._ctl.fleet is not None else None
 
     def bgp_sessions(self) -> bgp.BgpState:
         """What BIRD said last (refreshed every 5 s)."""

@@ -92,7 +92,7 @@ class RemoveVip(Change):
 
 
 VIP_SETTABLE = ("hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy",
-                "capacity", "slow_start_s", "quic")
+                "capacity", "slow_start_s", "quic", "health_scope", "health_quorum")
 BACKEND_SETTABLE = ("weight", "drained", "check")
 
 

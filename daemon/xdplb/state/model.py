@@ -35,9 +35,11 @@ from xdplb.state.rules import (
     ENCAPSULATIONS,
     FORMAT_VERSION,
     HASH_MODES,
+    HEALTH_SCOPES,
     LOAD_SOURCES,
     MAX_BODY,
     MAX_GRPC_SERVICE,
+    MAX_HEALTH_QUORUM,
     MAX_HOST,
     MAX_LABELS,
     MAX_METRIC,
@@ -250,6 +252,10 @@ class VipSpec:
     slow_start_s: float = 0.0  # a backend added or back up ramps to its weight over this
     backends: Mapping[str, BackendSpec] = field(default_factory=dict)
     quic: QuicConfig | None = None  # a UDP VIP carrying QUIC: route by server ID
+    # "host": this host's checks decide; "fleet": a quorum of the fleet's hosts does
+    # (xdplb.fleet), health_quorum hosts (0: a majority of those reporting).
+    health_scope: str = "host"
+    health_quorum: int = 0
 
     def validate(self, where: str) -> None:
         _one_of(f"{where}.hash", self.hash, HASH_MODES)
@@ -269,6 +275,12 @@ class VipSpec:
         self.capacity.validate(f"{where}.capacity")
         _float_in(f"{where}.slow_start_s", self.slow_start_s, 0.0, 3600.0)
         _one_of(f"{where}.when_none_healthy", self.when_none_healthy, WHEN_NONE_HEALTHY)
+        _one_of(f"{where}.health_scope", self.health_scope, HEALTH_SCOPES)
+        if not isinstance(self.health_quorum, int) or isinstance(self.health_quorum, bool) \
+                or not 0 <= self.health_quorum <= MAX_HEALTH_QUORUM:
+            raise _fail(f"{where}.health_quorum", f"must be 0 (a majority) or a number of hosts "
+                                                  f"1..{MAX_HEALTH_QUORUM}, got "
+                                                  f"{shown(self.health_quorum)}")
         if self.quic is not None:
             if self.key.protocol != "udp":
                 raise _fail(f"{where}.quic", "QUIC runs over UDP: a tcp VIP cannot be one")
@@ -523,6 +535,8 @@ def vip_to_dict(vip: VipSpec) -> dict[str, Any]:
     }
     if vip.quic is not None:
         out["quic"] = quic_to_dict(vip.quic)
+    if vip.health_scope != "host" or vip.health_quorum:
+        out["health_scope"], out["health_quorum"] = vip.health_scope, vip.health_quorum
     out["backends"] = [backend_to_dict(vip.backends[a]) for a in sorted(
         vip.backends, key=ip_sort_key)]
     return out
@@ -561,6 +575,8 @@ def vip_from_dict(data: object, where: str) -> VipSpec:
         slow_start_s=float(obj.take("slow_start_s", (int, float), 0.0)),
         backends=backends,
         quic=_quic_of(obj.take("quic", dict, None), f"{where}.quic"),
+        health_scope=obj.take("health_scope", str, "host"),
+        health_quorum=obj.take("health_quorum", int, 0),
     )
     obj.done()
     vip.validate(where)

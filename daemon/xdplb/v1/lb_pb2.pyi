@@ -137,7 +137,7 @@ class BackendStatus(_message.Message):
     def __init__(self, healthy: _Optional[bool] = ..., available: _Optional[bool] = ..., index: _Optional[int] = ..., ring_positions: _Optional[int] = ..., effective_weight: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., check_latency_ms: _Optional[float] = ..., since: _Optional[float] = ..., check: _Optional[str] = ..., load: _Optional[float] = ..., load_age_s: _Optional[float] = ..., load_state: _Optional[str] = ..., capacity_factor: _Optional[float] = ..., slow_start_factor: _Optional[float] = ..., health_realised: _Optional[bool] = ..., realised_since: _Optional[float] = ..., active_flows: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "quic", "status")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "backends", "capacity", "slow_start_s", "quic", "health_scope", "health_quorum", "status")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class Vip(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
     QUIC_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_QUORUM_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
@@ -161,8 +163,10 @@ class Vip(_message.Message):
     capacity: Capacity
     slow_start_s: float
     quic: QuicConfig
+    health_scope: str
+    health_quorum: int
     status: VipStatus
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., health_scope: _Optional[str] = ..., health_quorum: _Optional[int] = ..., status: _Optional[_Union[VipStatus, _Mapping]] = ...) -> None: ...
 
 class VipStatus(_message.Message):
     __slots__ = ("mode", "vip_id", "healthy_backends", "serving_backends", "packets", "bytes", "ring_fingerprint", "announced", "unsettled_positions")
@@ -217,7 +221,7 @@ class AddVipRequest(_message.Message):
     def __init__(self, vip: _Optional[_Union[Vip, _Mapping]] = ...) -> None: ...
 
 class SetVipRequest(_message.Message):
-    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "capacity", "slow_start_s", "quic", "clear_quic")
+    __slots__ = ("vip", "hash", "encap", "ring_size", "check", "panic_threshold", "when_none_healthy", "capacity", "slow_start_s", "quic", "clear_quic", "health_scope", "health_quorum")
     VIP_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     ENCAP_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +233,8 @@ class SetVipRequest(_message.Message):
     SLOW_START_S_FIELD_NUMBER: _ClassVar[int]
     QUIC_FIELD_NUMBER: _ClassVar[int]
     CLEAR_QUIC_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_QUORUM_FIELD_NUMBER: _ClassVar[int]
     vip: str
     hash: str
     encap: str
@@ -240,7 +246,9 @@ class SetVipRequest(_message.Message):
     slow_start_s: float
     quic: QuicConfig
     clear_quic: bool
-    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., clear_quic: _Optional[bool] = ...) -> None: ...
+    health_scope: str
+    health_quorum: int
+    def __init__(self, vip: _Optional[str] = ..., hash: _Optional[str] = ..., encap: _Optional[str] = ..., ring_size: _Optional[int] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic_threshold: _Optional[float] = ..., when_none_healthy: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., slow_start_s: _Optional[float] = ..., quic: _Optional[_Union[QuicConfig, _Mapping]] = ..., clear_quic: _Optional[bool] = ..., health_scope: _Optional[str] = ..., health_quorum: _Optional[int] = ...) -> None: ...
 
 class AddBackendRequest(_message.Message):
     __slots__ = ("vip", "backend")
@@ -558,3 +566,86 @@ class ListFlowsResponse(_message.Message):
     entries_read: int
     limit_reached: bool
     def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., from_set: _Optional[int] = ..., next_set: _Optional[int] = ..., total_sets: _Optional[int] = ..., ways: _Optional[int] = ..., entries_read: _Optional[int] = ..., limit_reached: _Optional[bool] = ...) -> None: ...
+
+class FleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FleetHost(_message.Message):
+    __slots__ = ("name", "live", "revision", "behind_s", "version", "addresses", "drained", "bgp", "fingerprints", "down", "drift", "reported_at")
+    class FingerprintsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    BGP_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    live: bool
+    revision: int
+    behind_s: float
+    version: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    drained: bool
+    bgp: str
+    fingerprints: _containers.ScalarMap[str, str]
+    down: _containers.RepeatedScalarFieldContainer[str]
+    drift: _containers.RepeatedScalarFieldContainer[str]
+    reported_at: float
+    def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., revision: _Optional[int] = ..., behind_s: _Optional[float] = ..., version: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., drained: _Optional[bool] = ..., bgp: _Optional[str] = ..., fingerprints: _Optional[_Mapping[str, str]] = ..., down: _Optional[_Iterable[str]] = ..., drift: _Optional[_Iterable[str]] = ..., reported_at: _Optional[float] = ...) -> None: ...
+
+class FleetStatusResponse(_message.Message):
+    __slots__ = ("enabled", "connected", "prefix", "endpoints", "newest_revision", "realised_revision", "hosts", "error", "host")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REALISED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    connected: bool
+    prefix: str
+    endpoints: str
+    newest_revision: int
+    realised_revision: int
+    hosts: _containers.RepeatedCompositeFieldContainer[FleetHost]
+    error: str
+    host: str
+    def __init__(self, enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., prefix: _Optional[str] = ..., endpoints: _Optional[str] = ..., newest_revision: _Optional[int] = ..., realised_revision: _Optional[int] = ..., hosts: _Optional[_Iterable[_Union[FleetHost, _Mapping]]] = ..., error: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
+
+class FleetImportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FleetImportResponse(_message.Message):
+    __slots__ = ("revision", "vips")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    vips: int
+    def __init__(self, revision: _Optional[int] = ..., vips: _Optional[int] = ...) -> None: ...
+
+class FleetForgetRequest(_message.Message):
+    __slots__ = ("host",)
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    def __init__(self, host: _Optional[str] = ...) -> None: ...
+
+class FleetForgetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -119,6 +119,21 @@ class LoadBalancerStub:
                 request_serializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.SerializeToString,
                 response_deserializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.FromString,
                 _registered_method=True)
+        self.FleetStatus = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/FleetStatus',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.FleetStatusRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetStatusResponse.FromString,
+                _registered_method=True)
+        self.FleetImport = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/FleetImport',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.FleetImportRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetImportResponse.FromString,
+                _registered_method=True)
+        self.FleetForget = channel.unary_unary(
+                '/xdplb.v1.LoadBalancer/FleetForget',
+                request_serializer=xdplb_dot_v1_dot_lb__pb2.FleetForgetRequest.SerializeToString,
+                response_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetForgetResponse.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -235,6 +250,27 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FleetStatus(self, request, context):
+        """The fleet (lbd with [fleet] etcd): every host's report side by side, with drift.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FleetImport(self, request, context):
+        """Writes this host's desired state into an empty fleet prefix (local -> etcd mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FleetForget(self, request, context):
+        """Removes a gone host's last report (refused while its lease is alive).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +358,21 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.ListFlows,
                     request_deserializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.FromString,
                     response_serializer=xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.SerializeToString,
+            ),
+            'FleetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.FleetStatus,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetStatusRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.FleetStatusResponse.SerializeToString,
+            ),
+            'FleetImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.FleetImport,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetImportRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.FleetImportResponse.SerializeToString,
+            ),
+            'FleetForget': grpc.unary_unary_rpc_method_handler(
+                    servicer.FleetForget,
+                    request_deserializer=xdplb_dot_v1_dot_lb__pb2.FleetForgetRequest.FromString,
+                    response_serializer=xdplb_dot_v1_dot_lb__pb2.FleetForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -783,6 +834,87 @@ class LoadBalancer:
             '/xdplb.v1.LoadBalancer/ListFlows',
             xdplb_dot_v1_dot_lb__pb2.ListFlowsRequest.SerializeToString,
             xdplb_dot_v1_dot_lb__pb2.ListFlowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FleetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/FleetStatus',
+            xdplb_dot_v1_dot_lb__pb2.FleetStatusRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.FleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FleetImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/FleetImport',
+            xdplb_dot_v1_dot_lb__pb2.FleetImportRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.FleetImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FleetForget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdplb.v1.LoadBalancer/FleetForget',
+            xdplb_dot_v1_dot_lb__pb2.FleetForgetRequest.SerializeToString,
+            xdplb_dot_v1_dot_lb__pb2.FleetForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
