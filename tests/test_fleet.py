@@ -10,13 +10,23 @@ import base64
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.test_bgp import Sender, backend_taps, forced_frames, labels_of, metrics
+from tests.test_bgp import (
+    Sender,
+    assert_nothing_left,
+    backend_taps,
+    forced_frames,
+    labels_of,
+    metrics,
+    processes_mentioning,
+)
 from tests.test_lbd_ops import make_ca, make_leaf
 from xdplb.fleet.layout import decode_state
 from xdplb.v1 import lb_pb2, lb_pb2_grpc
@@ -42,9 +52,10 @@ KEY4 = "10.200.0.10:80/tcp"
 @pytest.fixture(scope="module")
 def lab_fleet(tmp_path_factory):
     lab = Lab(prefix="xtflt")
+    workdir = tmp_path_factory.mktemp("fleet")
     fleet = None
     try:
-        fleet = build_fleet_lab(lab, tmp_path_factory.mktemp("fleet"))
+        fleet = build_fleet_lab(lab, workdir)
         start_fleet_lab(fleet)
         document = fleet.topo.workdir / "lb.json"
         document.write_text(json.dumps(lab_document(fleet.topo)))
@@ -56,6 +67,7 @@ def lab_fleet(tmp_path_factory):
             fleet.close()
         else:
             lab.close()
+    assert_nothing_left(lab.runid, workdir)
 
 
 @pytest.fixture
@@ -508,3 +520,39 @@ def test_lbd_reaches_etcd_over_tls_with_a_client_certificate_and_is_refused_with
         lb2.lbd.kill(signal.SIGTERM)
         lb2.lbd.config_extra = original
         lb2.lbd.start()
+
+
+# --- the make target ---------------------------------------------------------------------------
+
+
+def test_make_fleet_lab_brings_etcd_and_two_lb_hosts_up_and_down(tmp_path):
+    """`make fleet-lab` / `make fleet-lab-down` run `python -m xdplb_lab.fleet up|down`;
+    here with a test prefix and work directory, beside the module's own lab."""
+    from pyroute2 import netns
+
+    dry = subprocess.run(["make", "-n", "fleet-lab", "fleet-lab-down"], capture_output=True,
+                         text=True, timeout=30, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "-m xdplb_lab.fleet up" in dry and "-m xdplb_lab.fleet down" in dry
+    workdir = tmp_path / "lab"
+    command = [sys.executable, "-m", "xdplb_lab.fleet", "--prefix", "xtflm", "--workdir",
+               str(workdir)]
+    runid = "xtflm-none"
+    try:
+        up = subprocess.run([*command[:3], "up", *command[3:]], capture_output=True, text=True,
+                            timeout=240, check=False)
+        assert up.returncode == 0, up.stdout + up.stderr
+        runid = next(n.split("-")[0] for n in netns.listnetns() if n.startswith("xtflm"))
+        lines = up.stdout.splitlines()
+        table = lines[lines.index(next(x for x in lines if x.startswith("$ lbctl"))) + 1:]
+        assert table[0].startswith(f"fleet /xdplb/{runid} on http://10.100.20.2:2379,")
+        assert table[1].split()[:3] == ["HOST", "LIVE", "REVISION"]
+        assert [row.split()[:2] for row in table[2:4]] == [["lb1", "yes"], ["lb2", "yes"]]
+        assert table[2].split()[2] == table[3].split()[2] == table[0].split()[-1]
+        assert len(processes_mentioning(str(workdir))) >= 8  # 3 etcd, 3 BIRDs, 2 lbds
+    finally:
+        down = subprocess.run([*command[:3], "down", *command[3:]], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert down.returncode == 0, down.stderr
+    assert not workdir.exists()
+    assert_nothing_left(runid, workdir)
