@@ -27,6 +27,7 @@
 #include "icmp.h"
 #include "hc_encap.h"
 #include "quic.h"
+#include "syn_probe.h"
 
 /* A health check through the tunnel carries mark HC_MARK_BASE | index: the
  * bits outside HC_MARK_MASK are its backend entry's index. */
@@ -80,6 +81,10 @@ XDPLB_MAP("percpu_array", __u32, struct flow_events, flow_events, 1, 0);
  * IDs are 1..MAX_BACKENDS-1), and the per-CPU counters of their packets. */
 XDPLB_MAP("array", __u32, struct quic_server, quic_servers, MAX_BACKENDS, 0);
 XDPLB_MAP("percpu_array", __u32, struct quic_counters, quic_stats, 1, 0);
+/* Half-open checks in flight, one per probe slot, and their replies' counters
+ * (bpf/syn_probe.h; daemon/xdplb/datapath/syn_probes.py). */
+XDPLB_MAP("array", __u32, struct syn_probe, syn_probes, MAX_BACKENDS, 0);
+XDPLB_MAP("percpu_array", __u32, struct syn_counters, syn_stats, 1, 0);
 
 static __always_inline void count_vip(__u32 vip_id, __u32 bytes)
 {
@@ -618,6 +623,73 @@ static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 			       0, frame_len);
 }
 
+/* Slots sharing one probe port: slot = port - SYN_PORT_BASE + k * SYN_PORTS. */
+#define SYN_SLOT_WAYS ((MAX_BACKENDS + SYN_PORTS - 1) / SYN_PORTS)
+
+/* A reply to a half-open check (bpf/syn_probe.h): XDP_TX (a SYN-ACK, answered
+ * with a RST), XDP_DROP (a RST), or -1: not a reply any probe expects. Runs
+ * only for TCP to a non-VIP address with SYN-ACK or RST set. */
+static __always_inline int handle_syn_reply(struct xdp_md *ctx, const struct packet *pkt)
+{
+	__u8 flags = pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST);
+	int open = flags == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+	if (!open && flags != (TCP_FLAG_RST | TCP_FLAG_ACK))
+		return -1;
+	__u32 port = BE16(pkt->dport);
+	if (port < SYN_PORT_BASE || port >= SYN_PORT_BASE + SYN_PORTS)
+		return -1;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct tcphdr *tcp = data + HDR_OFF(pkt->l4_off);
+	if ((void *)(tcp + 1) > data_end)
+		return -1;
+	__u32 ack = tcp->ack_seq;
+	__u32 zero = 0;
+	struct syn_counters *sc = syn_stats.lookup(&zero);
+	if (!sc)
+		return -1;
+	struct syn_reply r = {.src = pkt->src, .dst = pkt->dst, .sport = pkt->sport,
+			      .dport = pkt->dport, .ack = ack};
+	__u32 cookie = BE32(r.ack) - 1;
+	for (__u32 way = 0; way < SYN_SLOT_WAYS; way++) {
+		__u32 slot = port - SYN_PORT_BASE + way * SYN_PORTS;
+		struct syn_probe *probe = syn_probes.lookup(&slot);
+		if (!probe)
+			break;
+		if (probe->cookie != cookie || probe->port != pkt->sport ||
+		    probe->ipv6 != pkt->ipv6 || !addr_eq(&probe->addr, &pkt->src))
+			continue;
+		probe->outcome = open ? SYN_OPEN : SYN_REFUSED;
+		if (!open) {
+			sc->refused++;
+			return XDP_DROP;
+		}
+		if (send_syn_rst(ctx, pkt, &r)) {
+			sc->failed++;
+			return XDP_DROP;
+		}
+		sc->open++;
+		return XDP_TX;
+	}
+	sc->unmatched++;
+	return -1;
+}
+
+/* A packet to an address that is not a VIP: the kernel's, unless it is a reply
+ * to a half-open check. */
+static __always_inline int not_vip(struct xdp_md *ctx, const struct packet *pkt, int parsed,
+				   struct global_counters *gc)
+{
+	if (parsed == PARSE_OK && pkt->proto == IPPROTO_TCP && !pkt->fragment &&
+	    (pkt->tcp_flags & TCP_FLAG_ACK) && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST))) {
+		int verdict = handle_syn_reply(ctx, pkt);
+		if (verdict >= 0)
+			return verdict;
+	}
+	gc->pass_not_vip++;
+	return XDP_PASS;
+}
+
 int xdplb_balancer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -634,10 +706,8 @@ int xdplb_balancer(struct xdp_md *ctx)
 		gc->pass_unparsed++;
 		return XDP_PASS;
 	}
-	if (!may_be_vip_addr(&pkt)) {
-		gc->pass_not_vip++;
-		return XDP_PASS;
-	}
+	if (!may_be_vip_addr(&pkt))
+		return not_vip(ctx, &pkt, parsed, gc);
 	struct lb_config *cfg = config.lookup(&zero);
 	if (!cfg || !(cfg->flags & CONFIG_F_READY)) {
 		gc->pass_unconfigured++;
@@ -650,10 +720,8 @@ int xdplb_balancer(struct xdp_md *ctx)
 	}
 	/* Not a service: the address filter may have matched by chance, so only
 	 * a listed VIP address makes what follows ours to answer or drop. */
-	if (!vip_addrs.lookup(&pkt.dst)) {
-		gc->pass_not_vip++;
-		return XDP_PASS;
-	}
+	if (!vip_addrs.lookup(&pkt.dst))
+		return not_vip(ctx, &pkt, parsed, gc);
 	if (pkt.fragment) {
 		gc->drop_fragment++;
 		return XDP_DROP;

@@ -257,6 +257,31 @@ struct quic_counters {
 	__u64 busy;           /* the server ID's entry was being rewritten */
 };
 
+/* A half-open check (kind tcp-syn) of one probe slot (bpf/syn_probe.h): lbd
+ * writes addr, port and a fresh cookie with outcome SYN_PENDING, then sends
+ * the SYN (seq = cookie, from port SYN_PORT_BASE + slot % SYN_PORTS); the
+ * balancer sets outcome from the reply whose ack is cookie + 1. */
+#define SYN_PORT_BASE 61000 /* above Linux's default ephemeral range (32768..60999) */
+#define SYN_PORTS 4096
+#define SYN_PENDING 0
+#define SYN_OPEN 1    /* a SYN-ACK: the port listens */
+#define SYN_REFUSED 2 /* a RST: the port is closed */
+struct syn_probe {
+	struct addr16 addr;
+	__u32 cookie;
+	__u16 port;  /* network order */
+	__u8 ipv6;
+	__u8 outcome;
+};
+
+/* Per-CPU counters of half-open check replies. */
+struct syn_counters {
+	__u64 open;      /* a SYN-ACK recorded and answered with a RST */
+	__u64 refused;   /* a RST recorded */
+	__u64 unmatched; /* a SYN-ACK or RST to a probe port that no probe expects: passed */
+	__u64 failed;    /* recorded, but the RST could not be built: dropped */
+};
+
 /* Per-CPU state of the new-flow rate limiter. */
 struct flood_state {
 	__u64 window_start_ns;

@@ -144,6 +144,10 @@ def reset_maps(bal) -> None:
     for index in range(bal.sizes.max_vips):
         bal.vip_rings.put(ct.c_uint32(index), s.VipRing())
     bal.reset_counters()
+    bal.syn_probes.clear_counters()
+    slots = list(range(bal.sizes.max_backends))
+    bal.syn_probes.arm(slots, [s.Addr16()] * len(slots), [0] * len(slots),
+                       [False] * len(slots), [0] * len(slots))
     for index in range(bal.sizes.max_vips):
         bal.vip_stats.clear(index)
     for index in range(bal.sizes.max_backends):

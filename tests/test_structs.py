@@ -24,7 +24,8 @@ C_TYPES = {"__u32": ct.c_uint32, "__u64": ct.c_uint64, "struct addr16": s.Addr16
            "struct hc_counters": s.HcCounters, "struct vip_ring": s.VipRing,
            "struct settle_state": s.SettleState, "struct flow_census": s.FlowCensus,
            "struct flow_events": s.FlowEvents, "struct quic_server": s.QuicServer,
-           "struct quic_counters": s.QuicCounters}
+           "struct quic_counters": s.QuicCounters, "struct syn_probe": s.SynProbe,
+           "struct syn_counters": s.SynCounters}
 
 
 def test_the_map_list_is_what_balancer_c_declares():

@@ -170,7 +170,8 @@ class Controller:
     def start_health(self) -> HealthChecker:
         """Starts the check loops (inside the event loop); verdicts come back in batches."""
         self.health = HealthChecker(self.apply_health, self._health_event,
-                                    observe=self._observe_check)
+                                    observe=self._observe_check,
+                                    syn_table=self.balancer.syn_probes)
         self.health.update(self.state, self.runtime.healthy, self.check_marks())
         self.apply_health(self.health.healthy())
         return self.health

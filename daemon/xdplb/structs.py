@@ -263,6 +263,30 @@ class QuicCounters(ct.Structure):
     _fields_: ClassVar = [(name, ct.c_uint64) for name in QUIC_COUNTERS]
 
 
+SYN_PORT_BASE = 61000  # half-open checks' source ports: SYN_PORT_BASE + slot % SYN_PORTS
+SYN_PORTS = 4096
+SYN_PENDING = 0
+SYN_OPEN = 1
+SYN_REFUSED = 2
+SYN_COUNTERS = ("open", "refused", "unmatched", "failed")
+
+
+class SynProbe(ct.Structure):
+    """struct syn_probe: one half-open check in flight (bpf/syn_probe.h)."""
+
+    _fields_: ClassVar = [
+        ("addr", Addr16),
+        ("cookie", ct.c_uint32),  # the SYN's sequence number; the reply acks cookie + 1
+        ("port", ct.c_uint16),  # network order
+        ("ipv6", ct.c_uint8),
+        ("outcome", ct.c_uint8),  # SYN_PENDING, SYN_OPEN, SYN_REFUSED
+    ]
+
+
+class SynCounters(ct.Structure):
+    _fields_: ClassVar = [(name, ct.c_uint64) for name in SYN_COUNTERS]
+
+
 class FloodState(ct.Structure):
     _fields_: ClassVar = [("window_start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
 

@@ -27,6 +27,7 @@ from xdplb.datapath.maps import BY_NAME, INSPECTED, map_shapes
 from xdplb.datapath.netlink import attach_tc_egress, attach_xdp
 from xdplb.datapath.quic import QuicServerTable
 from xdplb.datapath.sizes import HealthMarks, MapSizes
+from xdplb.datapath.syn_probes import SynProbeTable
 from xdplb.datapath.testrun import SkBuffCtx, TestRunResult, prog_test_run
 from xdplb.datapath.vip_index import VipTable
 
@@ -84,6 +85,8 @@ class Balancer:
         self.flow_events = self._per_cpu("flow_events")
         self.quic_servers = QuicServerTable(self._map("quic_servers"), self.sizes.max_backends)
         self.quic_stats = self._per_cpu("quic_stats")
+        self.syn_probes = SynProbeTable(self._map("syn_probes"), self._per_cpu("syn_stats"),
+                                        self.sizes.max_backends)
         self._settle_prog_fd: int | None = None
 
     def map_shapes(self) -> dict[str, tuple[int, int, int]]:

@@ -51,6 +51,8 @@ BALANCER_MAPS: tuple[MapSpec, ...] = (
     MapSpec("flow_events", U32, s.FlowEvents, lambda z: 1, per_cpu=True),
     MapSpec("quic_servers", U32, s.QuicServer, lambda z: z.max_backends),
     MapSpec("quic_stats", U32, s.QuicCounters, lambda z: 1, per_cpu=True),
+    MapSpec("syn_probes", U32, s.SynProbe, lambda z: z.max_backends),
+    MapSpec("syn_stats", U32, s.SynCounters, lambda z: 1, per_cpu=True),
 )
 BY_NAME = {spec.name: spec for spec in BALANCER_MAPS}
 # What a reader of a running balancer's pinned maps opens (PinnedMaps).

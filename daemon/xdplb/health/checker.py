@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 from xdplb.events import HealthTransition
 from xdplb.health.probes import GrpcChannels, Probe, Result, run_probe
+from xdplb.health.syn_prober import SynProber
 from xdplb.health.tcp_prober import _TcpProber
 from xdplb.health.verdicts import DAMPING_REUSE, Verdict
 from xdplb.state import DesiredState, MemberId
@@ -41,8 +42,9 @@ class HealthChecker:
     checks as tasks. At most MAX_CONCURRENT_PROBES run at once."""
 
     def __init__(self, apply: Apply, notify: Notify, batch_interval_s: float = 0.2,
-                 observe: Observe | None = None):
+                 observe: Observe | None = None, syn_table: object = None):
         self.apply, self.notify, self.observe = apply, notify, observe
+        self.syn_table = syn_table  # the balancer's syn_probes (tcp-syn checks)
         self.batch_interval_s = batch_interval_s
         self.members: dict[MemberId, Probe | None] = {}  # None: kind none, always up
         self.verdicts: dict[Probe, Verdict] = {}
@@ -57,6 +59,7 @@ class HealthChecker:
         self._running = 0
         self._tasks: dict[Probe, asyncio.Task[None]] = {}  # HTTP(S) and gRPC checks in flight
         self._tcp: _TcpProber | None = None
+        self._syn: SynProber | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -97,6 +100,8 @@ class HealthChecker:
             if task is not None:
                 task.cancel()
             self.channels.discard(probe)
+            if self._syn is not None:
+                self._syn.release(probe)
         self._arm(now)
 
     def healthy(self) -> dict[MemberId, bool]:
@@ -138,7 +143,8 @@ class HealthChecker:
             return
         runnable = self._due and self._running < MAX_CONCURRENT_PROBES
         at = min(self._due[0][0] if runnable else math.inf,
-                 self._tcp.next_deadline() if self._tcp else math.inf)
+                 self._tcp.next_deadline() if self._tcp else math.inf,
+                 self._syn.next_deadline() if self._syn else math.inf)
         if at == math.inf or at >= self._timer_at:
             return
         if self._timer is not None:
@@ -152,6 +158,8 @@ class HealthChecker:
         now = time.monotonic()
         if self._tcp is not None:
             self._tcp.expire(now)
+        if self._syn is not None:
+            self._syn.expire(now)
         started, due = 0, self._due
         horizon = now + TICK_S  # due within a tick: now (their due times allow for it)
         while due and due[0][0] <= horizon and started < MAX_STARTS_PER_TICK:
@@ -165,10 +173,18 @@ class HealthChecker:
             if not self._start(verdict, now):
                 heapq.heappush(due, (now + 0.1, next(self._order), verdict))
             started += 1
+        if self._syn is not None:
+            self._syn.flush()  # the tick's half-open checks leave together
         self._arm(now)  # with more due already, the timer fires a tick later
 
     def _start(self, verdict: Verdict, now: float) -> bool:
         probe = verdict.probe
+        if probe.kind == "tcp-syn" and self.syn_table is not None:
+            if self._syn is None:
+                assert self._loop is not None
+                self._syn = SynProber(self._loop, self.syn_table, self._finish)
+            self._running += 1
+            return self._syn.start(verdict, now)
         if probe.kind == "tcp":
             if self._tcp is None:
                 assert self._loop is not None
@@ -291,4 +307,8 @@ class HealthChecker:
             self._running -= len(self._tcp)
             self._tcp.close()
             self._tcp = None
+        if self._syn is not None:
+            self._running -= len(self._syn)
+            self._syn.close()
+            self._syn = None
         await self.channels.close()

@@ -255,6 +255,8 @@ async def run_probe(probe: Probe, channels: GrpcChannels) -> Result:
                 reason = await _probe_grpc(probe, channels)
             elif probe.kind == "h3":
                 reason = await _probe_h3(probe)
+            elif probe.kind == "tcp-syn":  # the checker sends these itself (syn_prober)
+                reason = "tcp-syn: no balancer to catch the replies"
             else:
                 reason = f"unknown check kind {probe.kind!r}"
     except Exception as exc:

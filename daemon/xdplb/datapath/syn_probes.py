@@ -1,0 +1,42 @@
+"""The `syn_probes` array: half-open checks in flight (bpf/syn_probe.h).
+
+lbd arms a batch of slots with one syscall (address, port, a fresh cookie,
+outcome pending), sends the SYNs, then reads the outcomes the balancer wrote
+with one batched read of the slots in use. Slots are numbered from 0 and kept
+dense by the health checker, so a read covers only what is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from collections.abc import Sequence
+
+from xdplb import structs
+from xdplb.datapath.bpfmap import BpfMap, PerCpuArray
+
+
+class SynProbeTable:
+    def __init__(self, array: BpfMap, stats: PerCpuArray, slots: int):
+        self.array, self.stats, self.slots = array, stats, slots
+
+    def arm(self, slots: Sequence[int], addresses: Sequence[structs.Addr16],
+            ports_be: Sequence[int], ipv6: Sequence[bool], cookies: Sequence[int]) -> None:
+        """Writes the probes of a batch about to be sent (outcome: pending)."""
+        n = len(slots)
+        keys = (ct.c_uint32 * n)(*slots)
+        values = (structs.SynProbe * n)()
+        for i in range(n):
+            value = values[i]
+            value.addr = addresses[i]
+            value.cookie, value.port, value.ipv6 = cookies[i], ports_be[i], ipv6[i]
+        self.array.put_batch(keys, values)
+
+    def outcomes(self, used: int) -> ct.Array:
+        """Slots 0..used-1 as the balancer left them (SYN_PENDING, OPEN, REFUSED)."""
+        return self.array.read_array(max(1, min(used, self.slots)))
+
+    def counters(self) -> dict[str, int]:
+        return self.stats.read(0)
+
+    def clear_counters(self) -> None:
+        self.stats.clear(0)

@@ -1,0 +1,278 @@
+"""Half-open TCP checks (kind tcp-syn): no socket per check, no handshake in this
+host's TCP stack.
+
+Each batch of due checks is armed in the balancer's syn_probes map with one
+syscall (the backend, its port, a fresh random 32-bit cookie per check), then
+one bare SYN per check (sequence number = cookie, source port SYN_PORT_BASE +
+slot % SYN_PORTS) leaves through a send-only raw socket (IPPROTO_RAW: it
+receives nothing, so the stack keeps no state and sees no reply). The
+balancer catches the reply on the LB's interfaces (bpf/syn_probe.h): a
+SYN-ACK acknowledging the cookie is recorded as open and answered with a RST
+by XDP_TX, a RST as refused; neither reaches the stack, which therefore never
+answers them. Outcomes are read from the map in one batched read every
+POLL_S while checks are out; a check without one by its timeout has timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes as ct
+import errno
+import heapq
+import ipaddress
+import math
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+
+from xdplb import structs
+from xdplb.health.probes import Probe, Result
+from xdplb.health.verdicts import Verdict
+
+POLL_S = 0.005  # outcomes are read this often while checks are out
+SOURCE_TTL_S = 30.0  # a backend's source address (the route's) is looked up again after this
+SYN_WINDOW = 64240
+_PROBE_SIZE = ct.sizeof(structs.SynProbe)
+_COOKIE_AT = structs.SynProbe.cookie.offset
+_OUTCOME_AT = structs.SynProbe.outcome.offset
+_REASONS = {structs.SYN_OPEN: "ok", structs.SYN_REFUSED: "refused"}
+
+
+def _fold(total: int) -> int:
+    total = (total & 0xFFFF) + (total >> 16)
+    return (total & 0xFFFF) + (total >> 16)
+
+
+def _sum16(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+class SynPacket:
+    """One probe's SYN with sequence number 0 and the sum its checksum starts from:
+    a check only writes its cookie and the checksum that goes with it."""
+
+    def __init__(self, source: str, target: str, sport: int, dport: int):
+        src, dst = ipaddress.ip_address(source), ipaddress.ip_address(target)
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x02, SYN_WINDOW, 0, 0)
+        if dst.version == 4:
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP,
+                             0, src.packed, dst.packed)  # the kernel fills in the checksum
+            pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, 20)
+        else:
+            ip = struct.pack("!IHBB16s16s", 6 << 28, 20, socket.IPPROTO_TCP, 64, src.packed,
+                             dst.packed)
+            pseudo = src.packed + dst.packed + struct.pack("!IxxxB", 20, socket.IPPROTO_TCP)
+        self.source = source
+        self.frame = bytearray(ip + tcp)
+        self.tcp_at = len(ip)
+        self.base = _sum16(pseudo) + _sum16(tcp)
+        self.destination = (target, 0)
+
+    def with_cookie(self, cookie: int) -> bytearray:
+        total = _fold(self.base + (cookie >> 16) + (cookie & 0xFFFF))
+        frame = self.frame[:]  # one copy: the template stays as it is
+        struct.pack_into("!I", frame, self.tcp_at + 4, cookie)
+        struct.pack_into("!H", frame, self.tcp_at + 16, ~total & 0xFFFF)
+        return frame
+
+
+class _Pending:
+    __slots__ = ("cookie", "deadline", "slot", "started", "verdict")
+
+    def __init__(self, verdict: Verdict, slot: int, cookie: int, started: float,
+                 deadline: float):
+        self.verdict, self.slot, self.cookie = verdict, slot, cookie
+        self.started, self.deadline = started, deadline
+
+
+class SynProber:
+    """The same face as the TCP engine (start, expire, next_deadline, close), plus
+    flush: the checks started in one scheduler tick leave together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: object,
+                 done: Callable[[Verdict, Result, float], None]):
+        self._loop, self._table, self._done = loop, table, done
+        self._sockets: dict[int, socket.socket] = {}
+        self._sources: dict[str, tuple[str, float]] = {}
+        self._packets: dict[Probe, SynPacket] = {}
+        self._slots: dict[Probe, int] = {}
+        self._free: list[int] = []  # released slots, smallest first: the read stays short
+        self._next_slot = 0
+        self._batch: list[tuple[Verdict, float]] = []
+        self._pending: dict[int, _Pending] = {}  # by slot
+        # One queue per timeout value: deadlines in each come in order.
+        self._deadlines: dict[float, deque[_Pending]] = {}
+        self._poll: asyncio.TimerHandle | None = None
+
+    # -- slots --
+
+    def _slot_of(self, probe: Probe) -> int:
+        slot = self._slots.get(probe)
+        if slot is None:
+            slot = heapq.heappop(self._free) if self._free else self._next_slot
+            if slot == self._next_slot:
+                self._next_slot += 1
+            self._slots[probe] = slot
+        return slot
+
+    def release(self, probe: Probe) -> None:
+        """The probe is gone: its slot serves another (a reply to it no longer matches:
+        the next check there has another cookie)."""
+        slot = self._slots.pop(probe, None)
+        self._packets.pop(probe, None)
+        if slot is not None:
+            self._pending.pop(slot, None)
+            heapq.heappush(self._free, slot)
+
+    # -- sending --
+
+    def start(self, verdict: Verdict, now: float) -> bool:
+        self._batch.append((verdict, now))
+        return True
+
+    def flush(self) -> None:
+        """Arms and sends the checks started since the last flush."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        cookies = struct.unpack(f"={len(batch)}I", os.urandom(4 * len(batch)))
+        ready: list[tuple[Verdict, float, int, SynPacket]] = []
+        for (verdict, started), cookie in zip(batch, cookies, strict=True):
+            try:
+                packet = self._packet_of(verdict.probe)
+            except OSError as exc:  # no route to the backend, and the like
+                self._done(verdict, Result(False, _errno_reason(exc), 0.0), started)
+                continue
+            ready.append((verdict, started, cookie, packet))
+        if not ready:
+            return
+        slots = [self._slot_of(v.probe) for v, _, _, _ in ready]
+        probes = [v.probe for v, _, _, _ in ready]
+        self._table.arm(slots, [structs.Addr16.of(p.address) for p in probes],
+                        [structs.port_be(p.port) for p in probes],
+                        [p.family == socket.AF_INET6 for p in probes],
+                        [cookie for _, _, cookie, _ in ready])
+        for slot, (verdict, started, cookie, packet) in zip(slots, ready, strict=True):
+            try:
+                self._socket(verdict.probe.family).sendto(packet.with_cookie(cookie),
+                                                          packet.destination)
+            except OSError as exc:
+                self._done(verdict, Result(False, _errno_reason(exc),
+                                           time.monotonic() - started), started)
+                continue
+            timeout = verdict.probe.timeout_ms / 1000
+            entry = _Pending(verdict, slot, cookie, started, started + timeout)
+            self._pending[slot] = entry
+            queue = self._deadlines.get(timeout)
+            if queue is None:
+                queue = self._deadlines[timeout] = deque()
+            queue.append(entry)
+        self._arm_poll()
+
+    def _packet_of(self, probe: Probe) -> SynPacket:
+        packet = self._packets.get(probe)
+        source = self._source_of(probe)
+        if packet is None or packet.source != source:
+            slot = self._slot_of(probe)
+            packet = SynPacket(source, probe.address,
+                               structs.SYN_PORT_BASE + slot % structs.SYN_PORTS, probe.port)
+            self._packets[probe] = packet
+        return packet
+
+    def _source_of(self, probe: Probe) -> str:
+        """The address this host sends from to the backend (its route's), cached."""
+        now = time.monotonic()
+        known = self._sources.get(probe.address)
+        if known is not None and known[1] > now:
+            return known[0]
+        with socket.socket(probe.family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe.address, probe.port or 9))
+            source = udp.getsockname()[0]
+        self._sources[probe.address] = (source, now + SOURCE_TTL_S)
+        return source
+
+    def _socket(self, family: int) -> socket.socket:
+        sock = self._sockets.get(family)
+        if sock is None:
+            # IPPROTO_RAW: send-only, the IP header is ours (IPv4: the kernel fills in
+            # its checksum); nothing is ever delivered to it.
+            sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setblocking(False)
+            self._sockets[family] = sock
+        return sock
+
+    # -- outcomes --
+
+    def _arm_poll(self) -> None:
+        if self._poll is None and self._pending:
+            self._poll = self._loop.call_later(POLL_S, self._read)
+
+    def _read(self) -> None:
+        self._poll = None
+        self.collect(time.monotonic())
+        self._arm_poll()
+
+    def collect(self, now: float) -> None:
+        """The outcomes the balancer recorded for the checks out."""
+        if not self._pending:
+            return
+        values = self._table.outcomes(self._next_slot)
+        raw = ct.string_at(ct.addressof(values), ct.sizeof(values))
+        finished = []
+        for slot, entry in self._pending.items():
+            at = slot * _PROBE_SIZE
+            outcome = raw[at + _OUTCOME_AT]
+            if outcome and int.from_bytes(raw[at + _COOKIE_AT:at + _COOKIE_AT + 4],
+                                          "little") == entry.cookie:
+                finished.append((entry, outcome))
+        for entry, outcome in finished:
+            del self._pending[entry.slot]
+            self._done(entry.verdict, Result(outcome == structs.SYN_OPEN, _REASONS[outcome],
+                                             now - entry.started), entry.started)
+
+    def expire(self, now: float) -> None:
+        if self.next_deadline() > now:
+            return
+        self.collect(now)  # an answer the last read missed is not a timeout
+        for queue in self._deadlines.values():
+            while queue and queue[0].deadline <= now:
+                entry = queue.popleft()
+                if self._pending.get(entry.slot) is not entry:
+                    continue  # answered already
+                del self._pending[entry.slot]
+                self._done(entry.verdict, Result(False, "timeout", now - entry.started),
+                           entry.started)
+
+    def next_deadline(self) -> float:
+        earliest = math.inf
+        for queue in self._deadlines.values():
+            while queue and self._pending.get(queue[0].slot) is not queue[0]:
+                queue.popleft()  # answered
+            if queue and queue[0].deadline < earliest:
+                earliest = queue[0].deadline
+        return earliest
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._batch)
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        self._pending.clear()
+        self._deadlines.clear()
+        self._batch.clear()
+
+
+def _errno_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "unreachable"
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
