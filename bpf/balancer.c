@@ -656,7 +656,8 @@ static __always_inline int handle_syn_reply(struct xdp_md *ctx, const struct pac
 		struct syn_probe *probe = syn_probes.lookup(&slot);
 		if (!probe)
 			break;
-		if (probe->cookie != cookie || probe->port != pkt->sport ||
+		/* port 0: a slot never armed (no check has port 0) */
+		if (!probe->port || probe->cookie != cookie || probe->port != pkt->sport ||
 		    probe->ipv6 != pkt->ipv6 || !addr_eq(&probe->addr, &pkt->src))
 			continue;
 		probe->outcome = open ? SYN_OPEN : SYN_REFUSED;

@@ -23,10 +23,11 @@ from tests.lbd_helpers import apply_doc, empty_for_each_test, lab_with_lbd, ok
 from xdplb import structs as s
 from xdplb.datapath import MapSizes
 
-VIP_SYN, VIP_TCP = "10.200.0.10", "10.200.0.11"
+VIP_SYN, VIP_TCP, VIP_SYN6 = "10.200.0.10", "10.200.0.11", "fd00:200::10"
 INTERVAL_MS, TIMEOUT_MS, RISE, FALL = 300, 200, 2, 2
-DOWN_BOUND_S = FALL * INTERVAL_MS / 1000 + TIMEOUT_MS / 1000 + 0.5  # + verdict batching
-UP_BOUND_S = RISE * INTERVAL_MS / 1000 + TIMEOUT_MS / 1000 + 0.5
+# + the verdict batch (0.2 s) and this test polling through lbctl (a process each)
+DOWN_BOUND_S = FALL * INTERVAL_MS / 1000 + TIMEOUT_MS / 1000 + 0.8
+UP_BOUND_S = RISE * INTERVAL_MS / 1000 + TIMEOUT_MS / 1000 + 0.8
 SIZES = MapSizes(max_vips=8, max_backends=32, ring_entries=8 * 65537, conn_entries=4096)
 
 
@@ -58,7 +59,8 @@ def document(topo, kinds=("tcp-syn",)) -> dict:
 
 
 def health(lbd, vip: str = VIP_SYN) -> dict[str, tuple[str, str]]:
-    shown = json.loads(ok(lbd, "vip", "show", f"{vip}:80/tcp", "-o", "json"))
+    key = f"[{vip}]:80/tcp" if ":" in vip else f"{vip}:80/tcp"
+    shown = json.loads(ok(lbd, "vip", "show", key, "-o", "json"))
     return {b["address"]: (b["status"]["health"], b["status"]["last_result"])
             for b in shown["backends"]}
 
@@ -138,21 +140,31 @@ class BackendTap:
 
 
 def test_a_stopped_listener_is_down_within_the_bound_and_a_restart_brings_it_back(lab):
+    """IPv4 and IPv6 backends of one server: both go down (refused) and come back."""
     topo, lbd = lab
-    apply_doc(lbd, document(topo))
-    wait_for(lambda: {h for h, _ in health(lbd).values()} == {"up"}, UP_BOUND_S + 1,
-             "every backend up by tcp-syn")
-    target = topo.backend_v4[1]
+    doc = document(topo)
+    doc["vips"].append({"vip": f"[{VIP_SYN6}]:80/tcp", "check": check("tcp-syn"),
+                        "backends": [{"address": a} for a in topo.backend_v6]})
+    apply_doc(lbd, doc)
+    for vip in (VIP_SYN, VIP_SYN6):
+        wait_for(lambda v=vip: {h for h, _ in health(lbd, v).values()} == {"up"},
+                 UP_BOUND_S + 1, f"every backend of {vip} up by tcp-syn")
+    targets = {VIP_SYN: topo.backend_v4[1], VIP_SYN6: topo.backend_v6[1]}
     stopped = time.monotonic()
     stop_server(topo, 1)
-    wait_for(lambda: health(lbd)[target][0] == "down", DOWN_BOUND_S, "down after the stop")
+    for vip, target in targets.items():
+        wait_for(lambda v=vip, t=target: health(lbd, v)[t][0] == "down", DOWN_BOUND_S,
+                 f"{target} down after the stop")
     took = time.monotonic() - stopped
-    assert health(lbd)[target] == ("down", "refused")
-    assert {a: h for a, (h, _) in health(lbd).items() if a != target} == {
-        a: "up" for a in topo.backend_v4 if a != target}
+    for vip, target in targets.items():
+        assert health(lbd, vip)[target] == ("down", "refused")
+        assert {a for a, (h, _) in health(lbd, vip).items() if h == "up"} == set(
+            health(lbd, vip)) - {target}
     restarted = time.monotonic()
     start_server(topo, 1)
-    wait_for(lambda: health(lbd)[target][0] == "up", UP_BOUND_S, "up after the restart")
+    for vip, target in targets.items():
+        wait_for(lambda v=vip, t=target: health(lbd, v)[t][0] == "up", UP_BOUND_S,
+                 f"{target} up after the restart")
     print(f"tcp-syn: down {took:.2f} s after the listener stopped (bound {DOWN_BOUND_S:.2f}), "
           f"up {time.monotonic() - restarted:.2f} s after it returned")
 

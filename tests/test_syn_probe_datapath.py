@@ -117,3 +117,10 @@ def test_a_probe_rearmed_with_a_new_cookie_ignores_the_old_ones_reply(bal):
     out = bal.test_run(reply("SA", ack=COOKIE + 101))
     assert out.verdict == XDP_TX
     assert outcome(bal) == s.SYN_OPEN
+
+
+def test_a_slot_never_armed_matches_nothing(bal):
+    frame = reply("SA", ack=1, src="0.0.0.0", sport=0)  # what an unarmed slot holds
+    out = bal.test_run(frame)
+    assert (out.verdict, out.data) == (XDP_PASS, frame)
+    assert nonzero(bal.syn_probes.counters()) == {"unmatched": 1}

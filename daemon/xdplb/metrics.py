@@ -219,7 +219,14 @@ class DatapathCollector:
             "server_down or busy.", labels=["outcome"])
         for name, value in self.views.quic_counters().items():
             quic.add_metric([name], value)
-        yield from (packets, events, tunnel, quic)
+        syn = CounterMetricFamily(
+            "xdplb_syn_check_replies",
+            "Replies to half-open (tcp-syn) checks the balancer saw, by outcome: open (a "
+            "SYN-ACK, answered with a RST), refused (a RST), unmatched (no check expects it: "
+            "passed to the stack), failed (the RST could not be built).", labels=["outcome"])
+        for name, value in self.views.syn_counters().items():
+            syn.add_metric([name], value)
+        yield from (packets, events, tunnel, quic, syn)
 
     def _backends(self, vips: list[VipView]) -> Iterator[Metric]:
         healthy = GaugeMetricFamily("xdplb_backend_healthy",

@@ -276,6 +276,10 @@ class Views:
         """The balancer's outcome and event counters, summed over CPUs."""
         return self._ctl.balancer.counters()
 
+    def syn_counters(self) -> dict[str, int]:
+        """Replies to half-open checks, summed over CPUs."""
+        return self._ctl.balancer.syn_probes.counters()
+
     def quic_counters(self) -> dict[str, int]:
         """QUIC VIPs' packets: routed by connection ID, or why they took the 5-tuple path."""
         return self._ctl.balancer.quic_counters()

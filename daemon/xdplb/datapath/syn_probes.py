@@ -31,9 +31,21 @@ class SynProbeTable:
             value.cookie, value.port, value.ipv6 = cookies[i], ports_be[i], ipv6[i]
         self.array.put_batch(keys, values)
 
+    def arm_raw(self, slots: Sequence[int], entries: bytes) -> None:
+        """arm() for a caller that packed the entries itself (struct syn_probe each)."""
+        n = len(slots)
+        keys = (ct.c_uint32 * n)(*slots)
+        values = (structs.SynProbe * n).from_buffer_copy(entries)
+        self.array.put_batch(keys, values)
+
     def outcomes(self, used: int) -> ct.Array:
         """Slots 0..used-1 as the balancer left them (SYN_PENDING, OPEN, REFUSED)."""
         return self.array.read_array(max(1, min(used, self.slots)))
+
+    def read_raw(self, first: int, count: int) -> bytes:
+        """Slots first..first+count-1 as bytes (struct syn_probe each): one read."""
+        values = self.array.read_range(first, count)
+        return ct.string_at(ct.addressof(values), ct.sizeof(values))
 
     def counters(self) -> dict[str, int]:
         return self.stats.read(0)

@@ -180,10 +180,11 @@ class HealthChecker:
     def _start(self, verdict: Verdict, now: float) -> bool:
         probe = verdict.probe
         if probe.kind == "tcp-syn" and self.syn_table is not None:
+            # Not counted in _running: a half-open check holds no socket, only a slot
+            # of the balancer's table, which SynProber bounds itself.
             if self._syn is None:
                 assert self._loop is not None
-                self._syn = SynProber(self._loop, self.syn_table, self._finish)
-            self._running += 1
+                self._syn = SynProber(self._loop, self.syn_table, self._finish_syn)
             return self._syn.start(verdict, now)
         if probe.kind == "tcp":
             if self._tcp is None:
@@ -211,6 +212,10 @@ class HealthChecker:
         elif (exc := task.exception()) is not None:  # run_probe does not raise: a bug
             log.error("%s: the check failed: %r", verdict.probe.describe(), exc)
             self._finish(verdict, Result(False, f"check failed: {exc!r}", 0.0), started)
+
+    def _finish_syn(self, verdict: Verdict, result: Result, started: float) -> None:
+        self._running += 1  # _finish counts a check out of _running; this one never was
+        self._finish(verdict, result, started)
 
     def _finish(self, verdict: Verdict, result: Result, started: float) -> None:
         """A check's result: judged, and its next run scheduled."""
@@ -308,7 +313,6 @@ class HealthChecker:
             self._tcp.close()
             self._tcp = None
         if self._syn is not None:
-            self._running -= len(self._syn)
             self._syn.close()
             self._syn = None
         await self.channels.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import ctypes as ct
 import errno
-import heapq
 import ipaddress
 import math
 import os
@@ -36,6 +35,8 @@ POLL_S = 0.005  # outcomes are read this often while checks are out
 SOURCE_TTL_S = 30.0  # a backend's source address (the route's) is looked up again after this
 SYN_WINDOW = 64240
 _PROBE_SIZE = ct.sizeof(structs.SynProbe)
+_ENTRY = struct.Struct("=4IIHBB")  # struct syn_probe, packed as the map holds it
+_PORT_BASE, _PORTS = structs.SYN_PORT_BASE, structs.SYN_PORTS
 _COOKIE_AT = structs.SynProbe.cookie.offset
 _OUTCOME_AT = structs.SynProbe.outcome.offset
 _REASONS = {structs.SYN_OPEN: "ok", structs.SYN_REFUSED: "refused"}
@@ -53,12 +54,13 @@ def _sum16(data: bytes) -> int:
 
 
 class SynPacket:
-    """One probe's SYN with sequence number 0 and the sum its checksum starts from:
-    a check only writes its cookie and the checksum that goes with it."""
+    """One backend's SYN with source port and sequence number 0, and the sum its
+    checksum starts from: a check writes its port and cookie and the checksum that
+    goes with them."""
 
-    def __init__(self, source: str, target: str, sport: int, dport: int):
+    def __init__(self, source: str, target: str, dport: int):
         src, dst = ipaddress.ip_address(source), ipaddress.ip_address(target)
-        tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x02, SYN_WINDOW, 0, 0)
+        tcp = struct.pack("!HHIIBBHHH", 0, dport, 0, 0, 5 << 4, 0x02, SYN_WINDOW, 0, 0)
         if dst.version == 4:
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP,
                              0, src.packed, dst.packed)  # the kernel fills in the checksum
@@ -68,15 +70,21 @@ class SynPacket:
                              dst.packed)
             pseudo = src.packed + dst.packed + struct.pack("!IxxxB", 20, socket.IPPROTO_TCP)
         self.source = source
-        self.frame = bytearray(ip + tcp)
+        self.expires = 0.0  # when the source address is looked up again
+        self.frame = bytes(ip + tcp)
         self.tcp_at = len(ip)
         self.base = _sum16(pseudo) + _sum16(tcp)
         self.destination = (target, 0)
+        # What the balancer's syn_probes entry holds of it, but the cookie and outcome.
+        self.entry_head = structs.Addr16.of(target).w[:]
+        self.port_be = structs.port_be(dport)
+        self.ipv6 = dst.version == 6
 
-    def with_cookie(self, cookie: int) -> bytearray:
-        total = _fold(self.base + (cookie >> 16) + (cookie & 0xFFFF))
-        frame = self.frame[:]  # one copy: the template stays as it is
-        struct.pack_into("!I", frame, self.tcp_at + 4, cookie)
+    def with_port_and_cookie(self, sport: int, cookie: int) -> bytearray:
+        total = _fold(self.base + sport + (cookie >> 16) + (cookie & 0xFFFF))
+        frame = bytearray(self.frame)
+        struct.pack_into("!HHI", frame, self.tcp_at, sport, frame[self.tcp_at + 2] << 8
+                         | frame[self.tcp_at + 3], cookie)
         struct.pack_into("!H", frame, self.tcp_at + 16, ~total & 0xFFFF)
         return frame
 
@@ -92,101 +100,97 @@ class _Pending:
 
 class SynProber:
     """The same face as the TCP engine (start, expire, next_deadline, close), plus
-    flush: the checks started in one scheduler tick leave together."""
+    flush: the checks started in one scheduler tick leave together.
+
+    Slots are taken in turn around the table (a check's slot is free again once it
+    is answered or has timed out), so the checks out occupy one window of it, the
+    newest just before `_next`: a read of outcomes covers that window alone."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, table: object,
                  done: Callable[[Verdict, Result, float], None]):
         self._loop, self._table, self._done = loop, table, done
+        self._ring: int = table.slots
         self._sockets: dict[int, socket.socket] = {}
         self._sources: dict[str, tuple[str, float]] = {}
         self._packets: dict[Probe, SynPacket] = {}
-        self._slots: dict[Probe, int] = {}
-        self._free: list[int] = []  # released slots, smallest first: the read stays short
-        self._next_slot = 0
-        self._batch: list[tuple[Verdict, float]] = []
+        self._next = 0
+        self._batch: list[tuple[Verdict, float, int]] = []
         self._pending: dict[int, _Pending] = {}  # by slot
         # One queue per timeout value: deadlines in each come in order.
         self._deadlines: dict[float, deque[_Pending]] = {}
         self._poll: asyncio.TimerHandle | None = None
 
-    # -- slots --
-
-    def _slot_of(self, probe: Probe) -> int:
-        slot = self._slots.get(probe)
-        if slot is None:
-            slot = heapq.heappop(self._free) if self._free else self._next_slot
-            if slot == self._next_slot:
-                self._next_slot += 1
-            self._slots[probe] = slot
-        return slot
-
     def release(self, probe: Probe) -> None:
-        """The probe is gone: its slot serves another (a reply to it no longer matches:
-        the next check there has another cookie)."""
-        slot = self._slots.pop(probe, None)
+        """The probe is gone (a check of it still out finishes unheeded)."""
         self._packets.pop(probe, None)
-        if slot is not None:
-            self._pending.pop(slot, None)
-            heapq.heappush(self._free, slot)
 
     # -- sending --
 
     def start(self, verdict: Verdict, now: float) -> bool:
-        self._batch.append((verdict, now))
+        """Queues a check for the next flush; False when every slot holds a check
+        still out (the scheduler tries again shortly)."""
+        slot = self._next
+        if slot in self._pending:
+            return False
+        self._next = (slot + 1) % self._ring
+        self._batch.append((verdict, now, slot))
         return True
 
     def flush(self) -> None:
-        """Arms and sends the checks started since the last flush."""
+        """Arms and sends the checks queued since the last flush."""
         batch, self._batch = self._batch, []
         if not batch:
             return
         cookies = struct.unpack(f"={len(batch)}I", os.urandom(4 * len(batch)))
-        ready: list[tuple[Verdict, float, int, SynPacket]] = []
-        for (verdict, started), cookie in zip(batch, cookies, strict=True):
-            try:
-                packet = self._packet_of(verdict.probe)
-            except OSError as exc:  # no route to the backend, and the like
-                self._done(verdict, Result(False, _errno_reason(exc), 0.0), started)
-                continue
-            ready.append((verdict, started, cookie, packet))
+        ready: list[tuple[_Pending, SynPacket]] = []
+        packets, now = self._packets, time.monotonic()
+        for (verdict, started, slot), cookie in zip(batch, cookies, strict=True):
+            packet = packets.get(verdict.probe)
+            if packet is None or packet.expires <= now:
+                try:
+                    packet = self._packet_of(verdict.probe, now)
+                except OSError as exc:  # no route to the backend, and the like
+                    self._done(verdict, Result(False, _errno_reason(exc), 0.0), started)
+                    continue
+            entry = _Pending(verdict, slot, cookie, started,
+                             started + verdict.probe.timeout_ms / 1000)
+            ready.append((entry, packet))
         if not ready:
             return
-        slots = [self._slot_of(v.probe) for v, _, _, _ in ready]
-        probes = [v.probe for v, _, _, _ in ready]
-        self._table.arm(slots, [structs.Addr16.of(p.address) for p in probes],
-                        [structs.port_be(p.port) for p in probes],
-                        [p.family == socket.AF_INET6 for p in probes],
-                        [cookie for _, _, cookie, _ in ready])
-        for slot, (verdict, started, cookie, packet) in zip(slots, ready, strict=True):
+        self._table.arm_raw([e.slot for e, _ in ready], b"".join(
+            _ENTRY.pack(*p.entry_head, e.cookie, p.port_be, p.ipv6, structs.SYN_PENDING)
+            for e, p in ready))
+        sockets = (self._socket(False), self._socket(True))
+        for entry, packet in ready:
+            frame = packet.with_port_and_cookie(
+                _PORT_BASE + entry.slot % _PORTS, entry.cookie)
             try:
-                self._socket(verdict.probe.family).sendto(packet.with_cookie(cookie),
-                                                          packet.destination)
+                sockets[packet.ipv6].sendto(frame, packet.destination)
             except OSError as exc:
-                self._done(verdict, Result(False, _errno_reason(exc),
-                                           time.monotonic() - started), started)
+                self._done(entry.verdict, Result(False, _errno_reason(exc),
+                                                 time.monotonic() - entry.started),
+                           entry.started)
                 continue
-            timeout = verdict.probe.timeout_ms / 1000
-            entry = _Pending(verdict, slot, cookie, started, started + timeout)
-            self._pending[slot] = entry
+            self._pending[entry.slot] = entry
+            timeout = entry.deadline - entry.started
             queue = self._deadlines.get(timeout)
             if queue is None:
                 queue = self._deadlines[timeout] = deque()
             queue.append(entry)
         self._arm_poll()
 
-    def _packet_of(self, probe: Probe) -> SynPacket:
+    def _packet_of(self, probe: Probe, now: float) -> SynPacket:
+        """The probe's SYN template, made again when its source address may have
+        changed (the route's, looked up every SOURCE_TTL_S)."""
         packet = self._packets.get(probe)
-        source = self._source_of(probe)
+        source = self._source_of(probe, now)
         if packet is None or packet.source != source:
-            slot = self._slot_of(probe)
-            packet = SynPacket(source, probe.address,
-                               structs.SYN_PORT_BASE + slot % structs.SYN_PORTS, probe.port)
-            self._packets[probe] = packet
+            packet = self._packets[probe] = SynPacket(source, probe.address, probe.port)
+        packet.expires = self._sources[probe.address][1]
         return packet
 
-    def _source_of(self, probe: Probe) -> str:
+    def _source_of(self, probe: Probe, now: float) -> str:
         """The address this host sends from to the backend (its route's), cached."""
-        now = time.monotonic()
         known = self._sources.get(probe.address)
         if known is not None and known[1] > now:
             return known[0]
@@ -196,13 +200,13 @@ class SynProber:
         self._sources[probe.address] = (source, now + SOURCE_TTL_S)
         return source
 
-    def _socket(self, family: int) -> socket.socket:
+    def _socket(self, ipv6: bool) -> socket.socket:
+        family = socket.AF_INET6 if ipv6 else socket.AF_INET
         sock = self._sockets.get(family)
         if sock is None:
             # IPPROTO_RAW: send-only, the IP header is ours (IPv4: the kernel fills in
             # its checksum); nothing is ever delivered to it.
             sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            sock.setblocking(False)
             self._sockets[family] = sock
         return sock
 
@@ -218,14 +222,19 @@ class SynProber:
         self._arm_poll()
 
     def collect(self, now: float) -> None:
-        """The outcomes the balancer recorded for the checks out."""
+        """The outcomes the balancer recorded for the checks out: one read of the
+        window of slots they occupy (two where it wraps around the table's end)."""
         if not self._pending:
             return
-        values = self._table.outcomes(self._next_slot)
-        raw = ct.string_at(ct.addressof(values), ct.sizeof(values))
+        ring, newest = self._ring, self._next
+        span = max((newest - slot) % ring or ring for slot in self._pending)
+        first = (newest - span) % ring
+        raw = self._table.read_raw(first, min(span, ring - first))
+        if first + span > ring:
+            raw += self._table.read_raw(0, first + span - ring)
         finished = []
         for slot, entry in self._pending.items():
-            at = slot * _PROBE_SIZE
+            at = ((slot - first) % ring) * _PROBE_SIZE
             outcome = raw[at + _OUTCOME_AT]
             if outcome and int.from_bytes(raw[at + _COOKIE_AT:at + _COOKIE_AT + 4],
                                           "little") == entry.cookie:
