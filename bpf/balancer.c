@@ -666,7 +666,7 @@ static __always_inline int handle_syn_reply(struct xdp_md *ctx, const struct pac
 			return XDP_DROP;
 		}
 		if (send_syn_rst(ctx, pkt, &r)) {
-			sc->failed++;
+			sc->rst_error++;
 			return XDP_DROP;
 		}
 		sc->open++;

@@ -279,7 +279,7 @@ struct syn_counters {
 	__u64 open;      /* a SYN-ACK recorded and answered with a RST */
 	__u64 refused;   /* a RST recorded */
 	__u64 unmatched; /* a SYN-ACK or RST to a probe port that no probe expects: passed */
-	__u64 failed;    /* recorded, but the RST could not be built: dropped */
+	__u64 rst_error; /* recorded, but the RST could not be built: dropped */
 };
 
 /* Per-CPU state of the new-flow rate limiter. */

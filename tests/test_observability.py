@@ -94,6 +94,7 @@ DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "xdplb_build_info": ("gauge", frozenset({"version", "kernel"})),
     "xdplb_hook_runs_total": ("counter", frozenset({"hook", "outcome"})),
     "xdplb_quic_packets_total": ("counter", frozenset({"outcome"})),
+    "xdplb_syn_check_packets_total": ("counter", frozenset({"outcome"})),
 }
 # xdplb_<thing>_<unit>: the unit (or counted thing) is one of these words, in base
 # units and plural; a gauge without one must be a 0/1 state (healthy, mode, info).

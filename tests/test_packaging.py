@@ -115,7 +115,7 @@ def test_the_wheel_ships_only_the_product(wheel: Path) -> None:
         assert not [n for n in names if absent in n.rsplit("/", 1)[-1]], absent
     bpf = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("xdplb/bpf/"))
     assert bpf == ["__init__.py", "balancer.c", "csum.h", "decap.c", "encap.h", "hash.h",
-                   "hc_encap.h", "icmp.h", "parse.h", "quic.h", "xdplb_structs.h"]
+                   "hc_encap.h", "icmp.h", "parse.h", "quic.h", "syn_probe.h", "xdplb_structs.h"]
 
 
 def test_lbd_runs_and_builds_rings_without_a_compiler(root: Path, tmp_path: Path) -> None:
@@ -169,7 +169,9 @@ def test_the_unit_scores_at_most_five(root: Path, unit: str) -> None:
                             result.stdout)[1])
     assert score <= MAX_EXPOSURE, result.stdout
     text = path.read_text()
-    assert "\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN\n" in text
+    raw = " CAP_NET_RAW" if unit == "lbd.service" else ""  # tcp-syn checks' raw socket
+    assert (f"\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN{raw} CAP_SYS_ADMIN\n"
+            in text)
     if unit == "lbd.service":
         assert "\nRestart=always\n" in text
     else:  # re-applied at every boot

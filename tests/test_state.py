@@ -357,7 +357,8 @@ REFUSALS = [
                  f"{V4_WHERE}.check.path: must start with '/', got 'health'",
                  id="check path without /"),
     pytest.param([state.SetVip(V4, {"check": state.HealthCheck(kind="ping")})],
-                 f"{V4_WHERE}.check.kind: 'ping' is not one of none, tcp, http, https, grpc",
+                 f"{V4_WHERE}.check.kind: 'ping' is not one of none, tcp, tcp-syn, http, https, "
+                 "grpc, h3",
                  id="check kind"),
     pytest.param([state.SetVip(V4, {"check": state.HealthCheck(expect_status=(200, 600))})],
                  f"{V4_WHERE}.check.expect_status: must be an integer 100..599, got 600",

@@ -220,10 +220,11 @@ class DatapathCollector:
         for name, value in self.views.quic_counters().items():
             quic.add_metric([name], value)
         syn = CounterMetricFamily(
-            "xdplb_syn_check_replies",
+            "xdplb_syn_check_packets",
             "Replies to half-open (tcp-syn) checks the balancer saw, by outcome: open (a "
             "SYN-ACK, answered with a RST), refused (a RST), unmatched (no check expects it: "
-            "passed to the stack), failed (the RST could not be built).", labels=["outcome"])
+            "passed to the stack), rst_error (recorded, but no RST could be built: dropped).",
+            labels=["outcome"])
         for name, value in self.views.syn_counters().items():
             syn.add_metric([name], value)
         yield from (packets, events, tunnel, quic, syn)

@@ -268,7 +268,7 @@ SYN_PORTS = 4096
 SYN_PENDING = 0
 SYN_OPEN = 1
 SYN_REFUSED = 2
-SYN_COUNTERS = ("open", "refused", "unmatched", "failed")
+SYN_COUNTERS = ("open", "refused", "unmatched", "rst_error")
 
 
 class SynProbe(ct.Structure):
