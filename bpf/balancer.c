@@ -623,6 +623,37 @@ static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 			       0, frame_len);
 }
 
+/* The RST of a check through the VIP (just written over the frame: to the VIP
+ * from this host) goes to the checked backend as clients' packets do: through
+ * the tunnel, with the VIP's encapsulation. Sent back to the VIP unencapsulated
+ * it would reach whichever backend the VIP's ring gives it. 0 on success. */
+static __always_inline int tunnel_syn_rst(struct xdp_md *ctx, __u32 idx)
+{
+	__u32 zero = 0;
+	struct lb_config *cfg = config.lookup(&zero);
+	struct backend *be = backends.lookup(&idx);
+	if (!cfg || !(cfg->flags & CONFIG_F_READY) || !be)
+		return -1;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	/* encapsulate() reads the frame as received (its destination MAC is ours):
+	 * the RST was addressed back to the sender, so undo that first. */
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__u8 mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	struct packet rst = {};
+	struct vip_meta vip;
+	if (parse_packet(data, data_end, &rst) != PARSE_OK ||
+	    !find_vip(&rst.dst, rst.dport, IPPROTO_TCP, &vip) || vip.vip_id != be->vip_id)
+		return -1;
+	return encapsulate(ctx, &rst, be, cfg, hash_for_vip(&vip, &rst),
+			   (vip.flags & VIP_F_GUE) != 0);
+}
+
 /* Slots sharing one probe port: slot = port - SYN_PORT_BASE + k * SYN_PORTS. */
 #define SYN_SLOT_WAYS ((MAX_BACKENDS + SYN_PORTS - 1) / SYN_PORTS)
 
@@ -665,7 +696,8 @@ static __always_inline int handle_syn_reply(struct xdp_md *ctx, const struct pac
 			sc->refused++;
 			return XDP_DROP;
 		}
-		if (send_syn_rst(ctx, pkt, &r)) {
+		__u32 tunnel_to = probe->backend;
+		if (send_syn_rst(ctx, pkt, &r) || (tunnel_to && tunnel_syn_rst(ctx, tunnel_to))) {
 			sc->rst_error++;
 			return XDP_DROP;
 		}

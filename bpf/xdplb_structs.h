@@ -272,6 +272,10 @@ struct syn_probe {
 	__u16 port;  /* network order */
 	__u8 ipv6;
 	__u8 outcome;
+	/* A check through the VIP (addr and port are the VIP's): the backend entry
+	 * its SYN was tunnelled to, and the RST is; 0: the backend's own address. */
+	__u32 backend;
+	__u32 pad;
 };
 
 /* Per-CPU counters of half-open check replies. */

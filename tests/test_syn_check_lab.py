@@ -207,3 +207,24 @@ def test_tcp_syn_and_tcp_verdicts_agree_through_a_scripted_sequence_of_failures(
         tcp = {a: h for a, (h, _) in health(lbd, VIP_TCP).items()}
         assert syn == tcp, f"{name}: tcp-syn {syn}, tcp {tcp}"
         assert set(syn.values()) <= {"up", "down"}, name
+
+
+def test_a_check_through_the_vip_tunnels_its_syn_and_rst_and_sees_a_stopped_listener(lab):
+    """via = "vip": the SYN reaches the VIP through the tunnel to each backend (tc), the
+    SYN-ACK returns directly, the balancer tunnels the RST to the same backend: no
+    half-open connection is left on any backend, and a stopped listener is down."""
+    topo, lbd = lab
+    doc = document(topo)
+    doc["vips"][0]["check"]["via"] = "vip"
+    apply_doc(lbd, doc)
+    wait_for(lambda: {h for h, _ in health(lbd).values()} == {"up"}, UP_BOUND_S + 1,
+             "every backend up through the VIP")
+    time.sleep(1.0)  # a few more checks of each
+    for host in topo.backends:
+        assert host.run(["ss", "-Htn", "state", "syn-recv"]).stdout.strip() == "", host
+    target = topo.backend_v4[2]
+    stop_server(topo, 2)
+    wait_for(lambda: health(lbd)[target][0] == "down", DOWN_BOUND_S, "down through the VIP")
+    assert health(lbd)[target] == ("down", "refused")
+    start_server(topo, 2)
+    wait_for(lambda: health(lbd)[target][0] == "up", UP_BOUND_S, "up through the VIP")

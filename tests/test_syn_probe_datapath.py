@@ -4,12 +4,15 @@ another cookie, port or address passes untouched and is not recorded."""
 
 from __future__ import annotations
 
+import ctypes as ct
+
 import pytest
 from scapy.layers.inet import IP, TCP, IPOption_RR
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from tests.conftest import nonzero
+from tests.packets import encapsulated
 from xdplb import structs as s
 from xdplb.datapath import XDP_DROP, XDP_PASS, XDP_TX
 
@@ -124,3 +127,46 @@ def test_a_slot_never_armed_matches_nothing(bal):
     out = bal.test_run(frame)
     assert (out.verdict, out.data) == (XDP_PASS, frame)
     assert nonzero(bal.syn_probes.counters()) == {"unmatched": 1}
+
+
+VIP4, VIP6 = "10.200.0.10", "fd00:200::10"
+
+
+@pytest.mark.parametrize(("vip", "backend", "gue"), [
+    (VIP4, BACKEND4, False), (VIP4, BACKEND4, True), (VIP6, BACKEND6, False),
+    (VIP6, BACKEND4, True),
+], ids=["ipv4-ipip", "ipv4-gue", "ipv6-in-ipv6", "ipv6-gue-over-ipv4"])
+def test_the_rst_of_a_check_through_the_vip_is_tunnelled_to_its_backend(bal, prog, vip,
+                                                                          backend, gue):
+    """The SYN-ACK comes from the VIP (direct return); the RST goes to the VIP through
+    the tunnel to the checked backend, exactly as a client's packet would."""
+    index = 3
+    meta = prog.vip(vip, PORT, s.IPPROTO_TCP, [index] * 7, flags=s.VIP_F_GUE if gue else 0)
+    prog.backend(index, backend)
+    entry = bal.backends.get(ct.c_uint32(index))
+    entry.vip_id = meta.vip_id
+    bal.backends.put(ct.c_uint32(index), entry)
+    bal.syn_probes.arm([SLOT], [s.Addr16.of(vip)], [s.port_be(PORT)], [":" in vip], [COOKIE],
+                       [index])
+    out = bal.test_run(reply("SA", src=vip))
+    assert out.verdict == XDP_TX
+    lb = LB6 if ":" in vip else LB4
+    rst_ip = IPv6(src=lb, dst=vip, hlim=64, tc=0, fl=0) if ":" in vip else IP(
+        src=lb, dst=vip, ttl=64, id=0, flags="DF", tos=0)
+    inner = bytes(rst_ip / TCP(sport=PROBE_PORT, dport=PORT, flags="R", seq=COOKIE + 1, ack=0,
+                               window=0))
+    h = s.flow_hash(lb, vip, PROBE_PORT, PORT, s.IPPROTO_TCP)
+    assert out.data == encapsulated(inner, backend, h, df=":" not in vip, gue=gue)
+    assert outcome(bal) == s.SYN_OPEN
+    assert nonzero(bal.syn_probes.counters()) == {"open": 1}
+
+
+def test_a_check_through_the_vip_whose_backend_left_the_vip_sends_no_rst(bal, prog):
+    meta = prog.vip(VIP4, PORT, s.IPPROTO_TCP, [3] * 7)
+    prog.backend(3, BACKEND4)  # vip_id 0: the entry serves no VIP (any more)
+    assert meta.vip_id != 0
+    bal.syn_probes.arm([SLOT], [s.Addr16.of(VIP4)], [s.port_be(PORT)], [False], [COOKIE], [3])
+    out = bal.test_run(reply("SA", src=VIP4))
+    assert out.verdict == XDP_DROP
+    assert outcome(bal) == s.SYN_OPEN  # the port answered: recorded all the same
+    assert nonzero(bal.syn_probes.counters()) == {"rst_error": 1}

@@ -280,6 +280,8 @@ class SynProbe(ct.Structure):
         ("port", ct.c_uint16),  # network order
         ("ipv6", ct.c_uint8),
         ("outcome", ct.c_uint8),  # SYN_PENDING, SYN_OPEN, SYN_REFUSED
+        ("backend", ct.c_uint32),  # through the VIP: the backend entry; 0: not
+        ("pad", ct.c_uint32),
     ]
 
 

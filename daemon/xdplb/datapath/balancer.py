@@ -86,7 +86,7 @@ class Balancer:
         self.quic_servers = QuicServerTable(self._map("quic_servers"), self.sizes.max_backends)
         self.quic_stats = self._per_cpu("quic_stats")
         self.syn_probes = SynProbeTable(self._map("syn_probes"), self._per_cpu("syn_stats"),
-                                        self.sizes.max_backends)
+                                        self.sizes.max_backends, self.marks)
         self._settle_prog_fd: int | None = None
 
     def map_shapes(self) -> dict[str, tuple[int, int, int]]:

@@ -13,14 +13,22 @@ from collections.abc import Sequence
 
 from xdplb import structs
 from xdplb.datapath.bpfmap import BpfMap, PerCpuArray
+from xdplb.datapath.sizes import HealthMarks
 
 
 class SynProbeTable:
-    def __init__(self, array: BpfMap, stats: PerCpuArray, slots: int):
+    def __init__(self, array: BpfMap, stats: PerCpuArray, slots: int,
+                 marks: HealthMarks | None = None):
         self.array, self.stats, self.slots = array, stats, slots
+        self.marks = marks or HealthMarks()
+
+    def backend_of_mark(self, mark: int) -> int:
+        """The backend entry a check through the VIP is marked for (0: no mark)."""
+        return mark & ~self.marks.mask & 0xFFFFFFFF if mark else 0
 
     def arm(self, slots: Sequence[int], addresses: Sequence[structs.Addr16],
-            ports_be: Sequence[int], ipv6: Sequence[bool], cookies: Sequence[int]) -> None:
+            ports_be: Sequence[int], ipv6: Sequence[bool], cookies: Sequence[int],
+            backends: Sequence[int] | None = None) -> None:
         """Writes the probes of a batch about to be sent (outcome: pending)."""
         n = len(slots)
         keys = (ct.c_uint32 * n)(*slots)
@@ -29,6 +37,7 @@ class SynProbeTable:
             value = values[i]
             value.addr = addresses[i]
             value.cookie, value.port, value.ipv6 = cookies[i], ports_be[i], ipv6[i]
+            value.backend = backends[i] if backends else 0
         self.array.put_batch(keys, values)
 
     def arm_raw(self, slots: Sequence[int], entries: bytes) -> None:

@@ -35,7 +35,7 @@ POLL_S = 0.005  # outcomes are read this often while checks are out
 SOURCE_TTL_S = 30.0  # a backend's source address (the route's) is looked up again after this
 SYN_WINDOW = 64240
 _PROBE_SIZE = ct.sizeof(structs.SynProbe)
-_ENTRY = struct.Struct("=4IIHBB")  # struct syn_probe, packed as the map holds it
+_ENTRY = struct.Struct("=4IIHBBII")  # struct syn_probe, packed as the map holds it
 _PORT_BASE, _PORTS = structs.SYN_PORT_BASE, structs.SYN_PORTS
 _COOKIE_AT = structs.SynProbe.cookie.offset
 _OUTCOME_AT = structs.SynProbe.outcome.offset
@@ -58,7 +58,8 @@ class SynPacket:
     checksum starts from: a check writes its port and cookie and the checksum that
     goes with them."""
 
-    def __init__(self, source: str, target: str, dport: int):
+    def __init__(self, source: str, target: str, dport: int, mark: int = 0,
+                 backend: int = 0):
         src, dst = ipaddress.ip_address(source), ipaddress.ip_address(target)
         tcp = struct.pack("!HHIIBBHHH", 0, dport, 0, 0, 5 << 4, 0x02, SYN_WINDOW, 0, 0)
         if dst.version == 4:
@@ -79,6 +80,10 @@ class SynPacket:
         self.entry_head = structs.Addr16.of(target).w[:]
         self.port_be = structs.port_be(dport)
         self.ipv6 = dst.version == 6
+        # A check through the VIP: the socket mark that has tc tunnel the SYN to the
+        # backend, and the backend entry the balancer tunnels the RST to.
+        self.mark = struct.pack("=I", mark) if mark else b""
+        self.backend = backend
 
     def with_port_and_cookie(self, sport: int, cookie: int) -> bytearray:
         total = _fold(self.base + sport + (cookie >> 16) + (cookie & 0xFFFF))
@@ -158,14 +163,20 @@ class SynProber:
         if not ready:
             return
         self._table.arm_raw([e.slot for e, _ in ready], b"".join(
-            _ENTRY.pack(*p.entry_head, e.cookie, p.port_be, p.ipv6, structs.SYN_PENDING)
+            _ENTRY.pack(*p.entry_head, e.cookie, p.port_be, p.ipv6, structs.SYN_PENDING,
+                        p.backend, 0)
             for e, p in ready))
         sockets = (self._socket(False), self._socket(True))
         for entry, packet in ready:
             frame = packet.with_port_and_cookie(
                 _PORT_BASE + entry.slot % _PORTS, entry.cookie)
             try:
-                sockets[packet.ipv6].sendto(frame, packet.destination)
+                if packet.mark:
+                    sockets[packet.ipv6].sendmsg(
+                        [frame], [(socket.SOL_SOCKET, socket.SO_MARK, packet.mark)], 0,
+                        packet.destination)
+                else:
+                    sockets[packet.ipv6].sendto(frame, packet.destination)
             except OSError as exc:
                 self._done(entry.verdict, Result(False, _errno_reason(exc),
                                                  time.monotonic() - entry.started),
@@ -185,7 +196,9 @@ class SynProber:
         packet = self._packets.get(probe)
         source = self._source_of(probe, now)
         if packet is None or packet.source != source:
-            packet = self._packets[probe] = SynPacket(source, probe.address, probe.port)
+            packet = self._packets[probe] = SynPacket(
+                source, probe.address, probe.port, probe.fwmark,
+                self._table.backend_of_mark(probe.fwmark))
         packet.expires = self._sources[probe.address][1]
         return packet
 

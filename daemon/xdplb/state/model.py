@@ -86,10 +86,6 @@ class HealthCheck:
             raise _fail(f"{where}.via", "a grpc check cannot go through the VIP (the gRPC "
                                         "client cannot mark its connections); use via "
                                         "\"backend\", or a tcp or http check")
-        if self.via == "vip" and self.kind == "tcp-syn":
-            raise _fail(f"{where}.via", "a tcp-syn check's RST would go back to the VIP, "
-                                        "not through the tunnel to the backend: use via "
-                                        "\"backend\", or a tcp check through the VIP")
         if self.via == "vip" and self.kind == "h3":
             raise _fail(f"{where}.via", "an h3 check speaks QUIC over UDP, and checks "
                                         "through the VIP speak TCP: use via \"backend\"")
