@@ -686,6 +686,42 @@ def scale_remote(warmup_s: float, window_s: float) -> dict:
     return report
 
 
+class _InstantSyn:
+    """A syn_probes table for scheduler_floor: nothing is read or written."""
+
+    slots = SYN_SLOTS
+
+    def backend_of_mark(self, mark: int) -> int:
+        return 0
+
+
+def scheduler_floor(warmup_s: float, window_s: float) -> dict[str, Any]:
+    """The scheduler and verdict machinery alone: tcp-syn checks of 10,000 backends
+    whose every check succeeds at once, without I/O (the half-open engine's flush
+    replaced). In this process, CPU time only: what any check kind costs before it
+    sends a packet."""
+    from xdplb.health import syn_prober
+
+    def instant_flush(self) -> None:
+        batch, self._batch = self._batch, []
+        for verdict, started, _ in batch:
+            self._done(verdict, hc.Result(True, "ok", 0.0001), started)
+
+    real_flush = syn_prober.SynProber.flush
+    syn_prober.SynProber.flush = instant_flush
+    try:
+        check = HealthCheck(kind="tcp-syn", port=80, interval_ms=SCALE_INTERVAL_MS,
+                            timeout_ms=500, rise=2, fall=3)
+        state = desired(check, remote_addresses(SCALE_BACKENDS), SCALE_VIPS)
+        result = asyncio.run(run_checker(state, True, warmup_s, window_s,
+                                         syn_table=_InstantSyn()))
+    finally:
+        syn_prober.SynProber.flush = real_flush
+    return {"checks_per_s": result["checks_per_s"],
+            "us_per_check": round(1e6 * result["cpu_s"] / result["checks"], 2),
+            "percent_of_one_core": round(100 * result["cpu_share"], 1)}
+
+
 def _print_remote(s: dict) -> None:
     f = s["floor"]
     print(f"\nLB host CPU for health checks at a {s['interval_ms']} ms interval ({s['vips']} "
@@ -712,6 +748,11 @@ def _print_remote(s: dict) -> None:
           f"{f['napi_us']}, kernel threads {f['kthreads_us']}, irq {f['irq_us']})")
     print(f"  not counted: the backend side, us per check: tcp {tcp['backend_side_us']}, "
           f"tcp-syn {syn['backend_side_us']}")
+    floor = s.get("scheduler_floor")
+    if floor:
+        print(f"  the scheduler and verdicts alone (checks that succeed at once, no I/O): "
+              f"{floor['us_per_check']} us per check, {floor['percent_of_one_core']}% of one "
+              f"core at {floor['checks_per_s']} checks/s")
 
 
 def print_report(report: dict) -> None:
@@ -775,6 +816,7 @@ def main() -> None:
     }
     if args.only in (None, "lb-host"):
         report["scale_remote"] = scale_remote(scale_warmup, scale_window)
+        report["scale_remote"]["scheduler_floor"] = scheduler_floor(scale_warmup, scale_window)
     if args.only != "lb-host":
         listeners = Listeners()
         try:

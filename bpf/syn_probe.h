@@ -57,6 +57,19 @@ static __always_inline void write_rst_tcp(struct tcphdr *tcp, const struct syn_r
 	((__u8 *)tcp)[TCP_FLAGS_OFFSET] = TCP_FLAG_RST;
 }
 
+/* The RST's TCP checksum: the pseudo-header's sum, then the header's. */
+static __always_inline int finish_rst_csum(struct tcphdr *tcp, void *pseudo, __u32 pseudo_len)
+{
+	__s64 seed = bpf_csum_diff(0, 0, pseudo, pseudo_len, 0);
+	if (seed < 0)
+		return -1;
+	__s64 sum = bpf_csum_diff(0, 0, (void *)tcp, TCP_HEADER_LEN, seed);
+	if (sum < 0)
+		return -1;
+	tcp->check = fold_csum((__u64)sum);
+	return 0;
+}
+
 static __always_inline int write_rst_v4(void *p, void *data_end, const struct syn_reply *r)
 {
 	struct iphdr *ip = p;
@@ -79,14 +92,7 @@ static __always_inline int write_rst_v4(void *p, void *data_end, const struct sy
 		.saddr = ip->saddr, .daddr = ip->daddr, .proto = IPPROTO_TCP,
 		.len = BE16(TCP_HEADER_LEN),
 	};
-	__s64 seed = bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0);
-	if (seed < 0)
-		return -1;
-	__s64 sum = bpf_csum_diff(0, 0, (void *)tcp, TCP_HEADER_LEN, seed);
-	if (sum < 0)
-		return -1;
-	tcp->check = fold_csum((__u64)sum);
-	return 0;
+	return finish_rst_csum(tcp, &ph, sizeof(ph));
 }
 
 static __always_inline int write_rst_v6(void *p, void *data_end, const struct syn_reply *r)
@@ -106,14 +112,7 @@ static __always_inline int write_rst_v6(void *p, void *data_end, const struct sy
 		.saddr = ip6->saddr, .daddr = ip6->daddr,
 		.len = BE32(TCP_HEADER_LEN), .nexthdr = BE32(IPPROTO_TCP),
 	};
-	__s64 seed = bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0);
-	if (seed < 0)
-		return -1;
-	__s64 sum = bpf_csum_diff(0, 0, (void *)tcp, TCP_HEADER_LEN, seed);
-	if (sum < 0)
-		return -1;
-	tcp->check = fold_csum((__u64)sum);
-	return 0;
+	return finish_rst_csum(tcp, &ph, sizeof(ph));
 }
 
 /* Turns the SYN-ACK frame into the RST back to its sender: cut after the new

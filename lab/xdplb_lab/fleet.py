@@ -47,7 +47,7 @@ class FleetLab:
 def fleet_section(cluster: EtcdCluster, prefix: str, host: str, extra: str = "") -> str:
     endpoints = ", ".join(json.dumps(url) for url in cluster.endpoints)
     return (f'[fleet]\netcd = [{endpoints}]\nprefix = "{prefix}"\nhost = "{host}"\n'
-            f"lease_ttl_s = {LEASE_TTL_S}\ntimeout_s = 2.0\n{extra}")
+            f"lease_ttl_s = {LEASE_TTL_S}\n{extra}")  # timeout_s: the default 5 s rides an election
 
 
 def build_fleet_lab(lab: Lab, workdir: Path, n_backends: int = 3) -> FleetLab:

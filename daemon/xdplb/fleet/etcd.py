@@ -110,9 +110,11 @@ class Etcd:
         for _, channel in self._stubs:
             await channel.close()
 
-    async def _call(self, service: type, method: str, request: object) -> object:
+    async def _call(self, service: type, method: str, request: object,
+                    timeout_s: float | None = None) -> object:
         """One unary call, member after member, within one deadline."""
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
         errors: list[str] = []
         attempt = 0
         while (left := deadline - time.monotonic()) > 0.05:
@@ -133,11 +135,12 @@ class Etcd:
             self._next = index
             return answer
         seen = "; ".join(errors[-len(self._stubs):]) or "no answer"
-        raise EtcdUnavailable(f"etcd did not answer within {self.timeout_s:g} s ({seen})")
+        raise EtcdUnavailable(f"etcd did not answer within {timeout_s:g} s ({seen})")
 
-    async def range(self, key: bytes, range_end: bytes = b"", revision: int = 0) -> Snapshot:
+    async def range(self, key: bytes, range_end: bytes = b"", revision: int = 0,
+                    timeout_s: float | None = None) -> Snapshot:
         answer = await self._call(rpc.KVStub, "Range", rpc_pb2.RangeRequest(
-            key=key, range_end=range_end, revision=revision))
+            key=key, range_end=range_end, revision=revision), timeout_s)
         return Snapshot(answer.header.revision, tuple(answer.kvs))
 
     async def prefix(self, prefix: bytes) -> Snapshot:

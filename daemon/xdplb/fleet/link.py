@@ -44,6 +44,7 @@ from xdplb.state import DesiredState, MemberId, StateError, shown
 log = logging.getLogger("xdplb.fleet")
 RETRY_S = 1.0  # after etcd failed us: wait, then read everything again
 REPORT_EVERY_S = 1.0  # how often the report is compared with the last one written
+CONFIRM_S = 1.0  # after a write timed out: how long the stored state is asked for
 
 
 class FleetUnavailable(RuntimeError):
@@ -205,9 +206,10 @@ class FleetLink:
         return 0
 
     async def _confirm(self, write: str, exc: Exception) -> int:
-        """A write whose answer was lost may have landed: the stored state says."""
+        """A write whose answer was lost may have landed: the stored state says (asked
+        briefly: the request's whole answer must come within lbctl's deadline)."""
         with contextlib.suppress(EtcdUnavailable):
-            snapshot = await self.etcd.range(self.keys.state)
+            snapshot = await self.etcd.range(self.keys.state, timeout_s=CONFIRM_S)
             if snapshot.kvs:
                 stored = decode_state(self.keys.state, snapshot.kvs[0].value,
                                       snapshot.kvs[0].mod_revision)
