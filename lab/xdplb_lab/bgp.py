@@ -29,7 +29,6 @@ targets `bgp-lab` and `bgp-lab-down` run these.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re
@@ -482,17 +481,8 @@ def down(prefix: str = PREFIX, workdir: Path = WORKDIR, quiet: bool = False) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xdplb_lab.bgp",
-                                     description="The multi-host BGP lab: up or down.")
-    parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--prefix", default=PREFIX, help=f"lab prefix (default {PREFIX})")
-    parser.add_argument("--workdir", type=Path, default=WORKDIR,
-                        help=f"configs, sockets and logs (default {WORKDIR})")
-    args = parser.parse_args(argv)
-    if args.action == "up":
-        up(args.prefix, args.workdir)
-    else:
-        down(args.prefix, args.workdir)
+    labmod.up_or_down(argv, "xdplb_lab.bgp", "The multi-host BGP lab", up, down, PREFIX,
+                      WORKDIR)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ targets `fleet-lab` and `fleet-lab-down` run these.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -22,7 +21,7 @@ from xdplb_lab import bgp
 from xdplb_lab.bgp import BgpLab, LbHost, build_bgp_lab, lab_document, start_bgp_lab
 from xdplb_lab.daemon import console_script
 from xdplb_lab.etcd import EtcdCluster, add_etcd_cluster
-from xdplb_lab.lab import Lab, LabError
+from xdplb_lab.lab import Lab, LabError, up_or_down
 
 PREFIX = "xflt"
 WORKDIR = Path("/run/xdplb-fleet-lab")
@@ -146,18 +145,8 @@ def down(prefix: str = PREFIX, workdir: Path = WORKDIR, quiet: bool = False) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xdplb_lab.fleet",
-                                     description="The fleet lab (etcd + two LB hosts): up or "
-                                                 "down.")
-    parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--prefix", default=PREFIX, help=f"lab prefix (default {PREFIX})")
-    parser.add_argument("--workdir", type=Path, default=WORKDIR,
-                        help=f"configs, sockets, logs and etcd data (default {WORKDIR})")
-    args = parser.parse_args(argv)
-    if args.action == "up":
-        up(args.prefix, args.workdir)
-    else:
-        down(args.prefix, args.workdir)
+    up_or_down(argv, "xdplb_lab.fleet", "The fleet lab (etcd + two LB hosts)", up, down,
+               PREFIX, WORKDIR)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,3 +317,20 @@ def stop_backend_server(topo: LbLab, index: int,
         with contextlib.suppress(OSError):  # gone meanwhile
             if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGTERM)
+
+
+def up_or_down(argv: Sequence[str] | None, module: str, what: str,
+               up: Callable[[str, Path], object], down: Callable[[str, Path], object],
+               prefix: str, workdir: Path) -> None:
+    """The command line of a lab a make target brings up and down:
+    `python -m MODULE up|down [--prefix P] [--workdir DIR]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}",
+                                     description=f"{what}: up or down.")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--prefix", default=prefix, help=f"lab prefix (default {prefix})")
+    parser.add_argument("--workdir", type=Path, default=workdir,
+                        help=f"configs, sockets and logs (default {workdir})")
+    args = parser.parse_args(argv)
+    (up if args.action == "up" else down)(args.prefix, args.workdir)
