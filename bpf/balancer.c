@@ -623,10 +623,11 @@ static __always_inline int forward(struct xdp_md *ctx, const struct packet *pkt,
 			       0, frame_len);
 }
 
-/* The RST of a check through the VIP (just written over the frame: to the VIP
- * from this host) goes to the checked backend as clients' packets do: through
- * the tunnel, with the VIP's encapsulation. Sent back to the VIP unencapsulated
- * it would reach whichever backend the VIP's ring gives it. 0 on success. */
+/* The RST of a check through the VIP (just written over the frame, L2 as
+ * received: to the VIP from this host) goes to the checked backend as clients'
+ * packets do: through the tunnel, with the VIP's encapsulation. Sent back to the
+ * VIP unencapsulated it would reach whichever backend the VIP's ring gives it.
+ * 0 on success. */
 static __always_inline int tunnel_syn_rst(struct xdp_md *ctx, __u32 idx)
 {
 	__u32 zero = 0;
@@ -636,15 +637,6 @@ static __always_inline int tunnel_syn_rst(struct xdp_md *ctx, __u32 idx)
 		return -1;
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	/* encapsulate() reads the frame as received (its destination MAC is ours):
-	 * the RST was addressed back to the sender, so undo that first. */
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return -1;
-	__u8 mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
 	struct packet rst = {};
 	struct vip_meta vip;
 	if (parse_packet(data, data_end, &rst) != PARSE_OK ||
@@ -697,7 +689,8 @@ static __always_inline int handle_syn_reply(struct xdp_md *ctx, const struct pac
 			return XDP_DROP;
 		}
 		__u32 tunnel_to = probe->backend;
-		if (send_syn_rst(ctx, pkt, &r) || (tunnel_to && tunnel_syn_rst(ctx, tunnel_to))) {
+		if (write_syn_rst(ctx, pkt, &r, !tunnel_to) ||
+		    (tunnel_to && tunnel_syn_rst(ctx, tunnel_to))) {
 			sc->rst_error++;
 			return XDP_DROP;
 		}

@@ -115,11 +115,13 @@ static __always_inline int write_rst_v6(void *p, void *data_end, const struct sy
 	return finish_rst_csum(tcp, &ph, sizeof(ph));
 }
 
-/* Turns the SYN-ACK frame into the RST back to its sender: cut after the new
- * headers' length, then IP and TCP written afresh where the old IP header began
- * (IPv4 options and IPv6 extension headers are not carried over). */
-static __always_inline int send_syn_rst(struct xdp_md *ctx, const struct packet *pkt,
-					const struct syn_reply *r)
+/* Turns the SYN-ACK frame into the RST: cut after the new headers' length, then
+ * IP and TCP written afresh where the old IP header began (IPv4 options and IPv6
+ * extension headers are not carried over). The frame is addressed back to its
+ * sender, or, to_sender 0, left addressed as received for encapsulate() to
+ * readdress (the RST of a check through the VIP). */
+static __always_inline int write_syn_rst(struct xdp_md *ctx, const struct packet *pkt,
+					 const struct syn_reply *r, int to_sender)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -134,7 +136,8 @@ static __always_inline int send_syn_rst(struct xdp_md *ctx, const struct packet 
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	__u16 eth_proto = pkt->ipv6 ? BE16(ETH_P_IPV6) : BE16(ETH_P_IP);
-	void *p = write_l2(data, data_end, &l2, l2.peer_mac, l2.our_mac, eth_proto);
+	void *p = to_sender ? write_l2(data, data_end, &l2, l2.peer_mac, l2.our_mac, eth_proto)
+			    : write_l2(data, data_end, &l2, l2.our_mac, l2.peer_mac, eth_proto);
 	if (!p)
 		return -1;
 	if (pkt->ipv6)

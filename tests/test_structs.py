@@ -122,3 +122,10 @@ def test_ring_slot_is_multiply_shift():
     assert s.ring_slot(0, 65537) == 0
     assert s.ring_slot(0xFFFFFFFF, 65537) == 65536
     assert s.ring_slot(1 << 31, 13) == 6
+
+
+def test_the_packing_of_a_syn_probe_is_its_struct():
+    probe = s.SynProbe(addr=s.Addr16.of("fd00::7"), cookie=0xDEADBEEF, port=s.port_be(8080),
+                       ipv6=1, outcome=s.SYN_OPEN, backend=9)
+    assert s.SYN_PROBE_PACKING.pack(*probe.addr.w, 0xDEADBEEF, s.port_be(8080), 1,
+                                    s.SYN_OPEN, 9, 0) == bytes(probe)

@@ -285,6 +285,11 @@ class SynProbe(ct.Structure):
     ]
 
 
+# struct syn_probe as bytes (addr words, cookie, port, ipv6, outcome, backend, pad): what
+# a batch of probes is armed from (tests/test_structs.py ties it to SynProbe).
+SYN_PROBE_PACKING = struct.Struct("=4IIHBBII")
+
+
 class SynCounters(ct.Structure):
     _fields_: ClassVar = [(name, ct.c_uint64) for name in SYN_COUNTERS]
 

@@ -30,18 +30,14 @@ class SynProbeTable:
             ports_be: Sequence[int], ipv6: Sequence[bool], cookies: Sequence[int],
             backends: Sequence[int] | None = None) -> None:
         """Writes the probes of a batch about to be sent (outcome: pending)."""
-        n = len(slots)
-        keys = (ct.c_uint32 * n)(*slots)
-        values = (structs.SynProbe * n)()
-        for i in range(n):
-            value = values[i]
-            value.addr = addresses[i]
-            value.cookie, value.port, value.ipv6 = cookies[i], ports_be[i], ipv6[i]
-            value.backend = backends[i] if backends else 0
-        self.array.put_batch(keys, values)
+        backends = backends or [0] * len(slots)
+        pack = structs.SYN_PROBE_PACKING.pack
+        self.arm_raw(slots, b"".join(
+            pack(*addresses[i].w, cookies[i], ports_be[i], ipv6[i], structs.SYN_PENDING,
+                 backends[i], 0) for i in range(len(slots))))
 
     def arm_raw(self, slots: Sequence[int], entries: bytes) -> None:
-        """arm() for a caller that packed the entries itself (struct syn_probe each)."""
+        """arm() for a caller that packed the entries itself (SYN_PROBE_PACKING each)."""
         n = len(slots)
         keys = (ct.c_uint32 * n)(*slots)
         values = (structs.SynProbe * n).from_buffer_copy(entries)

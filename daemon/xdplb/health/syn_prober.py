@@ -35,7 +35,7 @@ POLL_S = 0.005  # outcomes are read this often while checks are out
 SOURCE_TTL_S = 30.0  # a backend's source address (the route's) is looked up again after this
 SYN_WINDOW = 64240
 _PROBE_SIZE = ct.sizeof(structs.SynProbe)
-_ENTRY = struct.Struct("=4IIHBBII")  # struct syn_probe, packed as the map holds it
+_ENTRY = structs.SYN_PROBE_PACKING
 _PORT_BASE, _PORTS = structs.SYN_PORT_BASE, structs.SYN_PORTS
 _COOKIE_AT = structs.SynProbe.cookie.offset
 _OUTCOME_AT = structs.SynProbe.outcome.offset
